@@ -1,0 +1,389 @@
+//! `compile(snapshot, node, family) → DesiredState`: all NetworkPolicy semantics, no I/O.
+//!
+//! Layout (per family, filter table):
+//! - `FORWARD`, `INPUT` and `OUTPUT` each jump first thing to a dispatch chain of ours.
+//! - A dispatch chain lets replies of allowed flows through, then sends traffic from each
+//!   egress-isolated local pod to that pod's egress chain and traffic to each ingress-isolated local
+//!   pod to its ingress chain. A same-node flow passes both. Pod→node traffic (INPUT) meets the
+//!   pod's egress chain only; traffic the node itself sends (OUTPUT from a local address) is allowed.
+//! - A pod chain clears our mark bit, jumps to the chain of every policy that selects the pod for
+//!   that direction, returns if one of them set the mark, and rejects otherwise.
+//! - A policy chain sets the mark for every packet one of its rules allows. Peers are ipsets.
+//!
+//! Our chains only ever RETURN or REJECT, never ACCEPT, so the rules of kube-proxy, the CNI and the
+//! host firewall after our jump still run.
+
+use crate::cidr;
+use crate::model::{ClusterSnapshot, Peer, Pod, Policy, PortRef, Protocol};
+use crate::names;
+use crate::state::{
+    DesiredState, Family, Hook, IpSet, Match, Rule, SetDirection, SetKind, SetMember, Target,
+};
+use ipnet::IpNet;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+/// ICMPv6 neighbour discovery (router solicitation/advertisement, neighbour
+/// solicitation/advertisement, redirect): link-local plumbing between a pod and its node that
+/// policy must not break.
+const NEIGHBOUR_DISCOVERY_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    fn is_ingress(self) -> bool {
+        self == Direction::Ingress
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+pub fn compile(snapshot: &ClusterSnapshot, node: &str, family: Family) -> DesiredState {
+    Compiler {
+        snapshot,
+        family,
+        relevant_pods: snapshot
+            .pods
+            .iter()
+            .filter(|p| p.is_policy_relevant())
+            .collect(),
+        state: DesiredState::default(),
+    }
+    .run(node)
+}
+
+struct Compiler<'a> {
+    snapshot: &'a ClusterSnapshot,
+    family: Family,
+    /// Pods that can be subjects or peers (not hostNetwork, not finished, with an address).
+    relevant_pods: Vec<&'a Pod>,
+    state: DesiredState,
+}
+
+/// One local pod's isolation: the policies that select it, per direction.
+struct LocalPod<'a> {
+    pod: &'a Pod,
+    ips: Vec<IpAddr>,
+    ingress: Vec<&'a Policy>,
+    egress: Vec<&'a Policy>,
+}
+
+impl<'a> Compiler<'a> {
+    fn run(mut self, node: &str) -> DesiredState {
+        let mut policies: Vec<&Policy> = self.snapshot.policies.iter().collect();
+        policies.sort_by_key(|p| p.key());
+
+        let mut local: Vec<LocalPod> = self
+            .relevant_pods
+            .iter()
+            .filter(|p| p.node_name.as_deref() == Some(node))
+            .map(|&pod| LocalPod {
+                pod,
+                ips: self.family_ips(pod),
+                ingress: policies
+                    .iter()
+                    .copied()
+                    .filter(|pol| pol.isolates_ingress && pol.selects(pod))
+                    .collect(),
+                egress: policies
+                    .iter()
+                    .copied()
+                    .filter(|pol| pol.isolates_egress && pol.selects(pod))
+                    .collect(),
+            })
+            .filter(|lp| !lp.ips.is_empty())
+            .collect();
+        local.sort_by_key(|lp| lp.pod.key());
+
+        let mut ingress_dispatch = Vec::new();
+        let mut egress_dispatch = Vec::new();
+        for lp in &local {
+            for (direction, selecting) in [
+                (Direction::Ingress, &lp.ingress),
+                (Direction::Egress, &lp.egress),
+            ] {
+                if selecting.is_empty() {
+                    continue;
+                }
+                let chain = names::pod_chain(direction.is_ingress(), &lp.pod.key());
+                self.pod_chain(&chain, direction, selecting, &local);
+                let comment = format!("{} {}", lp.pod.key(), direction.name());
+                for ip in &lp.ips {
+                    let host = IpNet::from(*ip);
+                    let (m, out) = match direction {
+                        Direction::Ingress => (Match::Destination(host), &mut ingress_dispatch),
+                        Direction::Egress => (Match::Source(host), &mut egress_dispatch),
+                    };
+                    out.push(
+                        Rule::new(vec![m], Target::Jump(chain.clone())).commented(comment.clone()),
+                    );
+                }
+            }
+        }
+
+        let established = Rule::new(vec![Match::EstablishedOrRelated], Target::Return);
+        let clear_mark = Rule::new(vec![], Target::ClearAllowMark);
+        let neighbour_discovery: Vec<Rule> = match self.family {
+            Family::V4 => vec![],
+            Family::V6 => NEIGHBOUR_DISCOVERY_TYPES
+                .iter()
+                .map(|t| Rule::new(vec![Match::Icmp6Type(*t)], Target::Return))
+                .collect(),
+        };
+
+        let mut forward = vec![established.clone()];
+        forward.extend(egress_dispatch.iter().cloned());
+        forward.extend(ingress_dispatch.iter().cloned());
+        forward.push(clear_mark.clone());
+
+        let mut input = vec![established.clone()];
+        input.extend(neighbour_discovery.iter().cloned());
+        input.extend(egress_dispatch.iter().cloned());
+        input.push(clear_mark.clone());
+
+        let mut output = vec![established];
+        output.extend(neighbour_discovery);
+        // The node may always reach its pods (kubelet probes); only traffic that merely leaves
+        // through OUTPUT with a pod's source address (e.g. IPVS-forwarded) is judged.
+        output.push(Rule::new(vec![Match::SourceIsLocal], Target::Return));
+        output.extend(egress_dispatch);
+        output.extend(ingress_dispatch);
+        output.push(clear_mark);
+
+        for (builtin, chain, rules) in [
+            ("FORWARD", names::FORWARD_CHAIN, forward),
+            ("INPUT", names::INPUT_CHAIN, input),
+            ("OUTPUT", names::OUTPUT_CHAIN, output),
+        ] {
+            self.state.chains.insert(chain.to_string(), rules);
+            self.state.hooks.push(Hook {
+                builtin,
+                target: chain.to_string(),
+            });
+        }
+        self.state
+    }
+
+    fn family_ips(&self, pod: &Pod) -> Vec<IpAddr> {
+        pod.ips
+            .iter()
+            .copied()
+            .filter(|ip| Family::of(ip) == self.family)
+            .collect()
+    }
+
+    fn pod_chain(
+        &mut self,
+        chain: &str,
+        direction: Direction,
+        selecting: &[&'a Policy],
+        local: &[LocalPod<'a>],
+    ) {
+        let mut rules = vec![Rule::new(vec![], Target::ClearAllowMark)];
+        for policy in selecting {
+            let policy_chain = names::policy_chain(direction.is_ingress(), &policy.key());
+            if !self.state.chains.contains_key(&policy_chain) {
+                let body = self.policy_chain(policy, direction, local);
+                self.state.chains.insert(policy_chain.clone(), body);
+            }
+            rules.push(
+                Rule::new(vec![], Target::Jump(policy_chain)).commented(format!(
+                    "policy {} {}",
+                    policy.key(),
+                    direction.name()
+                )),
+            );
+        }
+        rules.push(Rule::new(vec![Match::AllowMarkSet], Target::Return));
+        rules.push(Rule::new(
+            vec![Match::Protocol(Protocol::Tcp)],
+            Target::RejectWithTcpReset,
+        ));
+        rules.push(Rule::new(vec![], Target::Reject));
+        self.state.chains.insert(chain.to_string(), rules);
+    }
+
+    fn policy_chain(
+        &mut self,
+        policy: &Policy,
+        direction: Direction,
+        local: &[LocalPod<'a>],
+    ) -> Vec<Rule> {
+        let rules = match direction {
+            Direction::Ingress => &policy.ingress,
+            Direction::Egress => &policy.egress,
+        };
+        let mut out = Vec::new();
+        for (index, rule) in rules.iter().enumerate() {
+            let peer_match = rule.peers.as_ref().map(|peers| {
+                let name = self.peer_set(policy, peers);
+                Match::Set {
+                    name,
+                    direction: match direction {
+                        Direction::Ingress => SetDirection::Src,
+                        Direction::Egress => SetDirection::Dst,
+                    },
+                }
+            });
+            let Some(ports) = &rule.ports else {
+                out.push(Rule::new(
+                    peer_match.into_iter().collect(),
+                    Target::SetAllowMark,
+                ));
+                continue;
+            };
+            for (port_index, spec) in ports.iter().enumerate() {
+                let mut matches: Vec<Match> = Vec::new();
+                match &spec.port {
+                    None => {
+                        matches.extend(peer_match.clone());
+                        matches.push(Match::Protocol(spec.protocol));
+                    }
+                    Some(PortRef::Range { first, last }) => {
+                        matches.extend(peer_match.clone());
+                        matches.push(Match::Protocol(spec.protocol));
+                        matches.push(Match::DestinationPorts {
+                            first: *first,
+                            last: *last,
+                        });
+                    }
+                    Some(PortRef::Named(port_name)) => {
+                        let definition = format!(
+                            "{}\0{}\0{index}\0{port_index}",
+                            policy.key(),
+                            direction.name()
+                        );
+                        let set = names::named_port_set(self.family, &definition);
+                        let members = match direction {
+                            // Resolved on the destination: the local pods this policy selects.
+                            Direction::Ingress => {
+                                matches.extend(peer_match.clone());
+                                let selected =
+                                    local.iter().map(|lp| lp.pod).filter(|p| policy.selects(p));
+                                self.named_port_members(selected, port_name, spec.protocol)
+                            }
+                            // Resolved on each destination peer pod; never on ipBlocks.
+                            Direction::Egress => {
+                                let peers: Vec<&Pod> = match &rule.peers {
+                                    None => self.relevant_pods.clone(),
+                                    Some(peers) => self.peer_pods(policy, peers),
+                                };
+                                self.named_port_members(peers.into_iter(), port_name, spec.protocol)
+                            }
+                        };
+                        self.state.sets.insert(
+                            set.clone(),
+                            IpSet {
+                                kind: SetKind::HashIpPort,
+                                family: self.family,
+                                members,
+                                purpose: format!(
+                                    "policy {} {} rule {index} port {port_name}",
+                                    policy.key(),
+                                    direction.name()
+                                ),
+                            },
+                        );
+                        matches.push(Match::Set {
+                            name: set,
+                            direction: SetDirection::DstDstPort,
+                        });
+                    }
+                }
+                out.push(Rule::new(matches, Target::SetAllowMark));
+            }
+        }
+        out
+    }
+
+    fn named_port_members<'p>(
+        &self,
+        pods: impl Iterator<Item = &'p Pod>,
+        port_name: &str,
+        protocol: Protocol,
+    ) -> BTreeSet<SetMember> {
+        let mut members = BTreeSet::new();
+        for pod in pods {
+            for cp in &pod.ports {
+                if cp.name.as_deref() == Some(port_name) && cp.protocol == protocol {
+                    for ip in self.family_ips(pod) {
+                        members.insert(SetMember::IpPort(ip, protocol, cp.port));
+                    }
+                }
+            }
+        }
+        members
+    }
+
+    /// Pods (any node) that the pod/namespace selectors of `peers` choose.
+    fn peer_pods(&self, policy: &Policy, peers: &[Peer]) -> Vec<&'a Pod> {
+        self.relevant_pods
+            .iter()
+            .copied()
+            .filter(|pod| {
+                peers
+                    .iter()
+                    .any(|peer| self.peer_selects(policy, peer, pod))
+            })
+            .collect()
+    }
+
+    fn peer_selects(&self, policy: &Policy, peer: &Peer, pod: &Pod) -> bool {
+        let Peer::Pods { namespaces, pods } = peer else {
+            return false;
+        };
+        let namespace_ok = match namespaces {
+            None => pod.namespace == policy.namespace,
+            Some(selector) => self
+                .snapshot
+                .namespaces
+                .get(&pod.namespace)
+                .is_some_and(|ns| selector.matches(&ns.labels)),
+        };
+        namespace_ok && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+    }
+
+    /// Creates (or reuses) the set holding every address `peers` allows, and returns its name.
+    fn peer_set(&mut self, policy: &Policy, peers: &[Peer]) -> String {
+        // Selectors without a namespace selector are relative to the policy's namespace.
+        let definition = format!("{}\0{peers:?}", policy.namespace);
+        let name = names::peer_set(self.family, &definition);
+        if self.state.sets.contains_key(&name) {
+            return name;
+        }
+        let mut members = BTreeSet::new();
+        for pod in self.peer_pods(policy, peers) {
+            for ip in self.family_ips(pod) {
+                members.insert(SetMember::Net(IpNet::from(ip)));
+            }
+        }
+        for peer in peers {
+            if let Peer::IpBlock { cidr, except } = peer
+                && Family::of_net(cidr) == self.family
+            {
+                for net in cidr::subtract(*cidr, except) {
+                    members.extend(cidr::ipset_storable(net).into_iter().map(SetMember::Net));
+                }
+            }
+        }
+        self.state.sets.insert(
+            name.clone(),
+            IpSet {
+                kind: SetKind::HashNet,
+                family: self.family,
+                members,
+                purpose: format!("peers of a rule in namespace {}", policy.namespace),
+            },
+        );
+        name
+    }
+}

@@ -1,0 +1,588 @@
+//! Kubernetes objects (k8s-openapi types) → the core's validated model. Shared by every source.
+//!
+//! Applies the defaults the API server would (policyTypes, protocol TCP, the namespace name label)
+//! and rejects what its validation would reject, with a message that says where.
+
+use crate::model::{
+    ContainerPort, LabelSelector, Labels, Namespace, Peer, Pod, PodPhase, Policy, PolicyRule,
+    PortRef, PortSpec, Protocol, Requirement,
+};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::net::IpAddr;
+
+/// The label the API server puts on every namespace (since Kubernetes 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{path}: {message}")]
+pub struct InvalidField {
+    pub path: String,
+    pub message: String,
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> InvalidField {
+    InvalidField {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+fn required_name(meta: &meta::ObjectMeta) -> Result<String, InvalidField> {
+    match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => Ok(n.to_string()),
+        _ => Err(invalid("metadata.name", "is required")),
+    }
+}
+
+fn namespace_of(meta: &meta::ObjectMeta) -> String {
+    meta.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+pub fn namespace(ns: &core::Namespace) -> Result<Namespace, InvalidField> {
+    let name = required_name(&ns.metadata)?;
+    Ok(implicit_namespace(
+        &name,
+        ns.metadata.labels.clone().unwrap_or_default(),
+    ))
+}
+
+/// A namespace with the name label the API server adds.
+pub fn implicit_namespace(name: &str, mut labels: Labels) -> Namespace {
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+    Namespace {
+        name: name.to_string(),
+        labels,
+    }
+}
+
+pub fn pod(pod: &core::Pod) -> Result<Pod, InvalidField> {
+    let name = required_name(&pod.metadata)?;
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let mut ips = Vec::new();
+    let listed: Vec<&str> = match status.and_then(|s| s.pod_ips.as_ref()) {
+        Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.as_str()).collect(),
+        _ => status
+            .and_then(|s| s.pod_ip.as_deref())
+            .into_iter()
+            .collect(),
+    };
+    for (i, text) in listed.into_iter().enumerate() {
+        let ip: IpAddr = text.parse().map_err(|_| {
+            invalid(
+                format!("status.podIPs[{i}]"),
+                format!("{text:?} is not an IP address"),
+            )
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (ci, container) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        for (pi, cp) in container.ports.iter().flatten().enumerate() {
+            let path = format!("spec.containers[{ci}].ports[{pi}]");
+            ports.push(ContainerPort {
+                name: cp.name.clone().filter(|n| !n.is_empty()),
+                port: port_number(cp.container_port, &format!("{path}.containerPort"))?,
+                protocol: protocol(cp.protocol.as_deref(), &format!("{path}.protocol"))?,
+            });
+        }
+    }
+    Ok(Pod {
+        namespace: namespace_of(&pod.metadata),
+        name,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        node_name: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+        ips,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        phase: status
+            .and_then(|s| s.phase.as_deref())
+            .map(PodPhase::parse)
+            .unwrap_or(PodPhase::Pending),
+        ports,
+    })
+}
+
+pub fn policy(policy: &net::NetworkPolicy) -> Result<Policy, InvalidField> {
+    let name = required_name(&policy.metadata)?;
+    let spec = policy
+        .spec
+        .as_ref()
+        .ok_or_else(|| invalid("spec", "is required"))?;
+    let ingress_rules = spec.ingress.as_deref().unwrap_or_default();
+    let egress_rules = spec.egress.as_deref().unwrap_or_default();
+
+    // As the API server defaults: Ingress always; Egress when there is at least one egress rule.
+    let (isolates_ingress, isolates_egress) = match spec.policy_types.as_deref() {
+        None | Some([]) => (true, !egress_rules.is_empty()),
+        Some(types) => {
+            let mut ing = false;
+            let mut eg = false;
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => ing = true,
+                    "Egress" => eg = true,
+                    other => {
+                        return Err(invalid(
+                            format!("spec.policyTypes[{i}]"),
+                            format!("unknown policy type {other:?} (expected Ingress or Egress)"),
+                        ));
+                    }
+                }
+            }
+            (ing, eg)
+        }
+    };
+
+    let mut ingress = Vec::new();
+    for (i, r) in ingress_rules.iter().enumerate() {
+        let path = format!("spec.ingress[{i}]");
+        ingress.push(rule(r.from.as_deref(), r.ports.as_deref(), &path, "from")?);
+    }
+    let mut egress = Vec::new();
+    for (i, r) in egress_rules.iter().enumerate() {
+        let path = format!("spec.egress[{i}]");
+        egress.push(rule(r.to.as_deref(), r.ports.as_deref(), &path, "to")?);
+    }
+
+    Ok(Policy {
+        namespace: namespace_of(&policy.metadata),
+        name,
+        pod_selector: selector(spec.pod_selector.as_ref(), "spec.podSelector")?,
+        isolates_ingress,
+        isolates_egress,
+        ingress,
+        egress,
+    })
+}
+
+fn rule(
+    peers: Option<&[net::NetworkPolicyPeer]>,
+    ports: Option<&[net::NetworkPolicyPort]>,
+    path: &str,
+    peers_field: &str,
+) -> Result<PolicyRule, InvalidField> {
+    // An empty list means the same as an absent one: everything.
+    let peers = match peers {
+        None | Some([]) => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, p)| peer(p, &format!("{path}.{peers_field}[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let ports = match ports {
+        None | Some([]) => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, p)| port(p, &format!("{path}.ports[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(PolicyRule { peers, ports })
+}
+
+fn peer(p: &net::NetworkPolicyPeer, path: &str) -> Result<Peer, InvalidField> {
+    match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
+        (Some(block), None, None) => ip_block(block, &format!("{path}.ipBlock")),
+        (Some(_), _, _) => Err(invalid(
+            path,
+            "ipBlock cannot be combined with podSelector or namespaceSelector",
+        )),
+        (None, None, None) => Err(invalid(
+            path,
+            "must set at least one of podSelector, namespaceSelector or ipBlock",
+        )),
+        (None, ns, pods) => Ok(Peer::Pods {
+            namespaces: ns
+                .as_ref()
+                .map(|s| selector(Some(s), &format!("{path}.namespaceSelector")))
+                .transpose()?,
+            pods: pods
+                .as_ref()
+                .map(|s| selector(Some(s), &format!("{path}.podSelector")))
+                .transpose()?,
+        }),
+    }
+}
+
+fn parse_cidr(text: &str, path: &str) -> Result<IpNet, InvalidField> {
+    text.trim().parse().map_err(|_| {
+        invalid(
+            path,
+            format!("{text:?} is not a CIDR (like 10.0.0.0/8 or fd00::/8)"),
+        )
+    })
+}
+
+fn ip_block(block: &net::IPBlock, path: &str) -> Result<Peer, InvalidField> {
+    let cidr = parse_cidr(&block.cidr, &format!("{path}.cidr"))?;
+    let mut except = Vec::new();
+    for (i, text) in block.except.iter().flatten().enumerate() {
+        let p = format!("{path}.except[{i}]");
+        let hole = parse_cidr(text, &p)?;
+        // The API server demands a strict subset of the cidr.
+        if crate::state::Family::of_net(&hole) != crate::state::Family::of_net(&cidr)
+            || !cidr.trunc().contains(&hole.trunc())
+            || hole.prefix_len() <= cidr.prefix_len()
+        {
+            return Err(invalid(
+                p,
+                format!("{text} must be strictly within cidr {}", block.cidr),
+            ));
+        }
+        except.push(hole);
+    }
+    Ok(Peer::IpBlock { cidr, except })
+}
+
+fn port(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec, InvalidField> {
+    let protocol = protocol(p.protocol.as_deref(), &format!("{path}.protocol"))?;
+    let port = match (&p.port, p.end_port) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(invalid(format!("{path}.endPort"), "requires port")),
+        (Some(IntOrString::Int(n)), end) => {
+            let first = port_number(*n, &format!("{path}.port"))?;
+            let last = match end {
+                None => first,
+                Some(e) => {
+                    let last = port_number(e, &format!("{path}.endPort"))?;
+                    if last < first {
+                        return Err(invalid(
+                            format!("{path}.endPort"),
+                            format!("{last} is below port {first}"),
+                        ));
+                    }
+                    last
+                }
+            };
+            Some(PortRef::Range { first, last })
+        }
+        (Some(IntOrString::String(name)), end) => {
+            if end.is_some() {
+                return Err(invalid(
+                    format!("{path}.endPort"),
+                    "cannot be used with a named port",
+                ));
+            }
+            validate_port_name(name, &format!("{path}.port"))?;
+            Some(PortRef::Named(name.clone()))
+        }
+    };
+    Ok(PortSpec { protocol, port })
+}
+
+fn port_number(n: i32, path: &str) -> Result<u16, InvalidField> {
+    u16::try_from(n)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| invalid(path, format!("{n} is not a port number (1-65535)")))
+}
+
+fn protocol(p: Option<&str>, path: &str) -> Result<Protocol, InvalidField> {
+    match p {
+        None => Ok(Protocol::Tcp),
+        Some(s) => Protocol::parse(s).ok_or_else(|| {
+            invalid(
+                path,
+                format!("unknown protocol {s:?} (expected TCP, UDP or SCTP)"),
+            )
+        }),
+    }
+}
+
+/// IANA service names, as Kubernetes requires for named ports: 1-15 characters, lower-case
+/// letters, digits and '-', at least one letter, no '-' at either end or twice in a row.
+fn validate_port_name(name: &str, path: &str) -> Result<(), InvalidField> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            format!(
+                "{name:?} is not a valid port name (1-15 lower-case letters, digits and '-', with a letter)"
+            ),
+        ))
+    }
+}
+
+fn selector(s: Option<&meta::LabelSelector>, path: &str) -> Result<LabelSelector, InvalidField> {
+    let Some(s) = s else {
+        return Ok(LabelSelector::default());
+    };
+    let mut match_expressions = Vec::new();
+    for (i, e) in s.match_expressions.iter().flatten().enumerate() {
+        let p = format!("{path}.matchExpressions[{i}]");
+        let values = e.values.clone().unwrap_or_default();
+        let key = e.key.clone();
+        if key.is_empty() {
+            return Err(invalid(format!("{p}.key"), "is required"));
+        }
+        let req = match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(invalid(
+                    format!("{p}.values"),
+                    format!("must not be empty for {}", e.operator),
+                ));
+            }
+            "In" => Requirement::In(key, values),
+            "NotIn" => Requirement::NotIn(key, values),
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Err(invalid(
+                    format!("{p}.values"),
+                    format!("must be empty for {}", e.operator),
+                ));
+            }
+            "Exists" => Requirement::Exists(key),
+            "DoesNotExist" => Requirement::DoesNotExist(key),
+            other => {
+                return Err(invalid(
+                    format!("{p}.operator"),
+                    format!(
+                        "unknown operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"
+                    ),
+                ));
+            }
+        };
+        match_expressions.push(req);
+    }
+    Ok(LabelSelector {
+        match_labels: s.match_labels.clone().unwrap_or_default(),
+        match_expressions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy_from(yaml: &str) -> Result<Policy, InvalidField> {
+        let p: net::NetworkPolicy = serde_yaml_ng::from_str(yaml).unwrap();
+        policy(&p)
+    }
+
+    const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n";
+
+    #[test]
+    fn policy_types_default_like_the_api_server() {
+        let p = policy_from(&format!("{HEAD}spec: {{podSelector: {{}}}}")).unwrap();
+        assert!(p.isolates_ingress && !p.isolates_egress);
+        let p = policy_from(&format!(
+            "{HEAD}spec: {{podSelector: {{}}, egress: [{{}}]}}"
+        ))
+        .unwrap();
+        assert!(p.isolates_ingress && p.isolates_egress);
+        // An empty egress list without policyTypes does not imply Egress (len(egress) == 0).
+        let p = policy_from(&format!("{HEAD}spec: {{podSelector: {{}}, egress: []}}")).unwrap();
+        assert!(!p.isolates_egress);
+        let p = policy_from(&format!(
+            "{HEAD}spec: {{podSelector: {{}}, policyTypes: [Egress]}}"
+        ))
+        .unwrap();
+        assert!(!p.isolates_ingress && p.isolates_egress);
+        assert_eq!(p.namespace, "x");
+    }
+
+    #[test]
+    fn empty_lists_mean_everything() {
+        let p = policy_from(&format!(
+            "{HEAD}spec: {{podSelector: {{}}, ingress: [{{from: [], ports: []}}, {{}}]}}"
+        ))
+        .unwrap();
+        assert_eq!(
+            p.ingress,
+            vec![
+                PolicyRule {
+                    peers: None,
+                    ports: None
+                };
+                2
+            ]
+        );
+    }
+
+    #[test]
+    fn ports_default_to_tcp_and_validate() {
+        let p = policy_from(&format!(
+            "{HEAD}spec: {{podSelector: {{}}, ingress: [{{ports: [{{port: 80}}, {{protocol: UDP, port: 81, endPort: 90}}, {{port: web}}, {{protocol: SCTP}}]}}]}}"
+        ))
+        .unwrap();
+        let ports = p.ingress[0].ports.clone().unwrap();
+        assert_eq!(
+            ports[0],
+            PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(PortRef::Range {
+                    first: 80,
+                    last: 80
+                })
+            }
+        );
+        assert_eq!(
+            ports[1],
+            PortSpec {
+                protocol: Protocol::Udp,
+                port: Some(PortRef::Range {
+                    first: 81,
+                    last: 90
+                })
+            }
+        );
+        assert_eq!(ports[2].port, Some(PortRef::Named("web".into())));
+        assert_eq!(
+            ports[3],
+            PortSpec {
+                protocol: Protocol::Sctp,
+                port: None
+            }
+        );
+
+        for (bad, expect) in [
+            ("{port: 80, endPort: 79}", "endPort: 79 is below port 80"),
+            ("{port: 0}", "port: 0 is not a port number"),
+            ("{port: 70000}", "port: 70000 is not a port number"),
+            ("{protocol: ICMP}", "unknown protocol \"ICMP\""),
+            ("{port: averyveryverylongname}", "not a valid port name"),
+            ("{port: \"80\"}", "not a valid port name"),
+            ("{endPort: 90}", "endPort: requires port"),
+            (
+                "{port: web, endPort: 90}",
+                "cannot be used with a named port",
+            ),
+        ] {
+            let err = policy_from(&format!(
+                "{HEAD}spec: {{podSelector: {{}}, ingress: [{{ports: [{bad}]}}]}}"
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains(expect), "{bad}: {err}");
+            assert!(
+                err.to_string().starts_with("spec.ingress[0].ports[0]"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn peers_validate() {
+        for (bad, expect) in [
+            ("{}", "must set at least one"),
+            (
+                "{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}",
+                "cannot be combined",
+            ),
+            ("{ipBlock: {cidr: 10.0.0.0/33}}", "is not a CIDR"),
+            ("{ipBlock: {cidr: banana}}", "is not a CIDR"),
+            (
+                "{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}",
+                "strictly within",
+            ),
+            (
+                "{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/8]}}",
+                "strictly within",
+            ),
+            (
+                "{podSelector: {matchExpressions: [{key: a, operator: Like}]}}",
+                "unknown operator",
+            ),
+            (
+                "{podSelector: {matchExpressions: [{key: a, operator: In}]}}",
+                "must not be empty",
+            ),
+            (
+                "{podSelector: {matchExpressions: [{key: a, operator: Exists, values: [b]}]}}",
+                "must be empty",
+            ),
+        ] {
+            let err = policy_from(&format!(
+                "{HEAD}spec: {{podSelector: {{}}, egress: [{{to: [{bad}]}}]}}"
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains(expect), "{bad}: {err}");
+        }
+        let p = policy_from(&format!(
+            "{HEAD}spec: {{podSelector: {{}}, ingress: [{{from: [{{ipBlock: {{cidr: 10.1.2.3/8, except: [10.1.0.0/16]}}}}, {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{a: b}}}}}}]}}]}}"
+        ))
+        .unwrap();
+        let peers = p.ingress[0].peers.clone().unwrap();
+        assert!(
+            matches!(&peers[0], Peer::IpBlock { cidr, except } if cidr.to_string() == "10.1.2.3/8" && except.len() == 1)
+        );
+        assert!(
+            matches!(&peers[1], Peer::Pods { namespaces: Some(ns), pods: Some(_) } if *ns == LabelSelector::default())
+        );
+    }
+
+    #[test]
+    fn pod_addresses_and_ports() {
+        let p: core::Pod = serde_yaml_ng::from_str(
+            "metadata: {name: a, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 8080, name: http}, {containerPort: 53, protocol: UDP}]}]}\nstatus: {phase: Running, podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}",
+        )
+        .unwrap();
+        let p = pod(&p).unwrap();
+        assert_eq!(p.namespace, "default");
+        assert_eq!(p.ips.len(), 2);
+        assert_eq!(
+            p.ports[0],
+            ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Protocol::Tcp
+            }
+        );
+        assert_eq!(p.ports[1].protocol, Protocol::Udp);
+        assert_eq!(p.phase, PodPhase::Running);
+
+        let only_pod_ip: core::Pod =
+            serde_yaml_ng::from_str("metadata: {name: b}\nstatus: {podIP: 10.0.0.2}").unwrap();
+        assert_eq!(
+            pod(&only_pod_ip).unwrap().ips,
+            vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
+        );
+        let bad: core::Pod =
+            serde_yaml_ng::from_str("metadata: {name: b}\nstatus: {podIP: 10.0.0.300}").unwrap();
+        assert!(
+            pod(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("status.podIPs[0]")
+        );
+    }
+
+    #[test]
+    fn namespaces_get_the_name_label() {
+        let ns: core::Namespace =
+            serde_yaml_ng::from_str("metadata: {name: x, labels: {team: a}}").unwrap();
+        let ns = namespace(&ns).unwrap();
+        assert_eq!(
+            ns.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("x")
+        );
+        assert_eq!(ns.labels.get("team").map(String::as_str), Some("a"));
+    }
+}

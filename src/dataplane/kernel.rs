@@ -1,0 +1,211 @@
+//! What the kernel holds of ours, parsed from `iptables-save -t filter` and `ipset save` (pure).
+
+use crate::model::Protocol;
+use crate::names;
+use crate::state::{Family, SetKind, SetMember};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+const BUILTIN_CHAINS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
+
+/// Our part of one family's filter table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelTable {
+    /// Chains with our prefix.
+    pub chains: Vec<String>,
+    /// Rules in built-in chains that jump to one of our chains.
+    pub jumps: Vec<Jump>,
+    /// Our chains' rules, as iptables-save prints them (without `-A CHAIN`).
+    pub rules: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jump {
+    pub builtin: String,
+    /// 1-based position in the built-in chain.
+    pub position: usize,
+    /// The rule as iptables-save prints it, after `-A CHAIN `.
+    pub spec: String,
+}
+
+pub fn parse_iptables_save(text: &str) -> KernelTable {
+    let mut table = KernelTable::default();
+    let mut in_filter = false;
+    let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            in_filter = t.trim() == "filter";
+            continue;
+        }
+        if !in_filter {
+            continue;
+        }
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or_default();
+            if names::is_owned(name) {
+                table.chains.push(name.to_string());
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+            if names::is_owned(chain) {
+                table
+                    .rules
+                    .entry(chain.to_string())
+                    .or_default()
+                    .push(spec.to_string());
+            } else if let Some(builtin) = BUILTIN_CHAINS.iter().find(|b| **b == chain) {
+                let pos = positions.entry(builtin).or_insert(0);
+                *pos += 1;
+                let target = spec
+                    .split_whitespace()
+                    .skip_while(|w| *w != "-j" && *w != "-g")
+                    .nth(1);
+                if target.is_some_and(names::is_owned) {
+                    table.jumps.push(Jump {
+                        builtin: chain.to_string(),
+                        position: *pos,
+                        spec: spec.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    table
+}
+
+/// Our sets, from `ipset save`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelSets {
+    pub sets: BTreeMap<String, KernelSet>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelSet {
+    /// None when the kernel's type is not one we create.
+    pub kind: Option<SetKind>,
+    pub family: Option<Family>,
+    pub members: BTreeSet<SetMember>,
+    /// Entries we could not read back (they are deleted on the next sync).
+    pub unparsed_members: Vec<String>,
+}
+
+pub fn parse_ipset_save(text: &str) -> KernelSets {
+    let mut sets = KernelSets::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("create"), Some(name)) if names::is_owned(name) => {
+                let kind = match words.next() {
+                    Some("hash:net") => Some(SetKind::HashNet),
+                    Some("hash:ip,port") => Some(SetKind::HashIpPort),
+                    _ => None,
+                };
+                let rest: Vec<&str> = words.collect();
+                let family = rest
+                    .windows(2)
+                    .find(|w| w[0] == "family")
+                    .and_then(|w| match w[1] {
+                        "inet" => Some(Family::V4),
+                        "inet6" => Some(Family::V6),
+                        _ => None,
+                    });
+                sets.sets.insert(
+                    name.to_string(),
+                    KernelSet {
+                        kind,
+                        family,
+                        ..Default::default()
+                    },
+                );
+            }
+            (Some("add"), Some(name)) => {
+                if let Some(set) = sets.sets.get_mut(name) {
+                    let entry = words.next().unwrap_or_default();
+                    match parse_member(set.kind, entry) {
+                        Some(m) => {
+                            set.members.insert(m);
+                        }
+                        None => set.unparsed_members.push(entry.to_string()),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
+fn parse_member(kind: Option<SetKind>, entry: &str) -> Option<SetMember> {
+    match kind? {
+        SetKind::HashNet => {
+            let net = match entry.parse::<IpNet>() {
+                Ok(n) => n,
+                // ipset prints host entries without a prefix length.
+                Err(_) => IpNet::from(entry.parse::<IpAddr>().ok()?),
+            };
+            Some(SetMember::Net(net))
+        }
+        SetKind::HashIpPort => {
+            let (ip, proto_port) = entry.rsplit_once(',')?;
+            let (proto, port) = proto_port.split_once(':')?;
+            let proto = match proto {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "sctp" => Protocol::Sctp,
+                _ => return None,
+            };
+            Some(SetMember::IpPort(
+                ip.parse().ok()?,
+                proto,
+                port.parse().ok()?,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_our_chains_rules_and_jumps_only() {
+        let save = "# Generated\n*nat\n:KNI-NOT-FILTER - [0:0]\n-A PREROUTING -j KNI-NOT-FILTER\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:KNI-FORWARD - [0:0]\n:KUBE-FORWARD - [0:0]\n-A FORWARD -j KUBE-FORWARD\n-A FORWARD -m comment --comment kube-netpol-iptables -j KNI-FORWARD\n-A FORWARD -j KNI-OLD\n-A KNI-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n-A KUBE-FORWARD -j ACCEPT\nCOMMIT\n";
+        let t = parse_iptables_save(save);
+        assert_eq!(t.chains, vec!["KNI-FORWARD".to_string()]);
+        assert_eq!(t.jumps.len(), 2);
+        assert_eq!(t.jumps[0].position, 2);
+        assert_eq!(
+            t.jumps[0].spec,
+            "-m comment --comment kube-netpol-iptables -j KNI-FORWARD"
+        );
+        assert_eq!(t.jumps[1].position, 3);
+        assert_eq!(t.rules["KNI-FORWARD"].len(), 1);
+    }
+
+    #[test]
+    fn reads_sets_and_normalises_members() {
+        let save = "create OTHER hash:ip family inet\nadd OTHER 1.2.3.4\ncreate KNI-4P-1 hash:net family inet hashsize 1024 maxelem 1048576 bucketsize 12 initval 0x1\nadd KNI-4P-1 10.0.0.1\nadd KNI-4P-1 10.1.0.0/16\ncreate KNI-6N-2 hash:ip,port family inet6 hashsize 1024 maxelem 1048576\nadd KNI-6N-2 fd00::1,sctp:80\nadd KNI-6N-2 fd00::2,icmpv6:128\n";
+        let s = parse_ipset_save(save);
+        assert!(!s.sets.contains_key("OTHER"));
+        let a = &s.sets["KNI-4P-1"];
+        assert_eq!(a.kind, Some(SetKind::HashNet));
+        assert_eq!(a.family, Some(Family::V4));
+        assert!(
+            a.members
+                .contains(&SetMember::Net("10.0.0.1/32".parse().unwrap()))
+        );
+        assert!(
+            a.members
+                .contains(&SetMember::Net("10.1.0.0/16".parse().unwrap()))
+        );
+        let b = &s.sets["KNI-6N-2"];
+        assert_eq!(b.family, Some(Family::V6));
+        assert!(b.members.contains(&SetMember::IpPort(
+            "fd00::1".parse().unwrap(),
+            Protocol::Sctp,
+            80
+        )));
+        assert_eq!(b.unparsed_members, vec!["fd00::2,icmpv6:128".to_string()]);
+    }
+}

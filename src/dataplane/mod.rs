@@ -1,0 +1,409 @@
+//! The dataplane: reads what the kernel holds of ours, writes the difference in one
+//! `ipset restore` and one `iptables-restore --noflush` per family, and removes what we own.
+//!
+//! Order of a sync: sets are created and filled first (so no rule ever points at a missing set),
+//! then the rules of each family are replaced in one atomic restore, and sets that no rule uses
+//! any more are destroyed last.
+
+pub mod kernel;
+pub mod render;
+
+use crate::state::{DesiredState, Family};
+use anyhow::{Context, Result, anyhow, bail};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    Auto,
+    Legacy,
+    Nft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Legacy,
+    Nft,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 2] = [Backend::Legacy, Backend::Nft];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Backend::Legacy => "legacy",
+            Backend::Nft => "nft",
+        }
+    }
+
+    pub fn other(self) -> Backend {
+        match self {
+            Backend::Legacy => Backend::Nft,
+            Backend::Nft => Backend::Legacy,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.suffix())
+    }
+}
+
+/// How long we wait for the xtables lock that other iptables users (kube-proxy, the CNI) take.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+const XTABLES_LOCK: &str = "/run/xtables.lock";
+
+/// The iptables-save/-restore binaries of one backend.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub backend: Backend,
+    save: [PathBuf; 2],
+    restore: [PathBuf; 2],
+    /// Whether iptables-restore takes the xtables lock itself (`--wait`); very old releases
+    /// (CentOS 7's 1.4.21) cannot, and then we hold the lock around it.
+    restore_waits: bool,
+}
+
+fn family_index(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+impl Tables {
+    /// Finds the tools of `backend`: `iptables-legacy-save` and friends, or on hosts that ship
+    /// only one backend under the plain names, `iptables-save` when its version says it is that
+    /// backend.
+    pub fn find(backend: Backend) -> Option<Tables> {
+        let tool = |base: &str| -> Option<PathBuf> {
+            if let Some(p) = find_in_path(&format!("{base}-{}", backend.suffix())) {
+                return Some(p);
+            }
+            let plain = find_in_path(base)?;
+            let version = Command::new(&plain).arg("--version").output().ok()?;
+            let text = String::from_utf8_lossy(&version.stdout).to_string()
+                + &String::from_utf8_lossy(&version.stderr);
+            let is_nft = text.contains("nf_tables");
+            (is_nft == (backend == Backend::Nft)).then_some(plain)
+        };
+        let save = [tool("iptables-save")?, tool("ip6tables-save")?];
+        let restore = [tool("iptables-restore")?, tool("ip6tables-restore")?];
+        let help = Command::new(&restore[0]).arg("--help").output().ok();
+        let restore_waits = help.is_some_and(|h| {
+            String::from_utf8_lossy(&h.stdout).contains("--wait")
+                || String::from_utf8_lossy(&h.stderr).contains("--wait")
+        });
+        Some(Tables {
+            backend,
+            save,
+            restore,
+            restore_waits,
+        })
+    }
+
+    pub fn save(&self, family: Family) -> Result<String> {
+        run_tool(&self.save[family_index(family)], &["-t", "filter"], None)
+    }
+
+    pub fn restore(&self, family: Family, text: &str) -> Result<()> {
+        let bin = &self.restore[family_index(family)];
+        if self.restore_waits {
+            let wait = LOCK_WAIT.as_secs().to_string();
+            run_tool(bin, &["--noflush", "--wait", &wait], Some(text)).map(drop)
+        } else {
+            let _lock = XtablesLock::acquire(Path::new(XTABLES_LOCK), LOCK_WAIT)?;
+            run_tool(bin, &["--noflush"], Some(text)).map(drop)
+        }
+    }
+
+    /// Rules in this backend (both families) that are not ours: how much the host uses it.
+    fn foreign_rule_count(&self) -> usize {
+        Family::ALL
+            .iter()
+            .filter_map(|f| run_tool(&self.save[family_index(*f)], &[], None).ok())
+            .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| l.starts_with("-A ") && !l.contains(crate::names::PREFIX))
+            .count()
+    }
+
+    /// Whether kubelet or kube-proxy left their marker chains here (what kube-proxy's
+    /// iptables-wrapper looks for first).
+    fn has_kubelet_canary(&self) -> bool {
+        Family::ALL.iter().any(|f| {
+            run_tool(&self.save[family_index(*f)], &["-t", "mangle"], None)
+                .map(|t| {
+                    t.lines().any(|l| {
+                        l.starts_with(":KUBE-IPTABLES-HINT")
+                            || l.starts_with(":KUBE-KUBELET-CANARY")
+                    })
+                })
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// Picks the backend the host uses, the way kube-proxy's iptables-wrapper does: the one where
+/// kubelet's canary chains live, else the one holding more rules (ours not counted), nft on a tie.
+pub fn detect_backend(choice: BackendChoice) -> Result<Tables> {
+    let pick = |b: Backend| {
+        Tables::find(b).ok_or_else(|| {
+            anyhow!("the {b} iptables backend is not installed (no iptables-{b}-restore, ip6tables-{b}-restore and -save found in PATH)")
+        })
+    };
+    match choice {
+        BackendChoice::Legacy => pick(Backend::Legacy),
+        BackendChoice::Nft => pick(Backend::Nft),
+        BackendChoice::Auto => {
+            let found: Vec<Tables> = Backend::ALL
+                .iter()
+                .filter_map(|b| Tables::find(*b))
+                .collect();
+            match found.len() {
+                0 => bail!(
+                    "no iptables found: install iptables (with iptables-restore and ip6tables-restore)"
+                ),
+                1 => Ok(found.into_iter().next().unwrap()),
+                _ => {
+                    let (legacy, nft) = (&found[0], &found[1]);
+                    let chosen = if nft.has_kubelet_canary() {
+                        nft
+                    } else if legacy.has_kubelet_canary()
+                        || legacy.foreign_rule_count() > nft.foreign_rule_count()
+                    {
+                        legacy
+                    } else {
+                        nft
+                    };
+                    Ok(chosen.clone())
+                }
+            }
+        }
+    }
+}
+
+/// An exclusive flock on the xtables lock file, the lock every iptables user shares.
+struct XtablesLock(std::fs::File);
+
+impl XtablesLock {
+    fn acquire(path: &Path, wait: Duration) -> Result<XtablesLock> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open the xtables lock {}", path.display()))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(XtablesLock(file)),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    bail!(
+                        "another process held the xtables lock {} for more than {wait:?}",
+                        path.display()
+                    )
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for XtablesLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// Runs a tool, feeding `stdin` if given. On failure the error names the command and, when the
+/// tool reports a line number, quotes that line of our input.
+fn run_tool(bin: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let shown = format!("{} {}", bin.display(), args.join(" "));
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        // A tool that dies early closes the pipe; its exit status tells why.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {shown}"))?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let offending = stdin.and_then(|text| {
+        failing_line_number(&stderr).and_then(|n| {
+            text.lines()
+                .nth(n.checked_sub(1)?)
+                .map(|l| (n, l.to_string()))
+        })
+    });
+    match offending {
+        Some((n, line)) => bail!(
+            "{shown} failed ({}): {stderr}\n  input line {n}: {line}",
+            out.status
+        ),
+        None => bail!("{shown} failed ({}): {stderr}", out.status),
+    }
+}
+
+/// The line number iptables-restore ("line 7 failed") or ipset ("Error in line 7:") blames.
+fn failing_line_number(stderr: &str) -> Option<usize> {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    words.windows(2).find_map(|w| {
+        (w[0] == "line")
+            .then(|| w[1].trim_end_matches([':', ',']).parse().ok())
+            .flatten()
+    })
+}
+
+fn ipset_bin() -> Result<PathBuf> {
+    find_in_path("ipset")
+        .ok_or_else(|| anyhow!("ipset is not installed (install the ipset package)"))
+}
+
+fn ipset_save() -> Result<kernel::KernelSets> {
+    Ok(kernel::parse_ipset_save(&run_tool(
+        &ipset_bin()?,
+        &["save"],
+        None,
+    )?))
+}
+
+fn ipset_restore(text: &str) -> Result<()> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    run_tool(&ipset_bin()?, &["-exist", "restore"], Some(text)).map(drop)
+}
+
+/// What one sync wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    pub ipset_lines: usize,
+    pub iptables_lines: usize,
+}
+
+/// Brings the kernel to `desired` (one state per family). Reads the kernel first, so it converges
+/// from whatever a previous run, or someone else, left behind.
+pub fn sync(tables: &Tables, desired: &[(Family, DesiredState)]) -> Result<SyncReport> {
+    let mut report = SyncReport::default();
+    let sets = ipset_save()?;
+    let update = render::render_ipset_update(desired.iter().map(|(_, s)| s), &sets)
+        .map_err(|e| anyhow!(e))?;
+    ipset_restore(&update)?;
+    report.ipset_lines += update.lines().count();
+
+    for (family, state) in desired {
+        let table = kernel::parse_iptables_save(&tables.save(*family)?);
+        let text = render::render_iptables(*family, state, &table);
+        tables
+            .restore(*family, &text)
+            .with_context(|| format!("writing {family} rules"))?;
+        report.iptables_lines += text.lines().count();
+    }
+
+    let destroy = render::render_ipset_destroy(desired.iter().map(|(_, s)| s), &sets);
+    ipset_restore(&destroy).context("destroying sets no rule uses any more")?;
+    report.ipset_lines += destroy.lines().count();
+    Ok(report)
+}
+
+/// Removes our chains and jumps from one backend (both families). Sets are left alone: the other
+/// backend's rules may use them.
+pub fn remove_rules(tables: &Tables) -> Result<bool> {
+    let mut removed = false;
+    for family in Family::ALL {
+        let table = kernel::parse_iptables_save(&tables.save(family)?);
+        if let Some(text) = render::render_iptables_removal(&table) {
+            tables.restore(family, &text).with_context(|| {
+                format!(
+                    "removing our {family} rules from the {} backend",
+                    tables.backend
+                )
+            })?;
+            removed = true;
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes every chain, jump and set the agent owns, on every installed backend.
+pub fn cleanup() -> Result<()> {
+    let mut found_any = false;
+    for backend in Backend::ALL {
+        if let Some(tables) = Tables::find(backend) {
+            found_any = true;
+            if remove_rules(&tables)? {
+                tracing::info!(%backend, "removed our chains and jumps");
+            }
+        }
+    }
+    if !found_any {
+        bail!("no iptables found: install iptables");
+    }
+    // Sets go last: no rule of ours references them any more.
+    destroy_unused_sets()
+}
+
+/// Destroys every set of ours. Fails (naming the set) if a rule still uses one, e.g. in a
+/// backend that was not cleaned.
+pub fn destroy_unused_sets() -> Result<()> {
+    let sets = ipset_save()?;
+    let destroy = render::render_ipset_destroy(std::iter::empty(), &sets);
+    ipset_restore(&destroy)?;
+    if !destroy.is_empty() {
+        tracing::info!(sets = sets.sets.len(), "destroyed our sets");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_blamed_line() {
+        assert_eq!(
+            failing_line_number("iptables-restore: line 7 failed"),
+            Some(7)
+        );
+        assert_eq!(
+            failing_line_number(
+                "ipset v7.17: Error in line 3: The set with the given name does not exist"
+            ),
+            Some(3)
+        );
+        assert_eq!(
+            failing_line_number("Another app is currently holding the xtables lock"),
+            None
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! kube-netpol-iptables: Kubernetes NetworkPolicy enforced with ipset and iptables-restore batches.
+//!
+//! - [`model`]: the cluster as the core sees it; [`convert`] builds it from Kubernetes objects.
+//! - [`compile`]: the pure core, snapshot → [`state::DesiredState`] for one node and family.
+//! - [`dataplane`]: renders, diffs and writes that state to the kernel.
+//! - [`manifests`]: the manifests-directory source; [`agent`]: the sync loop.
+
+pub mod agent;
+pub mod cidr;
+pub mod compile;
+pub mod convert;
+pub mod dataplane;
+pub mod manifests;
+pub mod model;
+pub mod names;
+pub mod state;
+
+#[cfg(test)]
+mod compile_tests;
+#[cfg(test)]
+mod simulate;

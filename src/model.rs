@@ -1,0 +1,296 @@
+//! The cluster as the core sees it: only the fields NetworkPolicy enforcement needs.
+//!
+//! Sources (manifests directory, Kubernetes API) convert their objects into these validated types,
+//! so the compiler never has to deal with malformed input.
+
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// Everything the compiler needs to know about the cluster at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterSnapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: Vec<Pod>,
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+impl PodPhase {
+    pub fn parse(s: &str) -> PodPhase {
+        match s {
+            "Pending" => PodPhase::Pending,
+            "Running" => PodPhase::Running,
+            "Succeeded" => PodPhase::Succeeded,
+            "Failed" => PodPhase::Failed,
+            _ => PodPhase::Unknown,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub node_name: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+    pub phase: PodPhase,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    /// Whether NetworkPolicy applies to this pod at all, as subject or as peer. hostNetwork pods
+    /// share the node's IP, and finished pods may have handed their IP to a new pod.
+    pub fn is_policy_relevant(&self) -> bool {
+        !self.host_network
+            && !matches!(self.phase, PodPhase::Succeeded | PodPhase::Failed)
+            && !self.ips.is_empty()
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The lower-case name iptables (`-p`) and ipset (`proto:port`) both use.
+    pub fn as_kernel_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: LabelSelector,
+    pub isolates_ingress: bool,
+    pub isolates_egress: bool,
+    pub ingress: Vec<PolicyRule>,
+    pub egress: Vec<PolicyRule>,
+}
+
+impl Policy {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn selects(&self, pod: &Pod) -> bool {
+        pod.namespace == self.namespace && self.pod_selector.matches(&pod.labels)
+    }
+}
+
+/// One ingress or egress rule. `None` for peers or ports means the list was absent or empty,
+/// which the API defines as "all peers" / "all ports".
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyRule {
+    pub peers: Option<Vec<Peer>>,
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Peer {
+    /// Pods chosen by selectors. `namespaces: None` means the policy's own namespace;
+    /// `pods: None` means every pod of the chosen namespaces.
+    Pods {
+        namespaces: Option<LabelSelector>,
+        pods: Option<LabelSelector>,
+    },
+    IpBlock {
+        cidr: IpNet,
+        except: Vec<IpNet>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub port: Option<PortRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRef {
+    /// An inclusive range; a single port has `first == last`.
+    Range {
+        first: u16,
+        last: u16,
+    },
+    Named(String),
+}
+
+/// A Kubernetes label selector. An empty selector matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Requirement {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+}
+
+impl Requirement {
+    pub fn matches(&self, labels: &Labels) -> bool {
+        match self {
+            Requirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
+            // As in apimachinery: a missing key satisfies NotIn.
+            Requirement::NotIn(k, values) => labels.get(k).is_none_or(|v| !values.contains(v)),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::DoesNotExist(k) => !labels.contains_key(k),
+        }
+    }
+}
+
+impl fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for r in &self.match_expressions {
+            parts.push(match r {
+                Requirement::In(k, v) => format!("{k} in ({})", v.join(",")),
+                Requirement::NotIn(k, v) => format!("{k} notin ({})", v.join(",")),
+                Requirement::Exists(k) => k.clone(),
+                Requirement::DoesNotExist(k) => format!("!{k}"),
+            });
+        }
+        write!(f, "{}", parts.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_selector_matches_everything() {
+        let s = LabelSelector::default();
+        assert!(s.matches(&labels(&[])));
+        assert!(s.matches(&labels(&[("a", "b")])));
+    }
+
+    #[test]
+    fn match_labels_need_every_pair() {
+        let s = LabelSelector {
+            match_labels: [("app", "web"), ("tier", "front")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            match_expressions: vec![],
+        };
+        assert!(s.matches(&labels(&[("app", "web"), ("tier", "front"), ("x", "y")])));
+        assert!(!s.matches(&labels(&[("app", "web")])));
+        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "back")])));
+    }
+
+    #[test]
+    fn expressions_follow_apimachinery() {
+        let l = labels(&[("env", "prod"), ("team", "a")]);
+        let none = labels(&[]);
+        let vals = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let r_in = Requirement::In("env".into(), vals(&["prod", "dev"]));
+        assert!(r_in.matches(&l));
+        assert!(!r_in.matches(&none));
+        let r_notin = Requirement::NotIn("env".into(), vals(&["prod"]));
+        assert!(!r_notin.matches(&l));
+        assert!(r_notin.matches(&none), "missing key satisfies NotIn");
+        assert!(r_notin.matches(&labels(&[("env", "dev")])));
+        assert!(Requirement::Exists("team".into()).matches(&l));
+        assert!(!Requirement::Exists("team".into()).matches(&none));
+        assert!(Requirement::DoesNotExist("team".into()).matches(&none));
+        assert!(!Requirement::DoesNotExist("team".into()).matches(&l));
+    }
+
+    #[test]
+    fn finished_and_host_network_pods_are_not_relevant() {
+        let mut p = Pod {
+            namespace: "x".into(),
+            name: "a".into(),
+            labels: Labels::new(),
+            node_name: Some("n1".into()),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            host_network: false,
+            phase: PodPhase::Running,
+            ports: vec![],
+        };
+        assert!(p.is_policy_relevant());
+        p.phase = PodPhase::Succeeded;
+        assert!(!p.is_policy_relevant());
+        p.phase = PodPhase::Failed;
+        assert!(!p.is_policy_relevant());
+        p.phase = PodPhase::Running;
+        p.host_network = true;
+        assert!(!p.is_policy_relevant());
+        p.host_network = false;
+        p.ips.clear();
+        assert!(!p.is_policy_relevant());
+    }
+}

@@ -1,0 +1,116 @@
+//! Test-only: walks a `DesiredState` the way netfilter would walk the rendered rules, so compile()
+//! semantics can be checked packet by packet without root. The end-to-end suite checks the same
+//! semantics against the real kernel.
+
+use crate::model::Protocol;
+use crate::state::{ALLOW_MARK, DesiredState, Match, SetDirection, SetMember, Target};
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, Copy)]
+pub enum L4 {
+    Port(Protocol, u16),
+    Icmp6(u8),
+    Icmp,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Packet {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub l4: L4,
+    pub established: bool,
+    pub src_is_local: bool,
+}
+
+impl Packet {
+    pub fn new(src: &str, dst: &str, l4: L4) -> Packet {
+        Packet {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            l4,
+            established: false,
+            src_is_local: false,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Continue,
+    Return,
+    Rejected,
+}
+
+/// True if the packet gets through the hook of `builtin` (our rules only RETURN or REJECT).
+pub fn passes(state: &DesiredState, builtin: &str, packet: &Packet) -> bool {
+    let mut mark = 0u32;
+    for hook in state.hooks.iter().filter(|h| h.builtin == builtin) {
+        if walk(state, &hook.target, packet, &mut mark, 0) == Outcome::Rejected {
+            return false;
+        }
+    }
+    true
+}
+
+fn walk(
+    state: &DesiredState,
+    chain: &str,
+    packet: &Packet,
+    mark: &mut u32,
+    depth: usize,
+) -> Outcome {
+    assert!(depth < 16, "chain loop at {chain}");
+    let rules = state
+        .chains
+        .get(chain)
+        .unwrap_or_else(|| panic!("jump to missing chain {chain}"));
+    for rule in rules {
+        if !rule
+            .matches
+            .iter()
+            .all(|m| matches(state, m, packet, *mark))
+        {
+            continue;
+        }
+        match &rule.target {
+            Target::Jump(next) => match walk(state, next, packet, mark, depth + 1) {
+                Outcome::Rejected => return Outcome::Rejected,
+                Outcome::Return | Outcome::Continue => {}
+            },
+            Target::Return => return Outcome::Return,
+            Target::SetAllowMark => *mark |= ALLOW_MARK,
+            Target::ClearAllowMark => *mark &= !ALLOW_MARK,
+            Target::RejectWithTcpReset | Target::Reject => return Outcome::Rejected,
+        }
+    }
+    Outcome::Continue
+}
+
+fn matches(state: &DesiredState, m: &Match, p: &Packet, mark: u32) -> bool {
+    match m {
+        Match::Source(net) => net.contains(&p.src),
+        Match::Destination(net) => net.contains(&p.dst),
+        Match::EstablishedOrRelated => p.established,
+        Match::SourceIsLocal => p.src_is_local,
+        Match::Protocol(proto) => matches!(p.l4, L4::Port(pp, _) if pp == *proto),
+        Match::DestinationPorts { first, last } => {
+            matches!(p.l4, L4::Port(_, port) if (*first..=*last).contains(&port))
+        }
+        Match::AllowMarkSet => mark & ALLOW_MARK != 0,
+        Match::Icmp6Type(t) => matches!(p.l4, L4::Icmp6(pt) if pt == *t),
+        Match::Set { name, direction } => {
+            let set = state
+                .sets
+                .get(name)
+                .unwrap_or_else(|| panic!("rule references missing set {name}"));
+            set.members.iter().any(|member| match (member, direction) {
+                (SetMember::Net(net), SetDirection::Src) => net.contains(&p.src),
+                (SetMember::Net(net), SetDirection::Dst) => net.contains(&p.dst),
+                (SetMember::IpPort(ip, proto, port), SetDirection::DstDstPort) => {
+                    *ip == p.dst && matches!(p.l4, L4::Port(pp, pt) if pp == *proto && pt == *port)
+                }
+                _ => panic!("set {name} used with a direction its type cannot match"),
+            })
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Desired kernel state for one node and one IP family: what `compile()` produces and the dataplane
+//! renders. Rules are structured rather than strings so that tests can evaluate them against
+//! packets and the renderer is the only place that knows iptables syntax.
+
+use crate::model::Protocol;
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: &IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    pub fn of_net(net: &IpNet) -> Family {
+        Family::of(&net.addr())
+    }
+
+    /// ipset's name for the family.
+    pub fn ipset_name(self) -> &'static str {
+        match self {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// The packet mark bit the agent uses to carry "some policy allowed this" from a policy chain back
+/// to the pod chain. Chosen clear of kube-proxy (0x4000, 0x8000), Calico (0xffff0000 by default
+/// is configurable) and kube-router (0x10000, 0x20000).
+pub const ALLOW_MARK: u32 = 0x0040_0000;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub sets: BTreeMap<String, IpSet>,
+    /// Our chains in the filter table, by name.
+    pub chains: BTreeMap<String, Vec<Rule>>,
+    /// Jumps from built-in chains into ours, each kept first in its built-in chain.
+    pub hooks: Vec<Hook>,
+}
+
+impl DesiredState {
+    pub fn rule_count(&self) -> usize {
+        self.chains.values().map(Vec::len).sum::<usize>() + self.hooks.len()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.sets.values().map(|s| s.members.len()).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub builtin: &'static str,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// Peers: pod addresses as host prefixes and ipBlock prefixes.
+    HashNet,
+    /// Named ports resolved per pod: (pod address, protocol, port).
+    HashIpPort,
+}
+
+impl SetKind {
+    pub fn ipset_type(self) -> &'static str {
+        match self {
+            SetKind::HashNet => "hash:net",
+            SetKind::HashIpPort => "hash:ip,port",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpSet {
+    pub kind: SetKind,
+    pub family: Family,
+    pub members: BTreeSet<SetMember>,
+    /// What the set stands for, for people reading `ipset list` (not written to the kernel).
+    pub purpose: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetMember {
+    Net(IpNet),
+    IpPort(IpAddr, Protocol, u16),
+}
+
+impl fmt::Display for SetMember {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SetMember::Net(net) => write!(f, "{net}"),
+            SetMember::IpPort(ip, proto, port) => {
+                write!(f, "{ip},{}:{port}", proto.as_kernel_str())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub target: Target,
+    /// Shown in iptables-save; only ever built from validated names.
+    pub comment: Option<String>,
+}
+
+impl Rule {
+    pub fn new(matches: Vec<Match>, target: Target) -> Rule {
+        Rule {
+            matches,
+            target,
+            comment: None,
+        }
+    }
+
+    pub fn commented(mut self, comment: impl Into<String>) -> Rule {
+        self.comment = Some(comment.into());
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetDirection {
+    /// Match the source address.
+    Src,
+    /// Match the destination address.
+    Dst,
+    /// Match destination address and destination port (`hash:ip,port`).
+    DstDstPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    Source(IpNet),
+    Destination(IpNet),
+    /// Replies and related packets (ICMP errors) of flows that were allowed when they started.
+    EstablishedOrRelated,
+    /// The packet comes from an address of this node (`-m addrtype --src-type LOCAL`).
+    SourceIsLocal,
+    Protocol(Protocol),
+    /// Destination port range, always paired with `Protocol` before it. Rendered with
+    /// `-m multiport`, which works for SCTP without the xt_sctp match.
+    DestinationPorts {
+        first: u16,
+        last: u16,
+    },
+    Set {
+        name: String,
+        direction: SetDirection,
+    },
+    AllowMarkSet,
+    /// ICMPv6 type; used only to keep neighbour discovery between pod and node working.
+    Icmp6Type(u8),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Jump(String),
+    Return,
+    SetAllowMark,
+    ClearAllowMark,
+    /// Answer with a TCP reset (only after `Protocol(Tcp)`), so callers fail fast.
+    RejectWithTcpReset,
+    /// Answer with ICMP(v6) port unreachable.
+    Reject,
+}
