@@ -87,19 +87,20 @@ impl Tables {
     /// only one backend under the plain names, `iptables-save` when its version says it is that
     /// backend.
     pub fn find(backend: Backend) -> Option<Tables> {
-        let tool = |base: &str| -> Option<PathBuf> {
-            if let Some(p) = find_in_path(&format!("{base}-{}", backend.suffix())) {
+        // `program` is iptables or ip6tables, `action` save or restore.
+        let tool = |program: &str, action: &str| -> Option<PathBuf> {
+            if let Some(p) = find_in_path(&format!("{program}-{}-{action}", backend.suffix())) {
                 return Some(p);
             }
-            let plain = find_in_path(base)?;
+            let plain = find_in_path(&format!("{program}-{action}"))?;
             let version = Command::new(&plain).arg("--version").output().ok()?;
             let text = String::from_utf8_lossy(&version.stdout).to_string()
                 + &String::from_utf8_lossy(&version.stderr);
             let is_nft = text.contains("nf_tables");
             (is_nft == (backend == Backend::Nft)).then_some(plain)
         };
-        let save = [tool("iptables-save")?, tool("ip6tables-save")?];
-        let restore = [tool("iptables-restore")?, tool("ip6tables-restore")?];
+        let save = [tool("iptables", "save")?, tool("ip6tables", "save")?];
+        let restore = [tool("iptables", "restore")?, tool("ip6tables", "restore")?];
         let help = Command::new(&restore[0]).arg("--help").output().ok();
         let restore_waits = help.is_some_and(|h| {
             String::from_utf8_lossy(&h.stdout).contains("--wait")

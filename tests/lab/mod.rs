@@ -1,0 +1,609 @@
+//! A lab of network namespaces: nodes that route /32 and /128 pod routes over veth pairs (as
+//! Calico-style routing CNIs do), pods that serve TCP and UDP on ports 80 and 81, and probes that
+//! make real connections from inside a pod's namespace. Modelled on the upstream Kubernetes netpol
+//! e2e suite: namespaces x, y, z with pods a, b, c.
+//!
+//! Servers and probes run on threads of the test process that have entered the namespace with
+//! setns(2): sockets belong to the namespace they were created in.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub const PODS: [&str; 3] = ["a", "b", "c"];
+pub const PORTS: [u16; 2] = [80, 81];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Root-only tests call this first; without root they pass after saying loudly that nothing ran.
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!(
+        "\n*** SKIPPED {test}: the network-namespace e2e tests need root (run hack/test.sh with sudo; CI runs as root) ***\n"
+    );
+    true
+}
+
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Runs `ip -batch -` inside a namespace (or the root namespace for `None`).
+fn ip_batch(netns: Option<&str>, lines: &[String]) {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "ip", "-batch", "-"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("ip");
+            c.args(["-batch", "-"]);
+            c
+        }
+    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ip");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.join("\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip batch in {netns:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lines.join("\n")
+    );
+}
+
+fn sysctl(netns: &str, settings: &[&str]) {
+    let mut args = vec!["ip", "netns", "exec", netns, "sysctl", "-qw"];
+    args.extend_from_slice(settings);
+    sh(&args);
+}
+
+/// Runs `f` on a thread that has entered the network namespace `netns`.
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct LabNode {
+    /// The Kubernetes node name.
+    pub name: String,
+    pub netns: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+#[derive(Debug, Clone)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub node: usize,
+    pub netns: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+impl LabPod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+    pub fn ip(&self, v6: bool) -> IpAddr {
+        if v6 { self.v6.into() } else { self.v4.into() }
+    }
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub nodes: Vec<LabNode>,
+    pub pods: Vec<LabPod>,
+    pub manifests: PathBuf,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Lab {
+    /// `node_of(namespace, pod)` places each pod on a node (index into `node_count` nodes).
+    pub fn new(node_count: usize, node_of: impl Fn(&str, &str) -> usize) -> Lab {
+        let id = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("kni{}-{id}", std::process::id() % 100_000);
+        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
+        let _ = std::fs::remove_dir_all(&manifests);
+        std::fs::create_dir_all(&manifests).unwrap();
+
+        let mut lab = Lab {
+            prefix: prefix.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            manifests,
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+        };
+        for n in 0..node_count {
+            let netns = format!("{prefix}-n{}", n + 1);
+            sh(&["ip", "netns", "add", &netns]);
+            sysctl(
+                &netns,
+                &[
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    // Rejected probes must fail fast: no rate limit on the ICMP errors REJECT sends.
+                    "net.ipv4.icmp_ratelimit=0",
+                    "net.ipv6.icmp.ratelimit=0",
+                    "net.ipv4.icmp_msgs_per_sec=100000",
+                    "net.ipv4.icmp_msgs_burst=100000",
+                ],
+            );
+            lab.nodes.push(LabNode {
+                name: format!("node{}", n + 1),
+                netns,
+                v4: Ipv4Addr::new(192, 168, 100, n as u8 + 1),
+                v6: format!("fd00:100::{}", n + 1).parse().unwrap(),
+            });
+        }
+        // Node addresses: a link between nodes (or, on a single node, a veth pair; no dummy module needed).
+        let mut node_lines: Vec<Vec<String>> = vec![vec!["link set lo up".into()]; node_count];
+        if node_count == 1 {
+            node_lines[0].push("link add host0 type veth peer name host0p".into());
+            node_lines[0].push("link set host0p up".into());
+            node_lines[0].push("link set host0 up".into());
+            node_lines[0].push(format!("addr add {}/24 dev host0", lab.nodes[0].v4));
+            node_lines[0].push(format!("addr add {}/64 dev host0 nodad", lab.nodes[0].v6));
+        } else {
+            assert_eq!(node_count, 2, "the lab links one or two nodes");
+            sh(&[
+                "ip",
+                "-n",
+                &lab.nodes[0].netns,
+                "link",
+                "add",
+                "peer",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "peer",
+                "netns",
+                &lab.nodes[1].netns,
+            ]);
+            for (i, lines) in node_lines.iter_mut().enumerate() {
+                let other = 1 - i;
+                lines.push(format!("addr add {}/24 dev peer", lab.nodes[i].v4));
+                lines.push(format!("addr add {}/64 dev peer nodad", lab.nodes[i].v6));
+                lines.push("link set peer up".into());
+                lines.push(format!(
+                    "route add 10.244.{}.0/24 via {}",
+                    other + 1,
+                    lab.nodes[other].v4
+                ));
+                lines.push(format!(
+                    "route add fd00:244:{}::/64 via {}",
+                    other + 1,
+                    lab.nodes[other].v6
+                ));
+            }
+        }
+        for (ni, ns) in NAMESPACES.iter().enumerate() {
+            for (pi, pod) in PODS.iter().enumerate() {
+                let node = node_of(ns, pod);
+                let netns = format!("{prefix}-{ns}{pod}");
+                let host_if = format!("v{ns}{pod}");
+                let k = (ni * 3 + pi + 2) as u8;
+                let v4 = Ipv4Addr::new(10, 244, node as u8 + 1, k);
+                let v6: Ipv6Addr = format!("fd00:244:{}::{k}", node + 1).parse().unwrap();
+                sh(&["ip", "netns", "add", &netns]);
+                sysctl(
+                    &netns,
+                    &[
+                        "net.ipv6.conf.all.accept_dad=0",
+                        "net.ipv6.conf.default.accept_dad=0",
+                    ],
+                );
+                sh(&[
+                    "ip",
+                    "-n",
+                    &lab.nodes[node].netns,
+                    "link",
+                    "add",
+                    &host_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &netns,
+                ]);
+                ip_batch(
+                    Some(&netns),
+                    &[
+                        "link set lo up".into(),
+                        "link set eth0 up".into(),
+                        format!("addr add {v4}/32 dev eth0"),
+                        format!("addr add {v6}/128 dev eth0 nodad"),
+                        "route add 169.254.1.1 dev eth0".into(),
+                        "route add default via 169.254.1.1 dev eth0".into(),
+                        "route add ::/0 via fe80::1 dev eth0".into(),
+                    ],
+                );
+                let lines = &mut node_lines[node];
+                lines.push(format!("link set {host_if} up"));
+                lines.push(format!("addr add 169.254.1.1/32 dev {host_if}"));
+                lines.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
+                lines.push(format!("route add {v4}/32 dev {host_if}"));
+                lines.push(format!("route add {v6}/128 dev {host_if}"));
+                lab.pods.push(LabPod {
+                    namespace: ns.to_string(),
+                    name: pod.to_string(),
+                    node,
+                    netns,
+                    v4,
+                    v6,
+                });
+            }
+        }
+        for (i, lines) in node_lines.iter().enumerate() {
+            ip_batch(Some(&lab.nodes[i].netns), lines);
+        }
+        let targets: Vec<(String, String)> = lab
+            .pods
+            .iter()
+            .map(|p| (p.netns.clone(), p.key()))
+            .chain(lab.nodes.iter().map(|n| (n.netns.clone(), n.name.clone())))
+            .collect();
+        for (netns, who) in targets {
+            lab.serve(&netns, &who);
+        }
+        lab.write_cluster_manifests(&[]);
+        lab
+    }
+
+    /// TCP and UDP servers on ports 80 and 81 (both families) that answer with `who`.
+    fn serve(&mut self, netns: &str, who: &str) {
+        for port in PORTS {
+            let stop = self.stop.clone();
+            let reply = who.to_string();
+            let tcp = in_netns(netns, move || {
+                TcpListener::bind(("::", port)).expect("bind tcp")
+            })
+            .join()
+            .unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            self.servers.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.write_all(reply.as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }));
+            let stop = self.stop.clone();
+            let reply = who.to_string();
+            let udp = in_netns(netns, move || {
+                UdpSocket::bind(("::", port)).expect("bind udp")
+            })
+            .join()
+            .unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            self.servers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(reply.as_bytes(), from);
+                    }
+                }
+            }));
+        }
+    }
+
+    pub fn pod(&self, key: &str) -> &LabPod {
+        self.pods
+            .iter()
+            .find(|p| p.key() == key)
+            .unwrap_or_else(|| panic!("no pod {key}"))
+    }
+
+    /// Namespace and Pod manifests for the lab, plus `extra` documents, replacing the directory.
+    /// `extra_labels` adds `(namespace or pod key, key, value)` labels. Besides the upstream
+    /// suite's serve-* ports, x/a names port 80 "web" and x/b and y/a name port 81 "web", so named
+    /// ports resolve differently per pod.
+    pub fn write_cluster_manifests_labelled(
+        &self,
+        extra: &[&str],
+        extra_labels: &[(&str, &str, &str)],
+    ) {
+        let labels_of = |who: &str, base: String| {
+            let mut l = vec![base];
+            for (w, k, v) in extra_labels {
+                if *w == who {
+                    l.push(format!("{k}: {v}"));
+                }
+            }
+            format!("{{{}}}", l.join(", "))
+        };
+        let mut docs = Vec::new();
+        for ns in NAMESPACES {
+            docs.push(format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels: {}\n",
+                labels_of(ns, format!("ns: {ns}"))
+            ));
+        }
+        for p in &self.pods {
+            let web = match p.key().as_str() {
+                "x/a" => "\n    - {name: web, containerPort: 80}",
+                "x/b" | "y/a" => "\n    - {name: web, containerPort: 81}",
+                _ => "",
+            };
+            docs.push(format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: agnhost\n    ports:\n    - {{name: serve-80-tcp, containerPort: 80}}\n    - {{name: serve-81-tcp, containerPort: 81}}\n    - {{name: serve-80-udp, containerPort: 80, protocol: UDP}}\n    - {{name: serve-81-udp, containerPort: 81, protocol: UDP}}{web}\nstatus:\n  phase: Running\n  podIP: {v4}\n  podIPs: [{{ip: {v4}}}, {{ip: \"{v6}\"}}]\n",
+                name = p.name,
+                ns = p.namespace,
+                labels = labels_of(&p.key(), format!("pod: {}", p.name)),
+                node = self.nodes[p.node].name,
+                v4 = p.v4,
+                v6 = p.v6
+            ));
+        }
+        self.write_file("cluster.yaml", &docs.join("---\n"));
+        self.write_file("policies.yaml", &extra.join("\n---\n"));
+    }
+
+    pub fn write_cluster_manifests(&self, extra: &[&str]) {
+        self.write_cluster_manifests_labelled(extra, &[]);
+    }
+
+    /// Writes a file atomically (write + rename), as a watcher must expect from tools.
+    pub fn write_file(&self, name: &str, text: &str) {
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.manifests.join(name)).unwrap();
+    }
+
+    pub fn agent(&self, node: usize, args: &[&str]) -> Output {
+        let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
+        let mut full: Vec<&str> = vec!["netns", "exec", &self.nodes[node].netns, bin];
+        full.extend_from_slice(args);
+        Command::new("ip")
+            .args(&full)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agent")
+    }
+
+    /// `run --once` on every node; panics with the agent's output if it fails.
+    pub fn sync_all(&self, backend: &str) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let out = self.agent(
+                i,
+                &[
+                    "run",
+                    "--manifests",
+                    self.manifests.to_str().unwrap(),
+                    "--node-name",
+                    &node.name,
+                    "--once",
+                    "--backend",
+                    backend,
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "agent on {} failed:\n{}",
+                node.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.forget_flows();
+    }
+
+    /// Policies judge new flows; flows already in conntrack go on (as with every iptables-based
+    /// agent). A probe reusing an earlier probe's UDP source port would ride the old entry, so
+    /// each step of a test starts with an empty conntrack table.
+    pub fn forget_flows(&self) {
+        for node in &self.nodes {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &node.netns, "conntrack", "-F"])
+                .output()
+                .expect("conntrack (install the conntrack package)");
+            assert!(
+                out.status.success(),
+                "conntrack -F: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Runs a command inside a node's namespace and returns stdout.
+    pub fn node_cmd(&self, node: usize, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.nodes[node].netns];
+        full.extend_from_slice(args);
+        String::from_utf8_lossy(&sh(&full).stdout).into_owned()
+    }
+
+    pub fn manifests_dir(&self) -> &Path {
+        &self.manifests
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+        for ns in self
+            .pods
+            .iter()
+            .map(|p| &p.netns)
+            .chain(self.nodes.iter().map(|n| &n.netns))
+        {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// One real connection attempt from inside `netns`: TCP connect and read the answer, or a UDP
+/// datagram and its echo. True if the server answered.
+pub fn probe(netns: &str, target: IpAddr, proto: Proto, port: u16) -> bool {
+    in_netns(netns, move || probe_here(target, proto, port))
+        .join()
+        .unwrap()
+}
+
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn probe_here(target: IpAddr, proto: Proto, port: u16) -> bool {
+    let addr = SocketAddr::new(target, port);
+    let mut buf = [0u8; 64];
+    match proto {
+        Proto::Tcp => match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+                matches!(s.read(&mut buf), Ok(n) if n > 0)
+            }
+            Err(_) => false,
+        },
+        Proto::Udp => {
+            let bind: SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(bind).unwrap();
+            s.set_read_timeout(Some(PROBE_TIMEOUT)).unwrap();
+            if s.connect(addr).is_err() || s.send(b"ping").is_err() {
+                return false;
+            }
+            matches!(s.recv(&mut buf), Ok(n) if n > 0)
+        }
+    }
+}
+
+/// One probe of a matrix.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub proto: Proto,
+    pub port: u16,
+    pub v6: bool,
+}
+
+/// Probes every ordered pair of distinct pods on every port, protocol and family, in parallel,
+/// and returns the probes whose outcome differs from `expect`, described.
+pub fn check_matrix(lab: &Lab, expect: &dyn Fn(&Probe) -> bool) -> Vec<String> {
+    let mut probes = Vec::new();
+    for from in &lab.pods {
+        for to in &lab.pods {
+            if from.key() == to.key() {
+                continue;
+            }
+            for proto in [Proto::Tcp, Proto::Udp] {
+                for port in PORTS {
+                    for v6 in [false, true] {
+                        probes.push(Probe {
+                            from: from.key(),
+                            to: to.key(),
+                            proto,
+                            port,
+                            v6,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    run_probes(lab, probes, expect)
+}
+
+pub fn run_probes(lab: &Lab, probes: Vec<Probe>, expect: &dyn Fn(&Probe) -> bool) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for chunk in probes.chunks(48) {
+        let handles: Vec<_> = chunk
+            .iter()
+            .map(|p| {
+                let from = lab.pod(&p.from).netns.clone();
+                let target = lab.pod(&p.to).ip(p.v6);
+                let (proto, port) = (p.proto, p.port);
+                in_netns(&from, move || probe_here(target, proto, port))
+            })
+            .collect();
+        for (p, h) in chunk.iter().zip(handles) {
+            let got = h.join().unwrap();
+            let want = expect(p);
+            if got != want {
+                wrong.push(format!(
+                    "{} -> {} {:?}/{} {}: expected {}, got {}",
+                    p.from,
+                    p.to,
+                    p.proto,
+                    p.port,
+                    if p.v6 { "IPv6" } else { "IPv4" },
+                    if want { "allowed" } else { "blocked" },
+                    if got { "allowed" } else { "blocked" }
+                ));
+            }
+        }
+    }
+    wrong.sort();
+    wrong
+}
