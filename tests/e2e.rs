@@ -12,6 +12,9 @@ fn policy(ns: &str, name: &str, spec: &str) -> String {
     format!("{NP}metadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
 }
 
+/// Whether a probe should get through.
+type Expectation = Box<dyn Fn(&Lab, &Probe) -> bool>;
+
 struct Case {
     name: &'static str,
     policies: Vec<String>,
@@ -19,7 +22,7 @@ struct Case {
     labels: Vec<(&'static str, &'static str, &'static str)>,
     /// Extra documents besides policies (e.g. odd pods).
     extra: Vec<String>,
-    expect: Box<dyn Fn(&Lab, &Probe) -> bool>,
+    expect: Expectation,
 }
 
 fn case(
