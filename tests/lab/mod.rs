@@ -36,6 +36,10 @@ pub fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
+    assert!(
+        std::env::var_os("KNI_E2E_REQUIRED").is_none(),
+        "{test}: KNI_E2E_REQUIRED is set but we are not root, so the e2e suite cannot run"
+    );
     eprintln!(
         "\n*** SKIPPED {test}: the network-namespace e2e tests need root (run hack/test.sh with sudo; CI runs as root) ***\n"
     );

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every check: formatting, clippy, unit tests, and the network-namespace end-to-end suite
+# (which needs root; without it those tests say SKIPPED and pass).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. hack/lib.sh
+
+ensure_system_packages
+ensure_rust
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "*** not root: the end-to-end tests will be SKIPPED (run: sudo hack/test.sh) ***" >&2
+fi
+cargo test --all-targets "$@"
