@@ -305,7 +305,7 @@ fn watches_the_directory_and_keeps_the_last_good_state() {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(lab.manifests_dir().with_extension("log")).unwrap())
+        .stderr(std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap())
         .spawn()
         .unwrap();
     let wait_for = |what: &str, want: bool, limit: Duration| {
