@@ -8,17 +8,30 @@ use std::process::Command;
 fn demo_manifests_render_as_recorded() {
     let root = env!("CARGO_MANIFEST_DIR");
     let out = Command::new(env!("CARGO_BIN_EXE_kube-netpol-iptables"))
-        .args(["render", "--manifests", &format!("{root}/manifests/demo"), "--node-name", "demo-node"])
+        .args([
+            "render",
+            "--manifests",
+            &format!("{root}/manifests/demo"),
+            "--node-name",
+            "demo-node",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = String::from_utf8(out.stdout).unwrap();
     let golden = format!("{root}/tests/golden/demo.render");
     if std::env::var_os("KNI_BLESS").is_some() {
         std::fs::write(&golden, &got).unwrap();
     }
     let want = std::fs::read_to_string(&golden).expect("golden file (KNI_BLESS=1 to create)");
-    assert_eq!(got, want, "rendered text changed; if intended, run KNI_BLESS=1 cargo test --test render_golden");
+    assert_eq!(
+        got, want,
+        "rendered text changed; if intended, run KNI_BLESS=1 cargo test --test render_golden"
+    );
 }
 
 #[test]
@@ -31,12 +44,21 @@ fn render_reports_bad_manifests_with_file_and_document() {
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kube-netpol-iptables"))
-        .args(["render", "--manifests", dir.to_str().unwrap(), "--node-name", "n"])
+        .args([
+            "render",
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--node-name",
+            "n",
+        ])
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("p.yaml document 1 (NetworkPolicy x/p)"), "{stderr}");
+    assert!(
+        stderr.contains("p.yaml document 1 (NetworkPolicy x/p)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("unknown operator \"Maybe\""), "{stderr}");
 }
