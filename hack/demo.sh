@@ -10,7 +10,10 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 ensure_system_packages
-command -v nc >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq netcat-openbsd >&2; }
+# The probes use OpenBSD netcat flags (-z, -w, -lk); netcat-traditional differs.
+if ! nc -h 2>&1 | grep -q OpenBSD; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq netcat-openbsd >&2
+fi
 ensure_rust
 cargo build --release --quiet
 BIN=$PWD/target/release/kube-netpol-iptables

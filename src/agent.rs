@@ -6,7 +6,7 @@ use crate::dataplane::{self, Tables};
 use crate::manifests;
 use crate::model::ClusterSnapshot;
 use crate::state::{DesiredState, Family};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,18 +34,6 @@ pub fn sync_once(tables: &Tables, dir: &Path, node: &str) -> Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "synced"
     );
-    Ok(())
-}
-
-/// Our rules belong in one backend only; leftovers in the other (from a run with another
-/// `--backend`, or before the host switched) would judge packets twice.
-pub fn remove_from_other_backend(tables: &Tables) -> Result<()> {
-    let other = tables.backend.other();
-    if let Some(other_tables) = Tables::find(other)
-        && dataplane::remove_rules(&other_tables)?
-    {
-        tracing::info!(backend = %other, "removed our leftover rules from the other iptables backend");
-    }
     Ok(())
 }
 
@@ -92,7 +80,6 @@ pub fn watch(tables: &Tables, dir: &Path, node: &str, options: &WatchOptions) ->
     let mut last_sync: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut backoff = Duration::from_millis(500);
-    let mut cleaned_other = false;
     loop {
         let seen = fingerprint(dir);
         let changed = seen != last_seen;
@@ -104,12 +91,6 @@ pub fn watch(tables: &Tables, dir: &Path, node: &str, options: &WatchOptions) ->
                 Ok(()) => {
                     retry_at = None;
                     backoff = Duration::from_millis(500);
-                    if !cleaned_other {
-                        remove_from_other_backend(tables)
-                            .context("cleaning the other backend")
-                            .unwrap_or_else(|e| tracing::warn!("{e:#}"));
-                        cleaned_other = true;
-                    }
                 }
                 Err(e) => {
                     tracing::error!("sync failed, the last good state stays in the kernel: {e:#}");

@@ -109,8 +109,7 @@ fn run(cli: Cli) -> Result<()> {
             tracing::info!(backend = %tables.backend, node = node_name, "starting");
             agent::check_bridge_netfilter();
             if once {
-                agent::sync_once(&tables, &manifests, &node_name)?;
-                agent::remove_from_other_backend(&tables)
+                agent::sync_once(&tables, &manifests, &node_name)
             } else {
                 agent::watch(
                     &tables,

@@ -364,9 +364,11 @@ fn switching_backends_removes_our_rules_from_the_other() {
         return;
     }
     let lab = one_node_lab();
-    lab.write_cluster_manifests(&[DENY_X]);
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
     lab.sync_all("legacy");
     assert!(!owned_chains(&lab, "legacy").is_empty());
+    // Switch backends and policies at once: the legacy rules still use sets the new state drops.
+    lab.write_cluster_manifests(&[DENY_X]);
     lab.sync_all("nft");
     assert!(
         owned_chains(&lab, "legacy").is_empty(),
@@ -375,4 +377,21 @@ fn switching_backends_removes_our_rules_from_the_other() {
     assert!(!owned_chains(&lab, "nft").is_empty());
     assert!(!tcp(&lab, "y/a", "x/a", 80), "still enforced, now by nft");
     assert!(tcp(&lab, "y/a", "z/a", 80));
+    let render = lab.agent(
+        0,
+        &[
+            "render",
+            "--manifests",
+            lab.manifests_dir().to_str().unwrap(),
+            "--node-name",
+            "node1",
+        ],
+    );
+    let rendered = String::from_utf8_lossy(&render.stdout).to_string();
+    for set in set_names(&lab).iter().filter(|s| s.starts_with("KNI-")) {
+        assert!(
+            rendered.contains(&format!("create {set} ")),
+            "stale set {set} left in the kernel"
+        );
+    }
 }

@@ -312,8 +312,9 @@ pub struct SyncReport {
     pub iptables_lines: usize,
 }
 
-/// Brings the kernel to `desired` (one state per family). Reads the kernel first, so it converges
-/// from whatever a previous run, or someone else, left behind.
+/// Brings the kernel to `desired` (one state per family) in `tables`' backend, and removes our
+/// rules from the other backend. Reads the kernel first, so it converges from whatever a previous
+/// run, or someone else, left behind.
 pub fn sync(tables: &Tables, desired: &[(Family, DesiredState)]) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     let sets = ipset_save()?;
@@ -329,6 +330,14 @@ pub fn sync(tables: &Tables, desired: &[(Family, DesiredState)]) -> Result<SyncR
             .restore(*family, &text)
             .with_context(|| format!("writing {family} rules"))?;
         report.iptables_lines += text.lines().count();
+    }
+
+    // Our rules belong in one backend only. Leftovers in the other (from a run with another
+    // --backend, or before the host switched) would judge packets twice and keep sets in use.
+    if let Some(other) = Tables::find(tables.backend.other())
+        && remove_rules(&other)?
+    {
+        tracing::info!(backend = %other.backend, "removed our leftover rules from the other iptables backend");
     }
 
     let destroy = render::render_ipset_destroy(desired.iter().map(|(_, s)| s), &sets);
