@@ -2,7 +2,7 @@
 //! directory and sync again when it changes.
 
 use crate::compile::compile;
-use crate::dataplane::{self, Tables};
+use crate::dataplane::{Dataplane, SyncMode, SyncReport};
 use crate::manifests;
 use crate::model::ClusterSnapshot;
 use crate::state::{DesiredState, Family};
@@ -17,24 +17,39 @@ pub fn desired_states(snapshot: &ClusterSnapshot, node: &str) -> Vec<(Family, De
         .collect()
 }
 
-/// One full sync from the directory. Nothing is written if the directory does not load.
-pub fn sync_once(tables: &Tables, dir: &Path, node: &str) -> Result<()> {
+/// Loads the directory, compiles and writes. Nothing is written if the directory does not load.
+pub fn sync_from_dir(
+    dataplane: &mut Dataplane,
+    dir: &Path,
+    node: &str,
+    mode: SyncMode,
+) -> Result<SyncReport> {
     let snapshot = manifests::load_dir(dir)?;
     let started = Instant::now();
     let desired = desired_states(&snapshot, node);
-    let report = dataplane::sync(tables, &desired)?;
+    let compiled = started.elapsed();
+    let report = dataplane.sync(&desired, mode)?;
+    for repair in &report.repairs {
+        tracing::warn!(
+            repair = repair.as_str(),
+            "repaired drift: the kernel differed from what we had written"
+        );
+    }
     tracing::info!(
         node,
+        ?mode,
         pods = snapshot.pods.len(),
         policies = snapshot.policies.len(),
         rules = desired.iter().map(|(_, s)| s.rule_count()).sum::<usize>(),
         sets = desired.iter().map(|(_, s)| s.sets.len()).sum::<usize>(),
         ipset_lines = report.ipset_lines,
         iptables_lines = report.iptables_lines,
+        repairs = report.repairs.len(),
+        compile_ms = compiled.as_millis() as u64,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "synced"
     );
-    Ok(())
+    Ok(report)
 }
 
 /// Says loudly when bridged pod traffic would bypass iptables.
@@ -69,37 +84,70 @@ pub struct WatchOptions {
     /// How often the directory is checked for changes. Polling, not inotify: it also works on the
     /// network and 9p file systems WSL2 mounts, where inotify sees nothing.
     pub poll_interval: Duration,
-    /// A full sync from the kernel's actual state, even without changes.
+    /// A burst of changes becomes one sync once the directory has been quiet this long...
+    pub debounce: Duration,
+    /// ...but a sync is never put off longer than this after the first change.
+    pub max_delay: Duration,
+    /// How often to read the kernel back and repair drift, even without changes.
     pub resync_period: Duration,
 }
 
-/// Runs until killed: syncs at start, whenever the directory changes, and every resync period.
-/// A broken directory or a failed write keeps the last good state in the kernel and is retried.
-pub fn watch(tables: &Tables, dir: &Path, node: &str, options: &WatchOptions) -> Result<()> {
-    let mut last_seen = None;
-    let mut last_sync: Option<Instant> = None;
+/// Runs until killed. Starts with a full sync (adopting whatever a previous instance left), then
+/// syncs incrementally when the directory changes and fully every resync period. A broken
+/// directory or a failed write keeps the last good state in the kernel and is retried with backoff.
+pub fn watch(
+    dataplane: &mut Dataplane,
+    dir: &Path,
+    node: &str,
+    options: &WatchOptions,
+) -> Result<()> {
+    let mut last_seen = fingerprint(dir);
+    let mut last_full: Option<Instant> = None;
+    // Set while a change waits for the directory to settle: (first change, latest change).
+    let mut pending: Option<(Instant, Instant)> = None;
     let mut retry_at: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = INITIAL_BACKOFF;
     loop {
+        let now = Instant::now();
         let seen = fingerprint(dir);
-        let changed = seen != last_seen;
-        let due = last_sync.is_none_or(|t| t.elapsed() >= options.resync_period);
-        let retry = retry_at.is_some_and(|t| Instant::now() >= t);
-        if changed || due || retry {
+        if seen != last_seen {
             last_seen = seen;
-            match sync_once(tables, dir, node) {
-                Ok(()) => {
+            pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
+        }
+        let settled = pending.is_some_and(|(first, latest)| {
+            now - latest >= options.debounce || now - first >= options.max_delay
+        });
+        let full_due = last_full.is_none_or(|t| now - t >= options.resync_period);
+        let retry_due = retry_at.is_some_and(|t| now >= t);
+        if settled || full_due || retry_due {
+            let mode = if full_due || retry_due {
+                SyncMode::Full
+            } else {
+                SyncMode::Incremental
+            };
+            pending = None;
+            match sync_from_dir(dataplane, dir, node, mode) {
+                Ok(_) => {
                     retry_at = None;
-                    backoff = Duration::from_millis(500);
+                    backoff = INITIAL_BACKOFF;
+                    if mode == SyncMode::Full {
+                        last_full = Some(now);
+                    }
                 }
                 Err(e) => {
-                    tracing::error!("sync failed, the last good state stays in the kernel: {e:#}");
+                    tracing::error!(
+                        "sync failed, the last good state stays in the kernel; retrying in {backoff:?}: {e:#}"
+                    );
                     retry_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // A directory that never loads still counts as a resync attempt.
+                    last_full.get_or_insert(now);
                 }
             }
-            last_sync = Some(Instant::now());
         }
         std::thread::sleep(options.poll_interval);
     }
 }
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -35,7 +35,13 @@ enum Command {
         /// How often to check the directory for changes.
         #[arg(long, env = "KNI_POLL_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
         poll_interval: Duration,
-        /// How often to rewrite everything even without changes (repairs drift).
+        /// A burst of changes becomes one sync once the directory has been quiet this long.
+        #[arg(long, env = "KNI_SYNC_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
+        sync_debounce: Duration,
+        /// Upper bound on how long a change may wait for the burst to end.
+        #[arg(long, env = "KNI_SYNC_MAX_DELAY", default_value = "1s", value_parser = parse_duration)]
+        sync_max_delay: Duration,
+        /// How often to read the kernel back and repair anything that differs (drift).
         #[arg(long, env = "KNI_RESYNC_PERIOD", default_value = "5m", value_parser = parse_duration)]
         resync_period: Duration,
     },
@@ -103,20 +109,31 @@ fn run(cli: Cli) -> Result<()> {
             once,
             backend,
             poll_interval,
+            sync_debounce,
+            sync_max_delay,
             resync_period,
         } => {
             let tables = dataplane::detect_backend(backend)?;
             tracing::info!(backend = %tables.backend, node = node_name, "starting");
             agent::check_bridge_netfilter();
+            let mut dataplane = dataplane::Dataplane::new(tables);
             if once {
-                agent::sync_once(&tables, &manifests, &node_name)
+                agent::sync_from_dir(
+                    &mut dataplane,
+                    &manifests,
+                    &node_name,
+                    dataplane::SyncMode::Full,
+                )
+                .map(drop)
             } else {
                 agent::watch(
-                    &tables,
+                    &mut dataplane,
                     &manifests,
                     &node_name,
                     &agent::WatchOptions {
                         poll_interval,
+                        debounce: sync_debounce,
+                        max_delay: sync_max_delay,
                         resync_period,
                     },
                 )

@@ -1,8 +1,9 @@
 //! What the kernel holds of ours, parsed from `iptables-save -t filter` and `ipset save` (pure).
 
+use super::render::{SET_MAXELEM, hook_spec, render_rule};
 use crate::model::Protocol;
 use crate::names;
-use crate::state::{Family, SetKind, SetMember};
+use crate::state::{DesiredState, Family, SetKind, SetMember};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -85,6 +86,7 @@ pub struct KernelSet {
     /// None when the kernel's type is not one we create.
     pub kind: Option<SetKind>,
     pub family: Option<Family>,
+    pub maxelem: Option<u32>,
     pub members: BTreeSet<SetMember>,
     /// Entries we could not read back (they are deleted on the next sync).
     pub unparsed_members: Vec<String>,
@@ -110,11 +112,16 @@ pub fn parse_ipset_save(text: &str) -> KernelSets {
                         "inet6" => Some(Family::V6),
                         _ => None,
                     });
+                let maxelem = rest
+                    .windows(2)
+                    .find(|w| w[0] == "maxelem")
+                    .and_then(|w| w[1].parse().ok());
                 sets.sets.insert(
                     name.to_string(),
                     KernelSet {
                         kind,
                         family,
+                        maxelem,
                         ..Default::default()
                     },
                 );
@@ -161,6 +168,122 @@ fn parse_member(kind: Option<SetKind>, entry: &str) -> Option<SetMember> {
                 port.parse().ok()?,
             ))
         }
+    }
+}
+
+/// Our part of the kernel: sets and both families' filter tables. Either read from the kernel or
+/// derived from what we last wrote (what the kernel holds if nobody else touched it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub sets: KernelSets,
+    pub tables: BTreeMap<Family, KernelTable>,
+}
+
+impl View {
+    /// The view the kernel shows once `desired` is written.
+    pub fn of_desired(desired: &[(Family, DesiredState)]) -> View {
+        let mut view = View::default();
+        for (family, state) in desired {
+            for (name, set) in &state.sets {
+                view.sets.sets.insert(
+                    name.clone(),
+                    KernelSet {
+                        kind: Some(set.kind),
+                        family: Some(set.family),
+                        maxelem: Some(SET_MAXELEM),
+                        members: set.members.clone(),
+                        unparsed_members: vec![],
+                    },
+                );
+            }
+            let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
+            let table = KernelTable {
+                chains: state.chains.keys().cloned().collect(),
+                jumps: state
+                    .hooks
+                    .iter()
+                    .map(|h| {
+                        let pos = positions.entry(h.builtin).or_insert(0);
+                        *pos += 1;
+                        Jump {
+                            builtin: h.builtin.to_string(),
+                            position: *pos,
+                            spec: hook_spec(h),
+                        }
+                    })
+                    .collect(),
+                rules: state
+                    .chains
+                    .iter()
+                    .map(|(c, rules)| {
+                        (
+                            c.clone(),
+                            rules.iter().map(|r| render_rule(*family, r)).collect(),
+                        )
+                    })
+                    .collect(),
+            };
+            view.tables.insert(*family, table);
+        }
+        view
+    }
+
+    /// Where `actual` (read from the kernel) differs from `self` (what we believe we wrote), one
+    /// line per difference, for logs and the repair count.
+    pub fn drift_from(&self, actual: &View) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, want) in &self.sets.sets {
+            match actual.sets.sets.get(name) {
+                None => out.push(format!("set {name} is missing")),
+                Some(got) => {
+                    if got.kind != want.kind
+                        || got.family != want.family
+                        || got.maxelem != want.maxelem
+                    {
+                        out.push(format!("set {name} has other type or parameters"));
+                    }
+                    let missing = want.members.difference(&got.members).count();
+                    let extra =
+                        got.members.difference(&want.members).count() + got.unparsed_members.len();
+                    if missing + extra > 0 {
+                        out.push(format!(
+                            "set {name}: {missing} members missing, {extra} extra"
+                        ));
+                    }
+                }
+            }
+        }
+        for name in actual
+            .sets
+            .sets
+            .keys()
+            .filter(|n| !self.sets.sets.contains_key(*n))
+        {
+            out.push(format!("set {name} is not ours any more but exists"));
+        }
+        let empty = KernelTable::default();
+        for (family, want) in &self.tables {
+            let got = actual.tables.get(family).unwrap_or(&empty);
+            for chain in &want.chains {
+                if !got.chains.contains(chain) {
+                    out.push(format!("{family} chain {chain} is missing"));
+                } else if got.rules.get(chain).map(Vec::as_slice).unwrap_or_default()
+                    != want.rules.get(chain).map(Vec::as_slice).unwrap_or_default()
+                {
+                    out.push(format!("{family} chain {chain} has other rules"));
+                }
+            }
+            for chain in got.chains.iter().filter(|c| !want.chains.contains(c)) {
+                out.push(format!("{family} chain {chain} exists but is not wanted"));
+            }
+            if got.jumps != want.jumps {
+                out.push(format!(
+                    "{family} jumps from built-in chains differ: {:?}",
+                    got.jumps
+                ));
+            }
+        }
+        out
     }
 }
 

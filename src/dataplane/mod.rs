@@ -306,44 +306,124 @@ fn ipset_restore(text: &str) -> Result<()> {
 }
 
 /// What one sync wrote.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
     pub ipset_lines: usize,
     pub iptables_lines: usize,
+    /// Differences between the kernel and what we had written, found by a full sync.
+    pub repairs: Vec<String>,
 }
 
-/// Brings the kernel to `desired` (one state per family) in `tables`' backend, and removes our
-/// rules from the other backend. Reads the kernel first, so it converges from whatever a previous
-/// run, or someone else, left behind.
-pub fn sync(tables: &Tables, desired: &[(Family, DesiredState)]) -> Result<SyncReport> {
-    let mut report = SyncReport::default();
-    let sets = ipset_save()?;
-    let update = render::render_ipset_update(desired.iter().map(|(_, s)| s), &sets)
-        .map_err(|e| anyhow!(e))?;
-    ipset_restore(&update)?;
-    report.ipset_lines += update.lines().count();
+impl SyncReport {
+    pub fn wrote_nothing(&self) -> bool {
+        self.ipset_lines == 0 && self.iptables_lines == 0
+    }
+}
 
-    for (family, state) in desired {
-        let table = kernel::parse_iptables_save(&tables.save(*family)?);
-        let text = render::render_iptables(*family, state, &table);
-        tables
-            .restore(*family, &text)
-            .with_context(|| format!("writing {family} rules"))?;
-        report.iptables_lines += text.lines().count();
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Diff against what we last wrote; touches the kernel only where the desired state changed.
+    Incremental,
+    /// Read the kernel back first and repair whatever differs (drift), then clean the other backend.
+    Full,
+}
+
+/// Writes desired state to one backend and remembers what it wrote, so the next sync can write
+/// only the difference.
+pub struct Dataplane {
+    pub tables: Tables,
+    /// What the kernel holds of ours after our last successful write. `None` after a failure or at
+    /// start: the next sync then reads the kernel.
+    applied: Option<kernel::View>,
+}
+
+impl Dataplane {
+    pub fn new(tables: Tables) -> Dataplane {
+        Dataplane {
+            tables,
+            applied: None,
+        }
     }
 
-    // Our rules belong in one backend only. Leftovers in the other (from a run with another
-    // --backend, or before the host switched) would judge packets twice and keep sets in use.
-    if let Some(other) = Tables::find(tables.backend.other())
-        && remove_rules(&other)?
-    {
-        tracing::info!(backend = %other.backend, "removed our leftover rules from the other iptables backend");
+    fn read_kernel(&self) -> Result<kernel::View> {
+        let mut view = kernel::View {
+            sets: ipset_save()?,
+            ..Default::default()
+        };
+        for family in Family::ALL {
+            view.tables.insert(
+                family,
+                kernel::parse_iptables_save(&self.tables.save(family)?),
+            );
+        }
+        Ok(view)
     }
 
-    let destroy = render::render_ipset_destroy(desired.iter().map(|(_, s)| s), &sets);
-    ipset_restore(&destroy).context("destroying sets no rule uses any more")?;
-    report.ipset_lines += destroy.lines().count();
-    Ok(report)
+    /// Brings the kernel to `desired` (one state per family). Sets are created and filled first,
+    /// then each family's rules are replaced in one atomic restore, then sets no rule uses any more
+    /// are destroyed. On failure the kernel keeps what it had (each restore is atomic per table)
+    /// and the next sync reads the kernel again.
+    pub fn sync(
+        &mut self,
+        desired: &[(Family, DesiredState)],
+        mode: SyncMode,
+    ) -> Result<SyncReport> {
+        let result = self.sync_inner(desired, mode);
+        self.applied = match &result {
+            Ok(_) => Some(kernel::View::of_desired(desired)),
+            Err(_) => None,
+        };
+        result
+    }
+
+    fn sync_inner(
+        &mut self,
+        desired: &[(Family, DesiredState)],
+        mode: SyncMode,
+    ) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        let full = mode == SyncMode::Full || self.applied.is_none();
+        let view = match (&self.applied, full) {
+            (Some(applied), false) => applied.clone(),
+            (believed, _) => {
+                let actual = self.read_kernel()?;
+                if let Some(believed) = believed {
+                    report.repairs = believed.drift_from(&actual);
+                }
+                actual
+            }
+        };
+
+        let update = render::render_ipset_update(desired.iter().map(|(_, s)| s), &view.sets)
+            .map_err(|e| anyhow!(e))?;
+        ipset_restore(&update)?;
+        report.ipset_lines += update.lines().count();
+
+        let empty = kernel::KernelTable::default();
+        for (family, state) in desired {
+            let table = view.tables.get(family).unwrap_or(&empty);
+            if let Some(text) = render::render_iptables(*family, state, table) {
+                self.tables
+                    .restore(*family, &text)
+                    .with_context(|| format!("writing {family} rules"))?;
+                report.iptables_lines += text.lines().count();
+            }
+        }
+
+        // Our rules belong in one backend only. Leftovers in the other (from a run with another
+        // --backend, or before the host switched) would judge packets twice and keep sets in use.
+        if full
+            && let Some(other) = Tables::find(self.tables.backend.other())
+            && remove_rules(&other)?
+        {
+            tracing::info!(backend = %other.backend, "removed our leftover rules from the other iptables backend");
+        }
+
+        let destroy = render::render_ipset_destroy(desired.iter().map(|(_, s)| s), &view.sets);
+        ipset_restore(&destroy).context("destroying sets no rule uses any more")?;
+        report.ipset_lines += destroy.lines().count();
+        Ok(report)
+    }
 }
 
 /// Removes our chains and jumps from one backend (both families). Sets are left alone: the other

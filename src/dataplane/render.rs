@@ -2,6 +2,7 @@
 //! `iptables-restore --noflush` text. Only our own chains, jumps and sets ever appear in it.
 
 use super::kernel::{KernelSets, KernelTable};
+use crate::names;
 use crate::state::{ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, Target};
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -35,10 +36,25 @@ pub fn render_ipset_update<'a>(
                 }
                 Some(existing) => {
                     if existing.kind != Some(set.kind) || existing.family != Some(set.family) {
+                        // Names encode type and family, so only something else can cause this, and
+                        // ipset cannot swap sets of different types.
                         return Err(format!(
                             "set {name} exists in the kernel as {:?} {:?}, not {header}; something else changed it (run `kube-netpol-iptables cleanup` and sync again)",
                             existing.kind, existing.family
                         ));
+                    }
+                    if existing.maxelem != Some(SET_MAXELEM) {
+                        // Same type, other parameters: fill a scratch set and swap it in, so no
+                        // packet ever meets a half-filled set.
+                        let tmp = names::temporary_set(name);
+                        writeln!(out, "create {tmp} {header}").unwrap();
+                        writeln!(out, "flush {tmp}").unwrap();
+                        for m in &set.members {
+                            writeln!(out, "add {tmp} {m}").unwrap();
+                        }
+                        writeln!(out, "swap {tmp} {name}").unwrap();
+                        writeln!(out, "destroy {tmp}").unwrap();
+                        continue;
                     }
                     for m in set.members.difference(&existing.members) {
                         writeln!(out, "add {name} {m}").unwrap();
@@ -71,31 +87,60 @@ pub fn render_ipset_destroy<'a>(
     out
 }
 
-/// `iptables-restore --noflush` text for the filter table of one family: every chain of ours is
-/// declared (which creates or flushes it) and refilled, stale chains of ours are flushed and
-/// deleted, and each hook is made the single first rule of its built-in chain. Built-in chains
-/// are never flushed; only rules jumping to our chains are touched in them.
-pub fn render_iptables(family: Family, desired: &DesiredState, kernel: &KernelTable) -> String {
-    let mut out = String::from("*filter\n");
+/// `iptables-restore --noflush` text for the filter table of one family, or `None` when the kernel
+/// already holds exactly `desired`. Only chains whose rules differ are declared (which creates or
+/// flushes them) and refilled; stale chains of ours are flushed and deleted; each hook is made the
+/// single first rule of its built-in chain. Built-in chains are never flushed; only rules jumping
+/// to our chains are touched in them.
+pub fn render_iptables(
+    family: Family,
+    desired: &DesiredState,
+    kernel: &KernelTable,
+) -> Option<String> {
+    let changed: Vec<(&String, Vec<String>)> = desired
+        .chains
+        .iter()
+        .map(|(chain, rules)| {
+            (
+                chain,
+                rules
+                    .iter()
+                    .map(|r| render_rule(family, r))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|(chain, rules)| {
+            !kernel.chains.contains(chain)
+                || kernel
+                    .rules
+                    .get(*chain)
+                    .map_or(!rules.is_empty(), |k| k != rules)
+        })
+        .collect();
     let stale: Vec<&String> = kernel
         .chains
         .iter()
         .filter(|c| !desired.chains.contains_key(*c))
         .collect();
-    for chain in desired.chains.keys().chain(stale.iter().copied()) {
+    let hooks = render_hooks(&desired.hooks, kernel);
+    if changed.is_empty() && stale.is_empty() && hooks.is_empty() {
+        return None;
+    }
+    let mut out = String::from("*filter\n");
+    for chain in changed.iter().map(|(c, _)| *c).chain(stale.iter().copied()) {
         writeln!(out, ":{chain} - [0:0]").unwrap();
     }
-    for (chain, rules) in &desired.chains {
+    for (chain, rules) in &changed {
         for rule in rules {
-            writeln!(out, "-A {chain} {}", render_rule(family, rule)).unwrap();
+            writeln!(out, "-A {chain} {rule}").unwrap();
         }
     }
-    out.push_str(&render_hooks(&desired.hooks, kernel));
+    out.push_str(&hooks);
     for chain in stale {
         writeln!(out, "-X {chain}").unwrap();
     }
     out.push_str("COMMIT\n");
-    out
+    Some(out)
 }
 
 /// Text removing every chain and jump of ours from one family's filter table.
@@ -117,7 +162,7 @@ pub fn render_iptables_removal(kernel: &KernelTable) -> Option<String> {
     Some(out)
 }
 
-fn hook_spec(hook: &Hook) -> String {
+pub fn hook_spec(hook: &Hook) -> String {
     format!("-m comment --comment {HOOK_COMMENT} -j {}", hook.target)
 }
 
@@ -232,7 +277,7 @@ pub fn render_fresh(states: &[(Family, DesiredState)]) -> String {
             Family::V6 => "ip6tables-restore",
         };
         writeln!(out, "# {tool} --noflush ({family})").unwrap();
-        out.push_str(&render_iptables(*family, state, &empty_table));
+        out.push_str(&render_iptables(*family, state, &empty_table).unwrap_or_default());
     }
     out
 }

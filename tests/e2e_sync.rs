@@ -1,0 +1,365 @@
+//! End-to-end: incremental writes, drift repair, and restarts that never flip a probe.
+//! Needs root; without it every test says SKIPPED loudly and passes.
+
+mod lab;
+
+use lab::{Lab, Proto, probe, skip_unless_root};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const ALLOW_X_FROM_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: 80}]}]";
+const FROM_DB: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-db, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: db}}}]}]";
+const FROM_Z: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-z, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: z}}}]}]";
+
+fn once(lab: &Lab, backend: &str) -> (usize, usize) {
+    let dir = lab.manifests_dir().to_str().unwrap().to_string();
+    let out = lab.agent(
+        0,
+        &[
+            "run",
+            "--manifests",
+            &dir,
+            "--node-name",
+            "node1",
+            "--once",
+            "--backend",
+            backend,
+        ],
+    );
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
+    let field = |name: &str| -> usize {
+        let at = log
+            .rfind(&format!("{name}="))
+            .unwrap_or_else(|| panic!("no {name} in {log}"));
+        log[at + name.len() + 1..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (field("ipset_lines"), field("iptables_lines"))
+}
+
+fn our_rules(lab: &Lab, backend: &str) -> String {
+    let mut out = String::new();
+    for tool in ["iptables", "ip6tables"] {
+        let save = lab.node_cmd(0, &[&format!("{tool}-{backend}-save"), "-t", "filter"]);
+        for line in save
+            .lines()
+            .filter(|l| l.contains("KNI-") && !l.starts_with('#'))
+        {
+            out.push_str(line.split(" [").next().unwrap());
+            out.push('\n');
+        }
+    }
+    out + &lab.node_cmd(0, &["ipset", "save"])
+}
+
+fn tcp(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
+    probe(
+        &lab.pod(from).netns,
+        lab.pod(to).ip(false),
+        Proto::Tcp,
+        port,
+    )
+}
+
+#[test]
+fn unchanged_input_writes_nothing_and_a_change_writes_only_what_it_touches() {
+    if skip_unless_root("unchanged_input_writes_nothing_and_a_change_writes_only_what_it_touches") {
+        return;
+    }
+    for backend in ["legacy", "nft"] {
+        let lab = Lab::new(1, |_, _| 0);
+        lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_DB, FROM_Z]);
+        let (sets, rules) = once(&lab, backend);
+        assert!(sets > 0 && rules > 0);
+        assert_eq!(
+            once(&lab, backend),
+            (0, 0),
+            "{backend}: an unchanged cluster writes nothing"
+        );
+
+        // One pod label: one member per family in one set, no rule.
+        lab.write_cluster_manifests_labelled(
+            &[ALLOW_X_FROM_Y, FROM_DB, FROM_Z],
+            &[("y/c", "role", "db")],
+        );
+        assert_eq!(
+            once(&lab, backend),
+            (2, 0),
+            "{backend}: a pod label writes only set members"
+        );
+        lab.forget_flows();
+        assert!(tcp(&lab, "y/c", "x/b", 81));
+
+        // One policy's port: only that policy's chain, per family.
+        let changed = ALLOW_X_FROM_Y.replace("port: 80", "port: 81");
+        lab.write_cluster_manifests_labelled(
+            &[&changed, FROM_DB, FROM_Z],
+            &[("y/c", "role", "db")],
+        );
+        let (sets, rules) = once(&lab, backend);
+        assert_eq!(sets, 0, "{backend}");
+        // Per family: *filter, one chain declaration, its one rule, COMMIT.
+        assert_eq!(
+            rules, 8,
+            "{backend}: a policy change rewrites only its own chain"
+        );
+        lab.forget_flows();
+        assert!(tcp(&lab, "y/a", "x/a", 81));
+        assert!(!tcp(&lab, "y/a", "x/a", 80));
+    }
+}
+
+fn spawn_agent(lab: &Lab, backend: &str, extra: &[&str], log: &str) -> Child {
+    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
+    let dir = lab.manifests_dir().to_str().unwrap().to_string();
+    let mut args = vec![
+        "netns",
+        "exec",
+        &lab.nodes[0].netns,
+        bin,
+        "run",
+        "--manifests",
+        &dir,
+        "--node-name",
+        "node1",
+        "--backend",
+        backend,
+    ];
+    args.extend_from_slice(extra);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab.manifests_dir().join(log))
+        .unwrap();
+    Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn drift_is_repaired_on_resync() {
+    if skip_unless_root("drift_is_repaired_on_resync") {
+        return;
+    }
+    let lab = Lab::new(1, |_, _| 0);
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_DB]);
+    let backend = "nft";
+    let mut agent = spawn_agent(&lab, backend, &["--resync-period", "2s"], "agent.log");
+    wait_until("first sync", Duration::from_secs(10), || {
+        our_rules(&lab, backend).contains("KNI-FORWARD")
+    });
+    let good = our_rules(&lab, backend);
+    let set = good
+        .lines()
+        .find_map(|l| l.strip_prefix("create KNI-4P-"))
+        .map(|rest| format!("KNI-4P-{}", rest.split_whitespace().next().unwrap()))
+        .expect("a peer set");
+    let policy_chain = good
+        .lines()
+        .find_map(|l| l.strip_prefix(":KNI-POLI-"))
+        .map(|rest| format!("KNI-POLI-{}", rest.split_whitespace().next().unwrap()))
+        .expect("a policy chain");
+    let ipt = format!("iptables-{backend}");
+    // Everything an admin or another agent might do to our state.
+    let tampering: Vec<Vec<&str>> = vec![
+        vec![&ipt, "-F", &policy_chain],
+        vec![
+            &ipt,
+            "-D",
+            "FORWARD",
+            "-m",
+            "comment",
+            "--comment",
+            "kube-netpol-iptables",
+            "-j",
+            "KNI-FORWARD",
+        ],
+        vec![&ipt, "-I", "INPUT", "1", "-j", "ACCEPT"],
+        vec![&ipt, "-A", "KNI-OUTPUT", "-j", "RETURN"],
+        vec!["ipset", "flush", &set],
+    ];
+    for cmd in &tampering {
+        lab.node_cmd(0, cmd);
+    }
+    lab.forget_flows();
+    assert!(
+        tcp(&lab, "z/a", "x/a", 80),
+        "without our FORWARD jump, isolation is gone"
+    );
+    wait_until("drift repaired", Duration::from_secs(5), || {
+        let now = our_rules(&lab, backend);
+        now == good
+    });
+    lab.forget_flows();
+    assert!(tcp(&lab, "y/a", "x/a", 80));
+    assert!(!tcp(&lab, "z/a", "x/a", 80), "isolation is back");
+    // The foreign ACCEPT someone put first in INPUT stays, after our jump.
+    let input: Vec<String> = lab
+        .node_cmd(0, &[&format!("{ipt}-save"), "-t", "filter"])
+        .lines()
+        .filter(|l| l.starts_with("-A INPUT"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        input[0].contains("KNI-INPUT") && input[1] == "-A INPUT -j ACCEPT",
+        "{input:?}"
+    );
+    let log = std::fs::read_to_string(lab.manifests_dir().join("agent.log")).unwrap();
+    assert!(log.contains("repaired drift"), "{log}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[test]
+fn restarts_and_kills_never_flip_a_probe() {
+    if skip_unless_root("restarts_and_kills_never_flip_a_probe") {
+        return;
+    }
+    let backend = "legacy";
+    let lab = Arc::new(Lab::new(1, |_, _| 0));
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_Z]);
+    let mut agent = spawn_agent(
+        &lab,
+        backend,
+        &["--resync-period", "200ms", "--sync-debounce", "10ms"],
+        "agent.log",
+    );
+    wait_until("first sync", Duration::from_secs(10), || {
+        our_rules(&lab, backend).contains("KNI-FORWARD")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Keep the agent busy: an unrelated policy comes and goes all the time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (lab, stop) = (lab.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut on = false;
+            while !stop.load(Ordering::Relaxed) {
+                on = !on;
+                let docs: Vec<&str> = if on {
+                    vec![ALLOW_X_FROM_Y, FROM_Z, FROM_DB]
+                } else {
+                    vec![ALLOW_X_FROM_Y, FROM_Z]
+                };
+                lab.write_cluster_manifests(&docs);
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        })
+    };
+    // Probes whose verdict no state of the churn changes. New TCP connections each time.
+    let prober = {
+        let (lab, stop) = (lab.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut flips = Vec::new();
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for (from, to, port, want) in [
+                    ("y/a", "x/a", 80, true),
+                    ("z/a", "x/a", 80, false),
+                    ("y/a", "x/a", 81, false),
+                    ("z/b", "x/c", 81, true),
+                    ("y/b", "x/c", 80, false),
+                ] {
+                    for v6 in [false, true] {
+                        let got = probe(&lab.pod(from).netns, lab.pod(to).ip(v6), Proto::Tcp, port);
+                        if got != want {
+                            flips.push(format!(
+                                "round {rounds}: {from} -> {to}:{port} v6={v6} was {got}"
+                            ));
+                        }
+                    }
+                }
+                rounds += 1;
+            }
+            (rounds, flips)
+        })
+    };
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(150 + 37 * i));
+        if i % 2 == 0 {
+            // SIGTERM
+            let _ = Command::new("kill").arg(agent.id().to_string()).status();
+        } else {
+            let _ = agent.kill(); // SIGKILL
+        }
+        let _ = agent.wait();
+        // The agent runs under `ip netns exec`, which execs it: the pid is the agent's.
+        agent = spawn_agent(
+            &lab,
+            backend,
+            &["--resync-period", "200ms", "--sync-debounce", "10ms"],
+            "agent.log",
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    let (rounds, flips) = prober.join().unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    eprintln!("{rounds} probe rounds during 10 restarts");
+    assert!(
+        rounds >= 20,
+        "too few probe rounds ({rounds}) to mean anything"
+    );
+    assert!(flips.is_empty(), "probes flipped:\n{}", flips.join("\n"));
+}
+
+#[test]
+fn a_set_with_other_parameters_is_replaced_by_swap() {
+    if skip_unless_root("a_set_with_other_parameters_is_replaced_by_swap") {
+        return;
+    }
+    let lab = Lab::new(1, |_, _| 0);
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+    let dir = lab.manifests_dir().to_str().unwrap().to_string();
+    let render = lab.agent(0, &["render", "--manifests", &dir, "--node-name", "node1"]);
+    let rendered = String::from_utf8_lossy(&render.stdout).to_string();
+    let set = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("create KNI-4P-"))
+        .map(|rest| format!("KNI-4P-{}", rest.split_whitespace().next().unwrap()))
+        .unwrap();
+    // A set of our name left with other parameters and wrong members (e.g. by an older version).
+    lab.node_cmd(
+        0,
+        &[
+            "ipset", "create", &set, "hash:net", "family", "inet", "maxelem", "16",
+        ],
+    );
+    lab.node_cmd(0, &["ipset", "add", &set, "10.244.1.9"]);
+    once(&lab, "nft");
+    let listed = lab.node_cmd(0, &["ipset", "list", &set]);
+    assert!(listed.contains("maxelem 1048576"), "{listed}");
+    assert!(!listed.contains("10.244.1.9"), "{listed}");
+    for p in ["y/a", "y/b", "y/c"] {
+        assert!(listed.contains(&lab.pod(p).v4.to_string()), "{listed}");
+    }
+    assert!(
+        !lab.node_cmd(0, &["ipset", "list", "-n"]).contains("-T"),
+        "the scratch set is gone"
+    );
+    lab.forget_flows();
+    assert!(tcp(&lab, "y/a", "x/a", 80));
+    assert!(!tcp(&lab, "z/a", "x/a", 80));
+}
