@@ -20,7 +20,7 @@ use crate::state::{
     DesiredState, Family, Hook, IpSet, Match, Rule, SetDirection, SetKind, SetMember, Target,
 };
 use ipnet::IpNet;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// ICMPv6 neighbour discovery (router solicitation/advertisement, neighbour
@@ -48,14 +48,16 @@ impl Direction {
 }
 
 pub fn compile(snapshot: &ClusterSnapshot, node: &str, family: Family) -> DesiredState {
+    let relevant_pods: Vec<&Pod> = snapshot.pods.iter().filter(|p| p.is_policy_relevant()).collect();
+    let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for pod in &relevant_pods {
+        pods_by_namespace.entry(pod.namespace.as_str()).or_default().push(pod);
+    }
     Compiler {
         snapshot,
         family,
-        relevant_pods: snapshot
-            .pods
-            .iter()
-            .filter(|p| p.is_policy_relevant())
-            .collect(),
+        relevant_pods,
+        pods_by_namespace,
         state: DesiredState::default(),
     }
     .run(node)
@@ -66,6 +68,7 @@ struct Compiler<'a> {
     family: Family,
     /// Pods that can be subjects or peers (not hostNetwork, not finished, with an address).
     relevant_pods: Vec<&'a Pod>,
+    pods_by_namespace: BTreeMap<&'a str, Vec<&'a Pod>>,
     state: DesiredState,
 }
 
@@ -324,32 +327,38 @@ impl<'a> Compiler<'a> {
         members
     }
 
-    /// Pods (any node) that the pod/namespace selectors of `peers` choose.
+    /// Pods (any node) that the pod/namespace selectors of `peers` choose. Namespace selectors are
+    /// judged once per namespace, then only that namespace's pods are looked at.
     fn peer_pods(&self, policy: &Policy, peers: &[Peer]) -> Vec<&'a Pod> {
-        self.relevant_pods
-            .iter()
-            .copied()
-            .filter(|pod| {
-                peers
-                    .iter()
-                    .any(|peer| self.peer_selects(policy, peer, pod))
-            })
-            .collect()
-    }
-
-    fn peer_selects(&self, policy: &Policy, peer: &Peer, pod: &Pod) -> bool {
-        let Peer::Pods { namespaces, pods } = peer else {
-            return false;
-        };
-        let namespace_ok = match namespaces {
-            None => pod.namespace == policy.namespace,
-            Some(selector) => self
-                .snapshot
-                .namespaces
-                .get(&pod.namespace)
-                .is_some_and(|ns| selector.matches(&ns.labels)),
-        };
-        namespace_ok && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+        let mut chosen: Vec<&'a Pod> = Vec::new();
+        for peer in peers {
+            let Peer::Pods { namespaces, pods } = peer else {
+                continue;
+            };
+            let namespace_names: Vec<&str> = match namespaces {
+                None => vec![policy.namespace.as_str()],
+                Some(selector) => self
+                    .snapshot
+                    .namespaces
+                    .values()
+                    .filter(|ns| selector.matches(&ns.labels))
+                    .map(|ns| ns.name.as_str())
+                    .collect(),
+            };
+            for name in namespace_names {
+                let in_namespace = self.pods_by_namespace.get(name).map(Vec::as_slice).unwrap_or_default();
+                chosen.extend(
+                    in_namespace
+                        .iter()
+                        .copied()
+                        .filter(|pod| pods.as_ref().is_none_or(|s| s.matches(&pod.labels))),
+                );
+            }
+        }
+        // A pod chosen by several peers counts once.
+        chosen.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        chosen.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+        chosen
     }
 
     /// Creates (or reuses) the set holding every address `peers` allows, and returns its name.

@@ -1,0 +1,378 @@
+//! Sync benchmark: programs a real network namespace with a synthetic cluster and reports, from
+//! one run, our full and incremental sync times, the ratio to the bare restore floor, the ratio to
+//! writing rule by rule, legacy vs nft, dataplane throughput with and without rules, and the
+//! agent's peak memory. Needs root. Run with hack/bench.sh (which installs iperf3), or:
+//!
+//!   cargo bench --bench sync -- [--namespaces N] [--pods N] [--local-pods N] [--policies N]
+//!                               [--rules-per-policy N] [--skip-iperf]
+
+mod synthetic;
+
+use kube_netpol_iptables::agent::desired_states;
+use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
+use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable};
+use kube_netpol_iptables::dataplane::{self, Backend, Dataplane, SyncMode, Tables};
+use kube_netpol_iptables::model::ClusterSnapshot;
+use kube_netpol_iptables::state::{DesiredState, Family};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use synthetic::{LOCAL_NODE, Params};
+
+type States = Vec<(Family, DesiredState)>;
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pipe(args: &[&str], input: &str) {
+    let mut child = Command::new(args[0]).args(&args[1..]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn parse_args() -> (Params, bool) {
+    let mut p = Params::default();
+    let mut skip_iperf = false;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = || args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{} needs a number", args[i]));
+        match args[i].as_str() {
+            "--namespaces" => p.namespaces = value(),
+            "--pods" => p.pods = value(),
+            "--local-pods" => p.local_pods = value(),
+            "--policies" => p.policies = value(),
+            "--rules-per-policy" => p.rules_per_policy = value(),
+            "--skip-iperf" => {
+                skip_iperf = true;
+                i += 1;
+                continue;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    assert!(p.local_pods >= 2 && p.local_pods <= p.pods, "need at least 2 local pods");
+    (p, skip_iperf)
+}
+
+/// The restore text a fresh node needs: (ipset, [(family, iptables)]).
+fn payload(states: &States) -> (String, Vec<(Family, String)>) {
+    let ipset = render_ipset_update(states.iter().map(|(_, s)| s), &KernelSets::default()).unwrap();
+    let tables = states
+        .iter()
+        .map(|(f, s)| (*f, render_iptables(*f, s, &KernelTable::default()).unwrap()))
+        .collect();
+    (ipset, tables)
+}
+
+fn restore_bin(backend: Backend, family: Family) -> String {
+    let prog = if family == Family::V4 { "iptables" } else { "ip6tables" };
+    format!("{prog}-{backend}-restore")
+}
+
+/// The kernel's floor: the same payload piped straight into the tools, nothing else.
+fn bare_restore(backend: Backend, states: &States) -> Duration {
+    let (ipset, tables) = payload(states);
+    let start = Instant::now();
+    pipe(&["ipset", "restore"], &ipset);
+    for (family, text) in &tables {
+        pipe(&[&restore_bin(backend, *family), "--noflush", "--wait", "10"], text);
+    }
+    start.elapsed()
+}
+
+fn clean() {
+    dataplane::cleanup().expect("cleanup");
+}
+
+/// Splits a restore line into arguments, keeping a quoted comment whole.
+fn split_args(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            _ => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Rule by rule, as per-rule crates and older agents write: one process per set entry and per
+/// rule. Measured on a sample at full table size (per-rule cost grows with the table on the legacy
+/// backend), then extrapolated to the whole payload.
+fn rule_by_rule(backend: Backend, states: &States) -> (Duration, usize, usize) {
+    let (ipset, tables) = payload(states);
+    let set_lines: Vec<&str> = ipset.lines().filter(|l| l.starts_with("add ")).collect();
+    let rule_lines: Vec<(Family, &str)> = tables
+        .iter()
+        .flat_map(|(f, t)| t.lines().filter(|l| l.starts_with("-A ")).map(move |l| (*f, l)))
+        .collect();
+    const SAMPLE: usize = 300;
+    // Sample set entries: a scratch set, one `ipset add` process each.
+    sh(&["ipset", "create", "KNI-BENCH-S", "hash:net", "family", "inet", "maxelem", "1048576"]);
+    let start = Instant::now();
+    for i in 0..SAMPLE {
+        sh(&["ipset", "add", "KNI-BENCH-S", &format!("10.200.{}.{}/32", i / 250, i % 250 + 1)]);
+    }
+    let per_entry = start.elapsed() / SAMPLE as u32;
+    sh(&["ipset", "destroy", "KNI-BENCH-S"]);
+    // Sample rules: appended one `iptables` process each to a scratch chain, with the full payload
+    // already in the table.
+    let ipt = format!("iptables-{backend}");
+    sh(&[&ipt, "-w", "-N", "KNI-BENCH-R"]);
+    let v4_rules: Vec<&str> = rule_lines.iter().filter(|(f, _)| *f == Family::V4).map(|(_, l)| *l).collect();
+    let start = Instant::now();
+    for line in v4_rules.iter().cycle().take(SAMPLE) {
+        let mut args = split_args(line);
+        args[1] = "KNI-BENCH-R".into();
+        let mut cmd = Command::new(&ipt);
+        cmd.arg("-w").args(&args);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let per_rule = start.elapsed() / SAMPLE as u32;
+    sh(&[&ipt, "-w", "-F", "KNI-BENCH-R"]);
+    sh(&[&ipt, "-w", "-X", "KNI-BENCH-R"]);
+    let total = per_entry * set_lines.len() as u32 + per_rule * rule_lines.len() as u32;
+    (total, set_lines.len(), rule_lines.len())
+}
+
+fn enter_new_netns(name: &str) {
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
+    sh(&["ip", "netns", "add", name]);
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    // Single-threaded at this point: every process we start from now on lives in the namespace.
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    sh(&["ip", "link", "set", "lo", "up"]);
+    sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+}
+
+struct Row(String, String);
+
+fn main() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the sync benchmark programs a network namespace: run it as root (sudo hack/bench.sh)");
+        std::process::exit(1);
+    }
+    let (params, skip_iperf) = parse_args();
+    let node_ns = format!("kni-bench-{}", std::process::id());
+    enter_new_netns(&node_ns);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut row = |k: &str, v: String| {
+        println!("{k:<58} {v}");
+        rows.push(Row(k.into(), v));
+    };
+    println!("kube-netpol-iptables sync benchmark: {params:?}");
+
+    let mut snapshot = synthetic::generate(&params);
+    // Compile: best of 3.
+    let mut compile_time = Duration::MAX;
+    let mut states = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        states = desired_states(&snapshot, LOCAL_NODE);
+        compile_time = compile_time.min(start.elapsed());
+    }
+    let chains: usize = states.iter().map(|(_, s)| s.chains.len()).sum();
+    let rules: usize = states.iter().map(|(_, s)| s.rule_count()).sum();
+    let sets: usize = states.iter().map(|(_, s)| s.sets.len()).sum();
+    let members: usize = states.iter().map(|(_, s)| s.member_count()).sum();
+    row("compile (both families)", ms(compile_time));
+    row("rendered size", format!("{chains} chains, {rules} rules, {sets} sets, {members} set members"));
+
+    let mut full = Vec::new();
+    for backend in [Backend::Legacy, Backend::Nft] {
+        clean();
+        let floor = bare_restore(backend, &states);
+        clean();
+        let tables = Tables::find(backend).expect("backend installed");
+        let mut dp = Dataplane::new(tables);
+        let start = Instant::now();
+        let fresh = desired_states(&snapshot, LOCAL_NODE);
+        dp.sync(&fresh, SyncMode::Full).expect("full sync");
+        let ours = start.elapsed();
+        row(&format!("[{backend}] full sync, compile + write (fresh node)"), ms(ours));
+        row(&format!("[{backend}] bare ipset + iptables-restore of same payload"), ms(floor));
+        row(&format!("[{backend}] ratio ours / bare floor"), format!("{:.2}x", ours.as_secs_f64() / floor.as_secs_f64()));
+        let start = Instant::now();
+        let report = dp.sync(&fresh, SyncMode::Full).unwrap();
+        row(&format!("[{backend}] full resync, nothing changed (reads kernel back)"), format!("{} ({} lines written)", ms(start.elapsed()), report.ipset_lines + report.iptables_lines));
+        full.push((backend, ours, dp));
+    }
+
+    // Incremental changes on the nft dataplane (the default on current distributions), each
+    // timed from the changed snapshot to the kernel updated: compile + diff + write.
+    let (_, nft_full, mut dp) = full.pop().unwrap();
+    let (_, legacy_full, _) = full.pop().unwrap();
+    let mut change = |what: &str, snapshot: &ClusterSnapshot| {
+        let start = Instant::now();
+        let s = desired_states(snapshot, LOCAL_NODE);
+        let report = dp.sync(&s, SyncMode::Incremental).expect("incremental sync");
+        row(&format!("incremental: {what}"), format!("{} ({} ipset + {} iptables lines)", ms(start.elapsed()), report.ipset_lines, report.iptables_lines));
+    };
+    let mut new_pod = snapshot.pods[params.local_pods].clone();
+    new_pod.name = "bench-new".into();
+    new_pod.node_name = Some(LOCAL_NODE.into());
+    let (v4, v6) = synthetic::pod_ips(params.pods + 1);
+    new_pod.ips = vec![v4, v6];
+    snapshot.pods.push(new_pod);
+    change("local pod added", &snapshot);
+    snapshot.pods.pop();
+    change("local pod deleted", &snapshot);
+    let remote = params.local_pods + 7;
+    snapshot.pods[remote].labels.insert("tier".into(), "db".into());
+    snapshot.pods[remote].labels.insert("version".into(), "v2".into());
+    change("remote pod label changed", &snapshot);
+    snapshot.namespaces.get_mut("ns-3").unwrap().labels.insert("env".into(), "prod".into());
+    change("namespace label changed", &snapshot);
+    let idx = snapshot.policies.iter().position(|p| p.namespace == snapshot.pods[0].namespace).expect("a local policy");
+    snapshot.policies[idx].ingress.truncate(1);
+    change("policy changed (a local pod's)", &snapshot);
+    let states = desired_states(&snapshot, LOCAL_NODE);
+
+    // Rule by rule, with the payload in place (nft backend).
+    let (per_rule_total, entries, rule_lines) = rule_by_rule(Backend::Nft, &states);
+    let start = Instant::now();
+    clean();
+    let mut fresh_dp = Dataplane::new(Tables::find(Backend::Nft).unwrap());
+    fresh_dp.sync(&states, SyncMode::Full).unwrap();
+    let ours = start.elapsed();
+    row(
+        "[nft] rule by rule (one process each; sampled, extrapolated)",
+        format!("{:.1} s for {entries} set entries + {rule_lines} rules", per_rule_total.as_secs_f64()),
+    );
+    row("[nft] ratio rule by rule / ours", format!("{:.0}x", per_rule_total.as_secs_f64() / ours.as_secs_f64()));
+    row(
+        "legacy vs nft full sync",
+        format!("{} vs {} (legacy at {:.2}x of nft)", ms(legacy_full), ms(nft_full), legacy_full.as_secs_f64() / nft_full.as_secs_f64()),
+    );
+
+    if !skip_iperf {
+        iperf(&node_ns, &snapshot, &mut row);
+    }
+    peak_memory(&snapshot, &mut row);
+    clean();
+    let _ = Command::new("ip").args(["netns", "del", &node_ns]).output();
+    println!("\n| measure | result |\n|---|---|");
+    for Row(k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+}
+
+/// TCP throughput between two local pods, with the large case programmed and with no rules.
+fn iperf(node_ns: &str, snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, String)) {
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        row("throughput", "skipped: iperf3 not installed (hack/bench.sh installs it)".into());
+        return;
+    }
+    // Pods 0 and 1 of the synthetic cluster are local and isolated; give their addresses to two
+    // real pod namespaces, and allow iperf between them with one more policy.
+    let pods: Vec<(String, String)> = (0..2)
+        .map(|j| (format!("{node_ns}-p{j}"), snapshot.pods[j].ips[0].to_string()))
+        .collect();
+    for (i, (ns, ip)) in pods.iter().enumerate() {
+        sh(&["ip", "netns", "add", ns]);
+        sh(&["ip", "link", "add", &format!("vb{i}"), "type", "veth", "peer", "name", "eth0", "netns", ns]);
+        for cmd in [
+            vec!["ip", "-n", ns, "link", "set", "lo", "up"],
+            vec!["ip", "-n", ns, "link", "set", "eth0", "up"],
+            vec!["ip", "-n", ns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
+            vec!["ip", "-n", ns, "route", "add", "169.254.1.1", "dev", "eth0"],
+            vec!["ip", "-n", ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"],
+        ] {
+            sh(&cmd);
+        }
+        let host = format!("vb{i}");
+        sh(&["ip", "link", "set", &host, "up"]);
+        sh(&["ip", "addr", "add", "169.254.1.1/32", "dev", &host]);
+        sh(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host]);
+    }
+    let mut with_iperf = snapshot.clone();
+    for j in 0..2 {
+        with_iperf.pods[j].labels.insert("bench".into(), "iperf".into());
+    }
+    let allow: kube_netpol_iptables::model::Policy = {
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: iperf, namespace: NS}\nspec:\n  podSelector: {matchLabels: {bench: iperf}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]";
+        let p: k8s_openapi::api::networking::v1::NetworkPolicy = serde_yaml_ng::from_str(yaml).unwrap();
+        kube_netpol_iptables::convert::policy(&p).unwrap()
+    };
+    for j in 0..2 {
+        let mut p = allow.clone();
+        p.namespace = with_iperf.pods[j].namespace.clone();
+        p.name = format!("iperf-{j}");
+        with_iperf.policies.push(p);
+    }
+    let server = Command::new("ip").args(["netns", "exec", &pods[1].0, "iperf3", "-s", "-1"]).stdout(Stdio::null()).spawn();
+    let run_client = || -> f64 {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = sh(&["ip", "netns", "exec", &pods[0].0, "iperf3", "-c", &pods[1].1, "-t", "3", "-J"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9
+    };
+    let mut dp = Dataplane::new(Tables::find(Backend::Nft).unwrap());
+    dp.sync(&desired_states(&with_iperf, LOCAL_NODE), SyncMode::Full).unwrap();
+    let with_rules = run_client();
+    let _ = server.map(|mut s| s.wait());
+    clean();
+    let server = Command::new("ip").args(["netns", "exec", &pods[1].0, "iperf3", "-s", "-1"]).stdout(Stdio::null()).spawn();
+    let without = run_client();
+    let _ = server.map(|mut s| s.wait());
+    row("[nft] TCP throughput pod to pod, large case programmed", format!("{with_rules:.2} Gbit/s"));
+    row("[nft] TCP throughput pod to pod, no rules", format!("{without:.2} Gbit/s"));
+    row("throughput with rules / without", format!("{:.1}%", 100.0 * with_rules / without));
+    for (ns, _) in &pods {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+}
+
+/// Peak resident memory of the real agent binary syncing the cluster from a manifests directory.
+fn peak_memory(snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, String)) {
+    clean();
+    let dir = std::env::temp_dir().join(format!("kni-bench-manifests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cluster.yaml"), synthetic::to_manifests(snapshot)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
+    let mut child = Command::new(bin)
+        .args(["run", "--manifests", dir.to_str().unwrap(), "--node-name", LOCAL_NODE, "--backend", "nft", "--resync-period", "1h"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the first sync (our chains exist), then read the agent's own high-water mark.
+    let start = Instant::now();
+    let started = Instant::now();
+    while !sh(&["iptables-nft-save", "-t", "filter"]).contains(":KNI-PODI-") {
+        assert!(start.elapsed() < Duration::from_secs(60), "the agent did not sync");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let to_first_sync = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ? kB").to_string();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let kb: f64 = hwm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    row("agent binary: manifests → first full sync", ms(to_first_sync));
+    row("agent binary: peak memory (VmHWM)", format!("{:.1} MiB", kb / 1024.0));
+}
