@@ -48,10 +48,17 @@ impl Direction {
 }
 
 pub fn compile(snapshot: &ClusterSnapshot, node: &str, family: Family) -> DesiredState {
-    let relevant_pods: Vec<&Pod> = snapshot.pods.iter().filter(|p| p.is_policy_relevant()).collect();
+    let relevant_pods: Vec<&Pod> = snapshot
+        .pods
+        .iter()
+        .filter(|p| p.is_policy_relevant())
+        .collect();
     let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
     for pod in &relevant_pods {
-        pods_by_namespace.entry(pod.namespace.as_str()).or_default().push(pod);
+        pods_by_namespace
+            .entry(pod.namespace.as_str())
+            .or_default()
+            .push(pod);
     }
     Compiler {
         snapshot,
@@ -346,7 +353,11 @@ impl<'a> Compiler<'a> {
                     .collect(),
             };
             for name in namespace_names {
-                let in_namespace = self.pods_by_namespace.get(name).map(Vec::as_slice).unwrap_or_default();
+                let in_namespace = self
+                    .pods_by_namespace
+                    .get(name)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
                 chosen.extend(
                     in_namespace
                         .iter()

@@ -2,8 +2,8 @@
 
 use kube_netpol_iptables::convert;
 use kube_netpol_iptables::model::{
-    ClusterSnapshot, ContainerPort, LabelSelector, Peer, Pod, PodPhase, Policy, PolicyRule, PortRef, PortSpec, Protocol,
-    Requirement,
+    ClusterSnapshot, ContainerPort, LabelSelector, Peer, Pod, PodPhase, Policy, PolicyRule,
+    PortRef, PortSpec, Protocol, Requirement,
 };
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -33,7 +33,10 @@ impl Default for Params {
 }
 
 fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 fn match_labels(pairs: &[(&str, String)]) -> LabelSelector {
@@ -46,8 +49,22 @@ fn match_labels(pairs: &[(&str, String)]) -> LabelSelector {
 pub fn pod_ips(j: usize) -> (IpAddr, IpAddr) {
     let n = j as u32 + 10;
     (
-        IpAddr::V4(Ipv4Addr::new(10, 100 + (n >> 16) as u8, (n >> 8) as u8, n as u8)),
-        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xb, 0, 0, 0, 0, (n >> 16) as u16, n as u16)),
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            100 + (n >> 16) as u8,
+            (n >> 8) as u8,
+            n as u8,
+        )),
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0xb,
+            0,
+            0,
+            0,
+            0,
+            (n >> 16) as u16,
+            n as u16,
+        )),
     )
 }
 
@@ -62,7 +79,13 @@ pub fn generate(p: &Params) -> ClusterSnapshot {
         let name = format!("ns-{i}");
         s.namespaces.insert(
             name.clone(),
-            convert::implicit_namespace(&name, labels(&[("team", format!("team-{}", i % 20)), ("env", ENVS[i % 3].into())])),
+            convert::implicit_namespace(
+                &name,
+                labels(&[
+                    ("team", format!("team-{}", i % 20)),
+                    ("env", ENVS[i % 3].into()),
+                ]),
+            ),
         );
     }
     for j in 0..p.pods {
@@ -70,15 +93,35 @@ pub fn generate(p: &Params) -> ClusterSnapshot {
         s.pods.push(Pod {
             namespace: format!("ns-{}", j % p.namespaces),
             name: format!("pod-{j}"),
-            labels: labels(&[("app", format!("app-{}", j % 50)), ("tier", TIERS[j % 3].into()), ("version", format!("v{}", j % 4))]),
-            node_name: Some(if j < p.local_pods { LOCAL_NODE.to_string() } else { format!("node-{}", j % 100) }),
+            labels: labels(&[
+                ("app", format!("app-{}", j % 50)),
+                ("tier", TIERS[j % 3].into()),
+                ("version", format!("v{}", j % 4)),
+            ]),
+            node_name: Some(if j < p.local_pods {
+                LOCAL_NODE.to_string()
+            } else {
+                format!("node-{}", j % 100)
+            }),
             ips: vec![v4, v6],
             host_network: false,
             phase: PodPhase::Running,
             ports: vec![
-                ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp },
-                ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
-                ContainerPort { name: Some("dns".into()), port: 53, protocol: Protocol::Udp },
+                ContainerPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                },
+                ContainerPort {
+                    name: Some("metrics".into()),
+                    port: 9090,
+                    protocol: Protocol::Tcp,
+                },
+                ContainerPort {
+                    name: Some("dns".into()),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                },
             ],
         });
     }
@@ -89,7 +132,10 @@ pub fn generate(p: &Params) -> ClusterSnapshot {
             1 => match_labels(&[("tier", TIERS[k % 3].into())]),
             2 => LabelSelector {
                 match_labels: BTreeMap::new(),
-                match_expressions: vec![Requirement::In("version".into(), vec!["v0".into(), "v1".into()])],
+                match_expressions: vec![Requirement::In(
+                    "version".into(),
+                    vec!["v0".into(), "v1".into()],
+                )],
             },
             _ => match_labels(&[("app", format!("app-{}", k % 50))]),
         };
@@ -109,12 +155,33 @@ pub fn generate(p: &Params) -> ClusterSnapshot {
 }
 
 fn rule(k: usize, r: usize) -> PolicyRule {
-    let tcp = |first, last| PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Range { first, last }) };
+    let tcp = |first, last| PortSpec {
+        protocol: Protocol::Tcp,
+        port: Some(PortRef::Range { first, last }),
+    };
     let (peers, ports) = match (k + r) % 6 {
-        0 => (vec![Peer::Pods { namespaces: None, pods: Some(match_labels(&[("tier", "web".into())])) }], vec![tcp(80, 80)]),
+        0 => (
+            vec![Peer::Pods {
+                namespaces: None,
+                pods: Some(match_labels(&[("tier", "web".into())])),
+            }],
+            vec![tcp(80, 80)],
+        ),
         1 => (
-            vec![Peer::Pods { namespaces: Some(match_labels(&[("team", format!("team-{}", k % 20))])), pods: None }],
-            vec![tcp(443, 443), PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Range { first: 53, last: 53 }) }],
+            vec![Peer::Pods {
+                namespaces: Some(match_labels(&[("team", format!("team-{}", k % 20))])),
+                pods: None,
+            }],
+            vec![
+                tcp(443, 443),
+                PortSpec {
+                    protocol: Protocol::Udp,
+                    port: Some(PortRef::Range {
+                        first: 53,
+                        last: 53,
+                    }),
+                },
+            ],
         ),
         2 => (
             vec![Peer::Pods {
@@ -131,15 +198,30 @@ fn rule(k: usize, r: usize) -> PolicyRule {
             vec![tcp(5432, 5432)],
         ),
         4 => (
-            vec![Peer::Pods { namespaces: Some(LabelSelector::default()), pods: Some(match_labels(&[("version", "v2".into())])) }],
-            vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Named("http".into())) }],
+            vec![Peer::Pods {
+                namespaces: Some(LabelSelector::default()),
+                pods: Some(match_labels(&[("version", "v2".into())])),
+            }],
+            vec![PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(PortRef::Named("http".into())),
+            }],
         ),
         _ => (
-            vec![Peer::Pods { namespaces: None, pods: Some(match_labels(&[("app", format!("app-{}", k % 50))])) }],
-            vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Named("metrics".into())) }],
+            vec![Peer::Pods {
+                namespaces: None,
+                pods: Some(match_labels(&[("app", format!("app-{}", k % 50))])),
+            }],
+            vec![PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(PortRef::Named("metrics".into())),
+            }],
         ),
     };
-    PolicyRule { peers: Some(peers), ports: Some(ports) }
+    PolicyRule {
+        peers: Some(peers),
+        ports: Some(ports),
+    }
 }
 
 /// The snapshot as manifests (for measuring the real binary).
@@ -154,23 +236,42 @@ pub fn to_manifests(s: &ClusterSnapshot) -> String {
             .match_expressions
             .iter()
             .map(|r| match r {
-                Requirement::In(k, v) => format!("{{key: {k}, operator: In, values: [{}]}}", v.join(", ")),
-                Requirement::NotIn(k, v) => format!("{{key: {k}, operator: NotIn, values: [{}]}}", v.join(", ")),
+                Requirement::In(k, v) => {
+                    format!("{{key: {k}, operator: In, values: [{}]}}", v.join(", "))
+                }
+                Requirement::NotIn(k, v) => {
+                    format!("{{key: {k}, operator: NotIn, values: [{}]}}", v.join(", "))
+                }
                 Requirement::Exists(k) => format!("{{key: {k}, operator: Exists}}"),
                 Requirement::DoesNotExist(k) => format!("{{key: {k}, operator: DoesNotExist}}"),
             })
             .collect();
-        format!("{{matchLabels: {}, matchExpressions: [{}]}}", map(&sel.match_labels), exprs.join(", "))
+        format!(
+            "{{matchLabels: {}, matchExpressions: [{}]}}",
+            map(&sel.match_labels),
+            exprs.join(", ")
+        )
     };
     for ns in s.namespaces.values() {
-        docs.push(format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {}}}", ns.name, map(&ns.labels)));
+        docs.push(format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}, labels: {}}}",
+            ns.name,
+            map(&ns.labels)
+        ));
     }
     for p in &s.pods {
         let ips: Vec<String> = p.ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
         let ports: Vec<String> = p
             .ports
             .iter()
-            .map(|c| format!("{{name: {}, containerPort: {}, protocol: {}}}", c.name.as_deref().unwrap_or(""), c.port, c.protocol.as_kernel_str().to_uppercase()))
+            .map(|c| {
+                format!(
+                    "{{name: {}, containerPort: {}, protocol: {}}}",
+                    c.name.as_deref().unwrap_or(""),
+                    c.port,
+                    c.protocol.as_kernel_str().to_uppercase()
+                )
+            })
             .collect();
         docs.push(format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{nodeName: {}, containers: [{{name: c, image: i, ports: [{}]}}]}}\nstatus: {{phase: Running, podIPs: [{}]}}",
@@ -204,7 +305,10 @@ pub fn to_manifests(s: &ClusterSnapshot) -> String {
                             }
                             Peer::IpBlock { cidr, except } => {
                                 let e: Vec<String> = except.iter().map(|n| n.to_string()).collect();
-                                format!("{{ipBlock: {{cidr: \"{cidr}\", except: [{}]}}}}", e.join(", "))
+                                format!(
+                                    "{{ipBlock: {{cidr: \"{cidr}\", except: [{}]}}}}",
+                                    e.join(", ")
+                                )
                             }
                         })
                         .collect();
@@ -216,12 +320,20 @@ pub fn to_manifests(s: &ClusterSnapshot) -> String {
                             let proto = p.protocol.as_kernel_str().to_uppercase();
                             match &p.port {
                                 None => format!("{{protocol: {proto}}}"),
-                                Some(PortRef::Named(n)) => format!("{{protocol: {proto}, port: {n}}}"),
-                                Some(PortRef::Range { first, last }) => format!("{{protocol: {proto}, port: {first}, endPort: {last}}}"),
+                                Some(PortRef::Named(n)) => {
+                                    format!("{{protocol: {proto}, port: {n}}}")
+                                }
+                                Some(PortRef::Range { first, last }) => {
+                                    format!("{{protocol: {proto}, port: {first}, endPort: {last}}}")
+                                }
                             }
                         })
                         .collect();
-                    format!("{{{field}: [{}], ports: [{}]}}", peers.join(", "), ports.join(", "))
+                    format!(
+                        "{{{field}: [{}], ports: [{}]}}",
+                        peers.join(", "),
+                        ports.join(", ")
+                    )
                 })
                 .collect();
             format!("[{}]", items.join(", "))
