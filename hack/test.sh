@@ -16,4 +16,7 @@ echo "== cargo test"
 if [ "$(id -u)" -ne 0 ]; then
   echo "*** not root: the end-to-end tests will be SKIPPED (run: sudo hack/test.sh) ***" >&2
 fi
-cargo test --all-targets "$@"
+echo "== benchmark smoke run (a small case of benches/sync.rs)"
+cargo test --benches "$@"
+echo "== unit, golden and end-to-end tests"
+cargo test --lib --bins --tests "$@"
