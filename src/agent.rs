@@ -1,13 +1,17 @@
-//! The sync loop for the manifests source: load → compile (both families) → write, then watch the
-//! directory and sync again when it changes.
+//! The sync loops: a snapshot (from a manifests directory or the Kubernetes API) is compiled for
+//! both families and written; changes are coalesced; a full sync reads the kernel back every
+//! resync period; failures keep the last good state in the kernel and are retried with backoff.
 
 use crate::compile::compile;
 use crate::dataplane::{Dataplane, SyncMode, SyncReport};
+use crate::kube_source::ClusterStore;
 use crate::manifests;
+use crate::metrics::Metrics;
 use crate::model::ClusterSnapshot;
 use crate::state::{DesiredState, Family};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 pub fn desired_states(snapshot: &ClusterSnapshot, node: &str) -> Vec<(Family, DesiredState)> {
@@ -17,23 +21,34 @@ pub fn desired_states(snapshot: &ClusterSnapshot, node: &str) -> Vec<(Family, De
         .collect()
 }
 
-/// Loads the directory, compiles and writes. Nothing is written if the directory does not load.
-pub fn sync_from_dir(
+/// Compiles a snapshot and writes it, logging the outcome and recording it in `metrics`.
+pub fn sync_snapshot(
     dataplane: &mut Dataplane,
-    dir: &Path,
+    snapshot: &ClusterSnapshot,
     node: &str,
     mode: SyncMode,
+    metrics: Option<&Metrics>,
 ) -> Result<SyncReport> {
-    let snapshot = manifests::load_dir(dir)?;
     let started = Instant::now();
-    let desired = desired_states(&snapshot, node);
+    let desired = desired_states(snapshot, node);
     let compiled = started.elapsed();
-    let report = dataplane.sync(&desired, mode)?;
+    let report = match dataplane.sync(&desired, mode) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(m) = metrics {
+                m.sync_failed(mode, true);
+            }
+            return Err(e);
+        }
+    };
     for repair in &report.repairs {
         tracing::warn!(
             repair = repair.as_str(),
             "repaired drift: the kernel differed from what we had written"
         );
+    }
+    if let Some(m) = metrics {
+        m.sync_succeeded(mode, started.elapsed(), &report, &desired);
     }
     tracing::info!(
         node,
@@ -50,6 +65,26 @@ pub fn sync_from_dir(
         "synced"
     );
     Ok(report)
+}
+
+/// Loads the directory, compiles and writes. Nothing is written if the directory does not load.
+pub fn sync_from_dir(
+    dataplane: &mut Dataplane,
+    dir: &Path,
+    node: &str,
+    mode: SyncMode,
+    metrics: Option<&Metrics>,
+) -> Result<SyncReport> {
+    let snapshot = match manifests::load_dir(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(m) = metrics {
+                m.sync_failed(mode, false);
+            }
+            return Err(e.into());
+        }
+    };
+    sync_snapshot(dataplane, &snapshot, node, mode, metrics)
 }
 
 /// Says loudly when bridged pod traffic would bypass iptables.
@@ -84,7 +119,7 @@ pub struct WatchOptions {
     /// How often the directory is checked for changes. Polling, not inotify: it also works on the
     /// network and 9p file systems WSL2 mounts, where inotify sees nothing.
     pub poll_interval: Duration,
-    /// A burst of changes becomes one sync once the directory has been quiet this long...
+    /// A burst of changes becomes one sync once the source has been quiet this long...
     pub debounce: Duration,
     /// ...but a sync is never put off longer than this after the first change.
     pub max_delay: Duration,
@@ -92,62 +127,153 @@ pub struct WatchOptions {
     pub resync_period: Duration,
 }
 
-/// Runs until killed. Starts with a full sync (adopting whatever a previous instance left), then
-/// syncs incrementally when the directory changes and fully every resync period. A broken
-/// directory or a failed write keeps the last good state in the kernel and is retried with backoff.
-pub fn watch(
+const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// When to sync: coalesces changes, schedules full resyncs and retries with backoff. Shared by
+/// both sources so they behave the same.
+struct Schedule {
+    /// (first change, latest change) while changes wait for the source to settle.
+    pending: Option<(Instant, Instant)>,
+    last_full: Option<Instant>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Schedule {
+    fn new() -> Schedule {
+        Schedule {
+            pending: None,
+            last_full: None,
+            retry_at: None,
+            backoff: INITIAL_BACKOFF,
+        }
+    }
+
+    fn changed(&mut self, now: Instant) {
+        self.pending = Some(self.pending.map_or((now, now), |(first, _)| (first, now)));
+    }
+
+    /// The sync to run now, if any.
+    fn due(&self, now: Instant, o: &WatchOptions) -> Option<SyncMode> {
+        let settled = self.pending.is_some_and(|(first, latest)| {
+            now - latest >= o.debounce || now - first >= o.max_delay
+        });
+        let full_due = self.last_full.is_none_or(|t| now - t >= o.resync_period);
+        let retry_due = self.retry_at.is_some_and(|t| now >= t);
+        if full_due || retry_due {
+            Some(SyncMode::Full)
+        } else if settled {
+            Some(SyncMode::Incremental)
+        } else {
+            None
+        }
+    }
+
+    fn done(&mut self, now: Instant, mode: SyncMode, result: &Result<SyncReport>) {
+        self.pending = None;
+        match result {
+            Ok(_) => {
+                self.retry_at = None;
+                self.backoff = INITIAL_BACKOFF;
+                if mode == SyncMode::Full {
+                    self.last_full = Some(now);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    "sync failed, the last good state stays in the kernel; retrying in {:?}: {e:#}",
+                    self.backoff
+                );
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                // A source that never loads still counts as a resync attempt.
+                self.last_full.get_or_insert(now);
+            }
+        }
+    }
+}
+
+/// Runs until killed, from a manifests directory. Starts with a full sync (adopting whatever a
+/// previous instance left), then syncs incrementally when the directory changes and fully every
+/// resync period.
+pub fn watch_dir(
     dataplane: &mut Dataplane,
     dir: &Path,
     node: &str,
     options: &WatchOptions,
+    metrics: Option<&Metrics>,
 ) -> Result<()> {
     let mut last_seen = fingerprint(dir);
-    let mut last_full: Option<Instant> = None;
-    // Set while a change waits for the directory to settle: (first change, latest change).
-    let mut pending: Option<(Instant, Instant)> = None;
-    let mut retry_at: Option<Instant> = None;
-    let mut backoff = INITIAL_BACKOFF;
+    let mut schedule = Schedule::new();
     loop {
+        if let Some(m) = metrics {
+            m.heartbeat();
+        }
         let now = Instant::now();
         let seen = fingerprint(dir);
         if seen != last_seen {
             last_seen = seen;
-            pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
+            schedule.changed(now);
         }
-        let settled = pending.is_some_and(|(first, latest)| {
-            now - latest >= options.debounce || now - first >= options.max_delay
-        });
-        let full_due = last_full.is_none_or(|t| now - t >= options.resync_period);
-        let retry_due = retry_at.is_some_and(|t| now >= t);
-        if settled || full_due || retry_due {
-            let mode = if full_due || retry_due {
-                SyncMode::Full
-            } else {
-                SyncMode::Incremental
-            };
-            pending = None;
-            match sync_from_dir(dataplane, dir, node, mode) {
-                Ok(_) => {
-                    retry_at = None;
-                    backoff = INITIAL_BACKOFF;
-                    if mode == SyncMode::Full {
-                        last_full = Some(now);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "sync failed, the last good state stays in the kernel; retrying in {backoff:?}: {e:#}"
-                    );
-                    retry_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    // A directory that never loads still counts as a resync attempt.
-                    last_full.get_or_insert(now);
-                }
-            }
+        if let Some(mode) = schedule.due(now, options) {
+            let result = sync_from_dir(dataplane, dir, node, mode, metrics);
+            schedule.done(now, mode, &result);
         }
         std::thread::sleep(options.poll_interval);
     }
 }
 
-const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Runs until killed, from the Kubernetes API. Nothing is written until every kind has listed
+/// once: the node is never programmed from a partial view.
+pub async fn watch_cluster(
+    mut dataplane: Dataplane,
+    store: Arc<ClusterStore>,
+    node: String,
+    options: WatchOptions,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
+    let mut schedule = Schedule::new();
+    let mut last_generation: Option<u64> = None;
+    let mut waiting_logged = false;
+    loop {
+        metrics.heartbeat();
+        for (kind, count) in store.invalid_counts() {
+            metrics.set_invalid_objects(kind, count);
+        }
+        let now = Instant::now();
+        match store.generation() {
+            None => {
+                if !waiting_logged {
+                    tracing::info!(
+                        "waiting for the first list of namespaces, pods and network policies"
+                    );
+                    waiting_logged = true;
+                }
+            }
+            Some(generation) => {
+                if last_generation.is_some_and(|g| g != generation) {
+                    schedule.changed(now);
+                }
+                last_generation = Some(generation);
+                if let Some(mode) = schedule.due(now, &options)
+                    && let Some((generation, snapshot)) = store.snapshot()
+                {
+                    last_generation = Some(generation);
+                    let node_name = node.clone();
+                    let m = metrics.clone();
+                    let (dp, result) = tokio::task::spawn_blocking(move || {
+                        let result =
+                            sync_snapshot(&mut dataplane, &snapshot, &node_name, mode, Some(&m));
+                        (dataplane, result)
+                    })
+                    .await?;
+                    dataplane = dp;
+                    schedule.done(now, mode, &result);
+                }
+            }
+        }
+        // Wake on a change, or at least every poll interval to look at the schedule.
+        let _ = tokio::time::timeout(options.poll_interval, store.changed()).await;
+    }
+}

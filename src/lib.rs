@@ -3,14 +3,18 @@
 //! - [`model`]: the cluster as the core sees it; [`convert`] builds it from Kubernetes objects.
 //! - [`compile`]: the pure core, snapshot → [`state::DesiredState`] for one node and family.
 //! - [`dataplane`]: renders, diffs and writes that state to the kernel.
-//! - [`manifests`]: the manifests-directory source; [`agent`]: the sync loop.
+//! - [`manifests`] and [`kube_source`]: the sources; [`agent`]: the sync loops; [`metrics`]:
+//!   Prometheus metrics and health endpoints; [`cli`]: the command line.
 
 pub mod agent;
 pub mod cidr;
+pub mod cli;
 pub mod compile;
 pub mod convert;
 pub mod dataplane;
+pub mod kube_source;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod state;

@@ -1,0 +1,264 @@
+//! The Kubernetes API source: one watcher per kind (Namespaces, Pods, NetworkPolicies) keeps a
+//! store of objects already converted to the core's model, so memory holds only the fields
+//! enforcement needs, not whole API objects.
+//!
+//! A (re-)list (start, 410 Gone, reconnect after an error) is buffered and swapped in whole when it
+//! completes (`Init` … `InitDone`), so the store never shows a half-listed kind; and no snapshot is
+//! handed out until every kind has listed once. During an API outage the watchers retry with
+//! backoff and the store keeps the last state, which stays enforced.
+
+use crate::convert::{self, InvalidField};
+use crate::model::{ClusterSnapshot, Namespace, Pod, Policy};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+#[derive(Default)]
+struct Store {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<String, Pod>,
+    policies: BTreeMap<String, Policy>,
+    /// Objects that failed conversion, by kind and key, with the reason.
+    invalid: BTreeMap<(&'static str, String), String>,
+    listed: [bool; 3],
+    generation: u64,
+}
+
+/// The store shared by the watchers and the sync loop.
+#[derive(Default)]
+pub struct ClusterStore {
+    inner: Mutex<Store>,
+    changed: Notify,
+}
+
+impl ClusterStore {
+    /// Waits until something changed since the last call (or a change was already pending).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Bumped on every change; `None` until every kind has listed once.
+    pub fn generation(&self) -> Option<u64> {
+        let s = self.inner.lock().unwrap();
+        s.listed.iter().all(|l| *l).then_some(s.generation)
+    }
+
+    /// The cluster as last seen, once every kind has listed; `None` before.
+    pub fn snapshot(&self) -> Option<(u64, ClusterSnapshot)> {
+        let s = self.inner.lock().unwrap();
+        if !s.listed.iter().all(|l| *l) {
+            return None;
+        }
+        let mut snapshot = ClusterSnapshot {
+            namespaces: s
+                .namespaces
+                .values()
+                .map(|n| (n.name.clone(), n.clone()))
+                .collect(),
+            pods: s.pods.values().cloned().collect(),
+            policies: s.policies.values().cloned().collect(),
+        };
+        snapshot
+            .pods
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Some((s.generation, snapshot))
+    }
+
+    /// Objects that could not be used, by kind.
+    pub fn invalid_counts(&self) -> BTreeMap<&'static str, usize> {
+        let s = self.inner.lock().unwrap();
+        let mut counts: BTreeMap<&'static str, usize> =
+            [("Namespace", 0), ("Pod", 0), ("NetworkPolicy", 0)].into();
+        for (kind, _) in s.invalid.keys() {
+            *counts.entry(kind).or_default() += 1;
+        }
+        counts
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Store)) {
+        let mut s = self.inner.lock().unwrap();
+        f(&mut s);
+        s.generation += 1;
+        drop(s);
+        // A permit is kept if nobody waits right now, so no change is ever missed.
+        self.changed.notify_one();
+    }
+}
+
+/// What the store needs to know about each watched kind.
+trait Kind:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    const NAME: &'static str;
+    const INDEX: usize;
+    type Model: Clone + Send;
+    fn convert(&self) -> Result<Self::Model, InvalidField>;
+    fn map(store: &mut Store) -> &mut BTreeMap<String, Self::Model>;
+}
+
+impl Kind for core::Namespace {
+    const NAME: &'static str = "Namespace";
+    const INDEX: usize = 0;
+    type Model = Namespace;
+    fn convert(&self) -> Result<Namespace, InvalidField> {
+        convert::namespace(self)
+    }
+    fn map(store: &mut Store) -> &mut BTreeMap<String, Namespace> {
+        &mut store.namespaces
+    }
+}
+
+impl Kind for core::Pod {
+    const NAME: &'static str = "Pod";
+    const INDEX: usize = 1;
+    type Model = Pod;
+    fn convert(&self) -> Result<Pod, InvalidField> {
+        convert::pod(self)
+    }
+    fn map(store: &mut Store) -> &mut BTreeMap<String, Pod> {
+        &mut store.pods
+    }
+}
+
+impl Kind for net::NetworkPolicy {
+    const NAME: &'static str = "NetworkPolicy";
+    const INDEX: usize = 2;
+    type Model = Policy;
+    fn convert(&self) -> Result<Policy, InvalidField> {
+        convert::policy(self)
+    }
+    fn map(store: &mut Store) -> &mut BTreeMap<String, Policy> {
+        &mut store.policies
+    }
+}
+
+fn key_of<K: Kind>(obj: &K) -> String {
+    match obj.namespace() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
+}
+
+/// Converts an object, recording or clearing its invalid state. An invalid object is left out;
+/// everything else keeps being enforced.
+fn convert_recorded<K: Kind>(store: &mut Store, obj: &K) -> Option<(String, K::Model)> {
+    let key = key_of(obj);
+    match obj.convert() {
+        Ok(model) => {
+            store.invalid.remove(&(K::NAME, key.clone()));
+            Some((key, model))
+        }
+        Err(e) => {
+            tracing::error!(
+                kind = K::NAME,
+                object = key,
+                "ignoring an invalid object: {e}"
+            );
+            store.invalid.insert((K::NAME, key), e.to_string());
+            None
+        }
+    }
+}
+
+async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>) {
+    // resourceVersion="0" lists come from the API server's watch cache: cheap at any size.
+    let config = watcher::Config::default().any_semantic();
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut relist: Option<BTreeMap<String, K::Model>> = None;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => {
+                relist = Some(BTreeMap::new());
+                // The relist re-reports every invalid object still there.
+                store
+                    .inner
+                    .lock()
+                    .unwrap()
+                    .invalid
+                    .retain(|(kind, _), _| *kind != K::NAME);
+            }
+            Ok(Event::InitApply(obj)) => {
+                let mut s = store.inner.lock().unwrap();
+                if let (Some(buffer), Some((key, model))) =
+                    (relist.as_mut(), convert_recorded(&mut s, &obj))
+                {
+                    buffer.insert(key, model);
+                }
+            }
+            Ok(Event::InitDone) => {
+                let listed = relist.take().unwrap_or_default();
+                tracing::info!(kind = K::NAME, objects = listed.len(), "listed");
+                store.update(|s| {
+                    *K::map(s) = listed;
+                    s.listed[K::INDEX] = true;
+                });
+            }
+            Ok(Event::Apply(obj)) => store.update(|s| {
+                let key = key_of(&obj);
+                match convert_recorded(s, &obj) {
+                    Some((key, model)) => {
+                        K::map(s).insert(key, model);
+                    }
+                    None => {
+                        K::map(s).remove(&key);
+                    }
+                }
+            }),
+            Ok(Event::Delete(obj)) => store.update(|s| {
+                let key = key_of(&obj);
+                K::map(s).remove(&key);
+                s.invalid.remove(&(K::NAME, key));
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    kind = K::NAME,
+                    "watch failed, retrying with backoff; the last state stays enforced: {e}"
+                )
+            }
+        }
+    }
+}
+
+/// Starts watching the cluster; the returned store fills as lists complete.
+pub fn start(client: Client) -> Arc<ClusterStore> {
+    let store = Arc::new(ClusterStore::default());
+    tokio::spawn(watch_kind(
+        Api::<core::Namespace>::all(client.clone()),
+        store.clone(),
+    ));
+    tokio::spawn(watch_kind(
+        Api::<core::Pod>::all(client.clone()),
+        store.clone(),
+    ));
+    tokio::spawn(watch_kind(
+        Api::<net::NetworkPolicy>::all(client),
+        store.clone(),
+    ));
+    store
+}
+
+/// A client from `--kubeconfig`, or in-cluster configuration (falling back to the usual
+/// kubeconfig discovery when not in a pod).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("invalid kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            anyhow::anyhow!("no in-cluster configuration and no kubeconfig found ({e}); pass --kubeconfig or --manifests")
+        })?,
+    };
+    Ok(Client::try_from(config)?)
+}
