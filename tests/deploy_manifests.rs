@@ -1,0 +1,368 @@
+//! Every deployment manifest parses into its k8s-openapi type, the agent's arguments parse with
+//! the real command line, RBAC grants exactly what the agent watches, and image tags match the
+//! crate version.
+
+use clap::Parser;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::Resource;
+use kube_netpol_iptables::cli::{Cli, Command};
+use kube_netpol_iptables::metrics::DEFAULT_BIND;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(yaml_files(&p));
+        } else if p.extension().is_some_and(|e| e == "yaml") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every document of every manifest, parsed strictly into its type.
+enum Doc {
+    Sa(ServiceAccount),
+    Role(ClusterRole),
+    Binding(ClusterRoleBinding),
+    Ds(DaemonSet),
+    Other(serde_json::Value),
+}
+
+fn docs(file: &Path) -> Vec<Doc> {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut out = Vec::new();
+    for d in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v =
+            serde_json::Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        if v.is_null() {
+            continue;
+        }
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        fn typed<T: serde::de::DeserializeOwned>(
+            v: serde_json::Value,
+            file: &Path,
+            kind: &str,
+        ) -> T {
+            serde_json::from_value(v).unwrap_or_else(|e| panic!("{} ({kind}): {e}", file.display()))
+        }
+        out.push(match kind.as_str() {
+            "ServiceAccount" => Doc::Sa(typed(v, file, &kind)),
+            "ClusterRole" => Doc::Role(typed(v, file, &kind)),
+            "ClusterRoleBinding" => Doc::Binding(typed(v, file, &kind)),
+            "DaemonSet" => Doc::Ds(typed(v, file, &kind)),
+            "Namespace" => {
+                let _: Namespace = typed(v, file, &kind);
+                continue;
+            }
+            "Pod" => {
+                let _: Pod = typed(v, file, &kind);
+                continue;
+            }
+            "NetworkPolicy" => {
+                let _: NetworkPolicy = typed(v, file, &kind);
+                continue;
+            }
+            "Kustomization" | "Cluster" | "List" => Doc::Other(v),
+            other => panic!("{}: unexpected kind {other:?}", file.display()),
+        });
+    }
+    out
+}
+
+fn all_docs() -> Vec<(PathBuf, Doc)> {
+    yaml_files(&root().join("manifests"))
+        .into_iter()
+        .flat_map(|f| docs(&f).into_iter().map(move |d| (f.clone(), d)))
+        .collect()
+}
+
+fn agent_containers() -> Vec<(PathBuf, Container)> {
+    all_docs()
+        .into_iter()
+        .filter_map(|(f, d)| match d {
+            Doc::Ds(ds) => Some((f, ds)),
+            _ => None,
+        })
+        .flat_map(|(f, ds)| {
+            ds.spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers
+                .into_iter()
+                .filter(|c| c.name == "kube-netpol-iptables")
+                .map(move |c| (f.clone(), c))
+        })
+        .collect()
+}
+
+#[test]
+fn every_manifest_parses_and_the_agent_is_deployed_twice() {
+    let containers = agent_containers();
+    let files: Vec<String> = containers
+        .iter()
+        .map(|(f, _)| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files,
+        ["daemonset.yaml", "sidecar.yaml"],
+        "standalone DaemonSet and Flannel sidecar"
+    );
+}
+
+#[test]
+fn container_args_parse_with_the_real_command_line() {
+    for (file, c) in agent_containers() {
+        let mut argv = vec!["kube-netpol-iptables".to_string()];
+        argv.extend(c.args.clone().unwrap_or_default());
+        let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let Command::Run {
+            manifests,
+            metrics_bind_address,
+            ..
+        } = cli.command
+        else {
+            panic!("{}: the container must run `run`", file.display());
+        };
+        assert!(
+            manifests.is_none(),
+            "in a cluster the agent watches the API"
+        );
+        let port: i32 = metrics_bind_address
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(metrics_bind_address, DEFAULT_BIND);
+        for probe in [
+            c.liveness_probe.as_ref().unwrap(),
+            c.readiness_probe.as_ref().unwrap(),
+        ] {
+            let get = probe.http_get.as_ref().unwrap();
+            assert_eq!(
+                get.port,
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+            );
+        }
+        assert_eq!(
+            c.liveness_probe.unwrap().http_get.unwrap().path.as_deref(),
+            Some("/healthz")
+        );
+        assert_eq!(
+            c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
+            Some("/readyz")
+        );
+        let env = c.env.unwrap();
+        let node = env
+            .iter()
+            .find(|e| e.name == "NODE_NAME")
+            .expect("NODE_NAME");
+        assert_eq!(
+            node.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "spec.nodeName"
+        );
+        let sc = c.security_context.unwrap();
+        assert_eq!(sc.privileged, Some(false));
+        let caps: BTreeSet<String> = sc.capabilities.unwrap().add.unwrap().into_iter().collect();
+        assert_eq!(
+            caps,
+            BTreeSet::from(["NET_ADMIN".to_string(), "NET_RAW".to_string()])
+        );
+        let mounts: Vec<(String, String, bool)> = c
+            .volume_mounts
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.name, m.mount_path, m.read_only.unwrap_or(false)))
+            .collect();
+        assert!(
+            mounts.contains(&("xtables-lock".into(), "/run/xtables.lock".into(), false)),
+            "{mounts:?}"
+        );
+        assert!(
+            mounts.contains(&("lib-modules".into(), "/lib/modules".into(), true)),
+            "{mounts:?}"
+        );
+        assert!(c.resources.unwrap().requests.is_some());
+    }
+}
+
+#[test]
+fn the_standalone_daemonset_runs_everywhere_with_node_critical_priority() {
+    for (file, d) in all_docs() {
+        if let Doc::Ds(ds) = d
+            && file.ends_with("manifests/daemonset.yaml")
+        {
+            let spec = ds.spec.unwrap().template.spec.unwrap();
+            assert_eq!(spec.host_network, Some(true));
+            assert_eq!(
+                spec.priority_class_name.as_deref(),
+                Some("system-node-critical")
+            );
+            let tolerations = spec.tolerations.unwrap();
+            assert!(
+                tolerations
+                    .iter()
+                    .any(|t| t.operator.as_deref() == Some("Exists")
+                        && t.key.is_none()
+                        && t.effect.is_none())
+            );
+            let volumes = spec.volumes.unwrap();
+            let xtables = volumes
+                .iter()
+                .find(|v| v.name == "xtables-lock")
+                .unwrap()
+                .host_path
+                .clone()
+                .unwrap();
+            assert_eq!(
+                (xtables.path.as_str(), xtables.type_.as_deref()),
+                ("/run/xtables.lock", Some("FileOrCreate"))
+            );
+            return;
+        }
+    }
+    panic!("manifests/daemonset.yaml has no DaemonSet");
+}
+
+/// (apiGroup, resource) of every kind the agent watches, from the same types its source uses.
+fn watched() -> BTreeSet<(String, String)> {
+    fn of<K: Resource<DynamicType = ()>>() -> (String, String) {
+        (K::group(&()).into_owned(), K::plural(&()).into_owned())
+    }
+    BTreeSet::from([of::<Pod>(), of::<Namespace>(), of::<NetworkPolicy>()])
+}
+
+#[test]
+fn cluster_roles_grant_exactly_list_and_watch_of_what_the_agent_watches() {
+    let mut roles = 0;
+    for (file, d) in all_docs() {
+        let Doc::Role(role) = d else { continue };
+        roles += 1;
+        let mut granted = BTreeSet::new();
+        for rule in role.rules.unwrap() {
+            let verbs: BTreeSet<String> = rule.verbs.into_iter().collect();
+            assert_eq!(
+                verbs,
+                BTreeSet::from(["list".to_string(), "watch".to_string()]),
+                "{}",
+                file.display()
+            );
+            assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+            for group in rule.api_groups.unwrap() {
+                for resource in rule.resources.clone().unwrap() {
+                    granted.insert((group.clone(), resource));
+                }
+            }
+        }
+        assert_eq!(granted, watched(), "{}", file.display());
+    }
+    assert_eq!(roles, 2, "standalone and Flannel");
+}
+
+#[test]
+fn bindings_name_the_service_accounts_that_run_the_agent() {
+    let mut subjects = BTreeSet::new();
+    let mut accounts = BTreeSet::new();
+    for (_, d) in all_docs() {
+        match d {
+            Doc::Binding(b) => {
+                assert_eq!(b.role_ref.name, "kube-netpol-iptables");
+                for s in b.subjects.unwrap() {
+                    subjects.insert((s.namespace.unwrap(), s.name));
+                }
+            }
+            Doc::Sa(sa) => {
+                accounts.insert((sa.metadata.namespace.unwrap(), sa.metadata.name.unwrap()));
+            }
+            _ => {}
+        }
+    }
+    assert!(subjects.is_superset(&accounts));
+    assert!(subjects.contains(&("kube-flannel".into(), "flannel".into())));
+}
+
+#[test]
+fn image_tags_match_the_crate_version() {
+    let version = env!("CARGO_PKG_VERSION");
+    let want = format!("kube-netpol-iptables:{version}");
+    for (file, c) in agent_containers() {
+        assert_eq!(
+            c.image.as_deref(),
+            Some(want.as_str()),
+            "{}",
+            file.display()
+        );
+    }
+    let containerfile = std::fs::read_to_string(root().join("Containerfile")).unwrap();
+    assert!(
+        containerfile.contains(&format!("-t {want}")),
+        "Containerfile's build command"
+    );
+    let deploy = std::fs::read_to_string(root().join("docs/deploy.md")).unwrap();
+    for line in deploy
+        .lines()
+        .filter(|l| l.contains("kube-netpol-iptables:"))
+    {
+        assert!(
+            line.contains(&want),
+            "docs/deploy.md names another tag: {line}"
+        );
+    }
+}
+
+#[test]
+fn kustomizations_reference_existing_files_and_kind_config_is_a_cluster() {
+    let mut kustomizations = 0;
+    let mut kind_clusters = 0;
+    for (file, d) in all_docs() {
+        let Doc::Other(v) = d else { continue };
+        let dir = file.parent().unwrap();
+        match v["kind"].as_str() {
+            Some("Kustomization") => {
+                kustomizations += 1;
+                let mut paths: Vec<String> = Vec::new();
+                for r in v["resources"].as_array().unwrap() {
+                    paths.push(r.as_str().unwrap().to_string());
+                }
+                for p in v["patches"].as_array().into_iter().flatten() {
+                    paths.push(p["path"].as_str().unwrap().to_string());
+                }
+                for p in paths.iter().filter(|p| !p.starts_with("https://")) {
+                    assert!(
+                        dir.join(p).is_file(),
+                        "{} references missing {p}",
+                        file.display()
+                    );
+                }
+            }
+            Some("Cluster") => {
+                kind_clusters += 1;
+                assert_eq!(v["apiVersion"], "kind.x-k8s.io/v1alpha4");
+                assert!(!v["nodes"].as_array().unwrap().is_empty());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((kustomizations, kind_clusters), (2, 1));
+}
