@@ -37,7 +37,7 @@ enum Doc {
     Sa(ServiceAccount),
     Role(ClusterRole),
     Binding(ClusterRoleBinding),
-    Ds(DaemonSet),
+    Ds(Box<DaemonSet>),
     Other(serde_json::Value),
 }
 
@@ -62,7 +62,7 @@ fn docs(file: &Path) -> Vec<Doc> {
             "ServiceAccount" => Doc::Sa(typed(v, file, &kind)),
             "ClusterRole" => Doc::Role(typed(v, file, &kind)),
             "ClusterRoleBinding" => Doc::Binding(typed(v, file, &kind)),
-            "DaemonSet" => Doc::Ds(typed(v, file, &kind)),
+            "DaemonSet" => Doc::Ds(Box::new(typed(v, file, &kind))),
             "Namespace" => {
                 let _: Namespace = typed(v, file, &kind);
                 continue;
