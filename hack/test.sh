@@ -17,6 +17,6 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "*** not root: the end-to-end tests will be SKIPPED (run: sudo hack/test.sh) ***" >&2
 fi
 echo "== benchmark smoke run (a small case of benches/sync.rs)"
-cargo test --benches "$@"
+cargo test --bench sync "$@"
 echo "== unit, golden and end-to-end tests"
 cargo test --lib --bins --tests "$@"
