@@ -12,6 +12,7 @@ use crate::state::{DesiredState, Family};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 pub fn desired_states(snapshot: &ClusterSnapshot, node: &str) -> Vec<(Family, DesiredState)> {
@@ -127,6 +128,20 @@ pub struct WatchOptions {
     pub resync_period: Duration,
 }
 
+/// Set on SIGTERM/SIGINT: the loops finish the sync in progress (a batch is never cut in half)
+/// and return.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+fn stopping() -> bool {
+    let stop = STOP.load(Ordering::Relaxed);
+    if stop {
+        tracing::info!(
+            "stopping; the programmed state stays in the kernel (use `cleanup` to remove it)"
+        );
+    }
+    stop
+}
+
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -207,6 +222,9 @@ pub fn watch_dir(
     let mut last_seen = fingerprint(dir);
     let mut schedule = Schedule::new();
     loop {
+        if stopping() {
+            return Ok(());
+        }
         if let Some(m) = metrics {
             m.heartbeat();
         }
@@ -237,6 +255,9 @@ pub async fn watch_cluster(
     let mut last_generation: Option<u64> = None;
     let mut waiting_logged = false;
     loop {
+        if stopping() {
+            return Ok(());
+        }
         metrics.heartbeat();
         for (kind, count) in store.invalid_counts() {
             metrics.set_invalid_objects(kind, count);

@@ -57,6 +57,10 @@ pub enum Command {
         /// How often to read the kernel back and repair anything that differs (drift).
         #[arg(long, env = "KNI_RESYNC_PERIOD", default_value = "5m", value_parser = parse_duration)]
         resync_period: Duration,
+        /// How long to wait for the xtables lock (held by kube-proxy, the CNI, …) before a write
+        /// fails and is retried.
+        #[arg(long, env = "KNI_XTABLES_WAIT", default_value = "10s", value_parser = parse_duration)]
+        xtables_wait: Duration,
     },
     /// Print the ipset and iptables-restore text `run` would write to a fresh node; touches nothing.
     Render {
@@ -109,6 +113,7 @@ pub fn run(cli: Cli) -> Result<()> {
             sync_debounce,
             sync_max_delay,
             resync_period,
+            xtables_wait,
         } => {
             let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
                 bail!(
@@ -121,8 +126,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     anyhow::anyhow!("--metrics-bind-address {addr:?} is not an address like 0.0.0.0:9847 (or \"off\")")
                 })?),
             };
-            let tables = dataplane::detect_backend(backend)?;
+            let mut tables = dataplane::detect_backend(backend)?;
+            tables.lock_wait = xtables_wait;
             tracing::info!(backend = %tables.backend, node = node_name, "starting");
+            dataplane::probe_kernel(&tables)?;
             agent::check_bridge_netfilter();
             let mut dataplane = Dataplane::new(tables);
             let options = agent::WatchOptions {
@@ -138,6 +145,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
+                tokio::spawn(async {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let (Ok(mut term), Ok(mut int)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    tracing::info!("signal received: finishing the sync in progress");
+                    agent::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
                 if let (Some(bind), false) = (bind, once) {
                     let m = metrics.clone();
                     tokio::spawn(async move {

@@ -31,26 +31,112 @@ fn invalid(path: impl Into<String>, message: impl Into<String>) -> InvalidField 
     }
 }
 
-fn required_name(meta: &meta::ObjectMeta) -> Result<String, InvalidField> {
-    match meta.name.as_deref() {
-        Some(n) if !n.is_empty() => Ok(n.to_string()),
-        _ => Err(invalid("metadata.name", "is required")),
+/// A DNS-1123 label: 1-63 lower-case alphanumerics or '-', alphanumeric at both ends.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain: at most 253 characters of dot-separated DNS labels.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// The name part of a label key, or a label value: at most 63 alphanumerics, '-', '_' or '.',
+/// alphanumeric at both ends.
+fn is_label_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+}
+
+fn validate_label_key(key: &str, path: &str) -> Result<(), InvalidField> {
+    let ok = match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_word(name),
+        None => is_label_word(key),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            format!(
+                "{key:?} is not a valid label key (optional DNS prefix and '/', then 1-63 of [A-Za-z0-9-_.], alphanumeric at both ends)"
+            ),
+        ))
     }
 }
 
-fn namespace_of(meta: &meta::ObjectMeta) -> String {
-    meta.namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "default".to_string())
+fn validate_label_value(value: &str, path: &str) -> Result<(), InvalidField> {
+    if value.is_empty() || is_label_word(value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            format!(
+                "{value:?} is not a valid label value (at most 63 of [A-Za-z0-9-_.], alphanumeric at both ends)"
+            ),
+        ))
+    }
+}
+
+fn validate_labels(labels: &Labels, path: &str) -> Result<(), InvalidField> {
+    for (k, v) in labels {
+        validate_label_key(k, &format!("{path}[{k:?}]"))?;
+        validate_label_value(v, &format!("{path}[{k:?}]"))?;
+    }
+    Ok(())
+}
+
+fn labels_of(meta: &meta::ObjectMeta) -> Result<Labels, InvalidField> {
+    let labels = meta.labels.clone().unwrap_or_default();
+    validate_labels(&labels, "metadata.labels")?;
+    Ok(labels)
+}
+
+/// `metadata.name`, which must be a DNS-1123 subdomain (or label, for namespaces).
+fn required_name(meta: &meta::ObjectMeta, label_only: bool) -> Result<String, InvalidField> {
+    let name = match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => n,
+        _ => return Err(invalid("metadata.name", "is required")),
+    };
+    let ok = if label_only {
+        is_dns_label(name)
+    } else {
+        is_dns_subdomain(name)
+    };
+    if !ok {
+        let rule = if label_only {
+            "a DNS-1123 label: 1-63 of [a-z0-9-], alphanumeric at both ends"
+        } else {
+            "a DNS-1123 subdomain: at most 253 characters of dot-separated DNS labels"
+        };
+        return Err(invalid("metadata.name", format!("{name:?} is not {rule}")));
+    }
+    Ok(name.to_string())
+}
+
+fn namespace_of(meta: &meta::ObjectMeta) -> Result<String, InvalidField> {
+    match meta.namespace.as_deref() {
+        None | Some("") => Ok("default".to_string()),
+        Some(ns) if is_dns_label(ns) => Ok(ns.to_string()),
+        Some(ns) => Err(invalid(
+            "metadata.namespace",
+            format!("{ns:?} is not a valid namespace name"),
+        )),
+    }
 }
 
 pub fn namespace(ns: &core::Namespace) -> Result<Namespace, InvalidField> {
-    let name = required_name(&ns.metadata)?;
-    Ok(implicit_namespace(
-        &name,
-        ns.metadata.labels.clone().unwrap_or_default(),
-    ))
+    let name = required_name(&ns.metadata, true)?;
+    Ok(implicit_namespace(&name, labels_of(&ns.metadata)?))
 }
 
 /// A namespace with the name label the API server adds.
@@ -63,7 +149,7 @@ pub fn implicit_namespace(name: &str, mut labels: Labels) -> Namespace {
 }
 
 pub fn pod(pod: &core::Pod) -> Result<Pod, InvalidField> {
-    let name = required_name(&pod.metadata)?;
+    let name = required_name(&pod.metadata, false)?;
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let mut ips = Vec::new();
@@ -102,9 +188,9 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, InvalidField> {
         }
     }
     Ok(Pod {
-        namespace: namespace_of(&pod.metadata),
+        namespace: namespace_of(&pod.metadata)?,
         name,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: labels_of(&pod.metadata)?,
         node_name: spec
             .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty()),
@@ -119,7 +205,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, InvalidField> {
 }
 
 pub fn policy(policy: &net::NetworkPolicy) -> Result<Policy, InvalidField> {
-    let name = required_name(&policy.metadata)?;
+    let name = required_name(&policy.metadata, false)?;
     let spec = policy
         .spec
         .as_ref()
@@ -161,7 +247,7 @@ pub fn policy(policy: &net::NetworkPolicy) -> Result<Policy, InvalidField> {
     }
 
     Ok(Policy {
-        namespace: namespace_of(&policy.metadata),
+        namespace: namespace_of(&policy.metadata)?,
         name,
         pod_selector: selector(spec.pod_selector.as_ref(), "spec.podSelector")?,
         isolates_ingress,
@@ -341,8 +427,9 @@ fn selector(s: Option<&meta::LabelSelector>, path: &str) -> Result<LabelSelector
         let p = format!("{path}.matchExpressions[{i}]");
         let values = e.values.clone().unwrap_or_default();
         let key = e.key.clone();
-        if key.is_empty() {
-            return Err(invalid(format!("{p}.key"), "is required"));
+        validate_label_key(&key, &format!("{p}.key"))?;
+        for (vi, v) in values.iter().enumerate() {
+            validate_label_value(v, &format!("{p}.values[{vi}]"))?;
         }
         let req = match e.operator.as_str() {
             "In" | "NotIn" if values.is_empty() => {
@@ -372,8 +459,10 @@ fn selector(s: Option<&meta::LabelSelector>, path: &str) -> Result<LabelSelector
         };
         match_expressions.push(req);
     }
+    let match_labels = s.match_labels.clone().unwrap_or_default();
+    validate_labels(&match_labels, &format!("{path}.matchLabels"))?;
     Ok(LabelSelector {
-        match_labels: s.match_labels.clone().unwrap_or_default(),
+        match_labels,
         match_expressions,
     })
 }
@@ -571,6 +660,84 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("status.podIPs[0]")
+        );
+    }
+
+    #[test]
+    fn names_and_labels_are_validated_like_the_api_server() {
+        let ns = |y: &str| namespace(&serde_yaml_ng::from_str::<core::Namespace>(y).unwrap());
+        assert!(ns(&format!("metadata: {{name: {}}}", "n".repeat(63))).is_ok());
+        assert!(
+            ns(&format!("metadata: {{name: {}}}", "n".repeat(64)))
+                .unwrap_err()
+                .to_string()
+                .contains("DNS-1123 label")
+        );
+        assert!(ns("metadata: {name: Upper}").is_err());
+        for (bad, field) in [
+            ("{'a b': x}", "metadata.labels"),
+            ("{a: 'x y'}", "metadata.labels"),
+            ("{a: 'x\\ny'}", "metadata.labels"),
+            ("{a: '$(reboot)'}", "metadata.labels"),
+            ("{a: 'café'}", "metadata.labels"),
+            ("{a: '\"q\"'}", "metadata.labels"),
+        ] {
+            let err = ns(&format!("metadata: {{name: x, labels: {bad}}}")).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{bad}: {err}");
+        }
+        assert!(
+            ns(&format!(
+                "metadata: {{name: x, labels: {{example.com/{}: {}}}}}",
+                "k".repeat(63),
+                "v".repeat(63)
+            ))
+            .is_ok()
+        );
+        assert!(
+            ns(&format!(
+                "metadata: {{name: x, labels: {{a: {}}}}}",
+                "v".repeat(64)
+            ))
+            .is_err()
+        );
+        let long = format!(
+            "{}.{}.{}.{}",
+            "p".repeat(63),
+            "q".repeat(63),
+            "r".repeat(63),
+            "s".repeat(61)
+        );
+        assert_eq!(long.len(), 253);
+        let p: net::NetworkPolicy = serde_yaml_ng::from_str(&format!(
+            "metadata: {{name: {long}, namespace: x}}\nspec: {{podSelector: {{}}}}"
+        ))
+        .unwrap();
+        assert!(policy(&p).is_ok());
+        let p: net::NetworkPolicy = serde_yaml_ng::from_str(&format!(
+            "metadata: {{name: {long}x, namespace: x}}\nspec: {{podSelector: {{}}}}"
+        ))
+        .unwrap();
+        assert!(
+            policy(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("DNS-1123 subdomain")
+        );
+        let p = policy_from(&format!(
+            "{HEAD}spec: {{podSelector: {{matchLabels: {{app: 'a;b'}}}}}}"
+        ));
+        assert!(
+            p.unwrap_err()
+                .to_string()
+                .starts_with("spec.podSelector.matchLabels")
+        );
+        let p = policy_from(&format!(
+            "{HEAD}spec: {{podSelector: {{matchExpressions: [{{key: app, operator: In, values: ['x y']}}]}}}}"
+        ));
+        assert!(
+            p.unwrap_err()
+                .to_string()
+                .contains("matchExpressions[0].values[0]")
         );
     }
 

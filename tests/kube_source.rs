@@ -115,14 +115,21 @@ async fn a_410_gone_relists_and_sees_what_changed_meanwhile() {
     let store = kube_source::start(api.client());
     until(&store, "initial list", |s| s.pods.len() == 1).await;
     let lists_before = api.shared.lists_served.load(Ordering::Relaxed);
-    // While the watches are down: x/a goes, x/c arrives, and history is compacted, so the
-    // deletion can only be learnt from a fresh list.
-    api.drop_watches();
+    // While the watches deliver nothing: x/a goes, x/c arrives, and history is compacted, so
+    // after the connections drop the changes can only be learnt from a fresh list.
+    api.pause_watches();
     api.delete(Kind::Pod, "x/a");
     api.apply(Kind::Pod, "metadata: {name: c, namespace: x}\nspec: {nodeName: n1, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.3}");
     api.compact();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pod_keys(&store.snapshot().unwrap().1),
+        ["x/a"],
+        "nothing delivered while paused"
+    );
     api.drop_watches();
     until(&store, "relisted after 410", |s| pod_keys(s) == ["x/c"]).await;
+    api.resume_watches();
     assert!(
         api.shared.gone_sent.load(Ordering::Relaxed) > 0,
         "the client met a 410"

@@ -10,6 +10,7 @@ pub mod render;
 
 use crate::state::{DesiredState, Family};
 use anyhow::{Context, Result, anyhow, bail};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,8 +53,9 @@ impl std::fmt::Display for Backend {
     }
 }
 
-/// How long we wait for the xtables lock that other iptables users (kube-proxy, the CNI) take.
-const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// How long we wait by default for the xtables lock that other iptables users (kube-proxy, the
+/// CNI) take.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
 const XTABLES_LOCK: &str = "/run/xtables.lock";
 
 /// The iptables-save/-restore binaries of one backend.
@@ -65,6 +67,8 @@ pub struct Tables {
     /// Whether iptables-restore takes the xtables lock itself (`--wait`); very old releases
     /// (CentOS 7's 1.4.21) cannot, and then we hold the lock around it.
     restore_waits: bool,
+    /// How long to wait for the xtables lock before giving up on a write.
+    pub lock_wait: Duration,
 }
 
 fn family_index(family: Family) -> usize {
@@ -111,6 +115,7 @@ impl Tables {
             save,
             restore,
             restore_waits,
+            lock_wait: DEFAULT_LOCK_WAIT,
         })
     }
 
@@ -121,10 +126,10 @@ impl Tables {
     pub fn restore(&self, family: Family, text: &str) -> Result<()> {
         let bin = &self.restore[family_index(family)];
         if self.restore_waits {
-            let wait = LOCK_WAIT.as_secs().to_string();
+            let wait = self.lock_wait.as_secs().max(1).to_string();
             run_tool(bin, &["--noflush", "--wait", &wait], Some(text)).map(drop)
         } else {
-            let _lock = XtablesLock::acquire(Path::new(XTABLES_LOCK), LOCK_WAIT)?;
+            let _lock = XtablesLock::acquire(Path::new(XTABLES_LOCK), self.lock_wait)?;
             run_tool(bin, &["--noflush"], Some(text)).map(drop)
         }
     }
@@ -335,6 +340,8 @@ pub struct Dataplane {
     /// What the kernel holds of ours after our last successful write. `None` after a failure or at
     /// start: the next sync then reads the kernel.
     applied: Option<kernel::View>,
+    /// Sets we no longer use that could not be destroyed yet (still referenced by someone else).
+    undestroyed: BTreeSet<String>,
 }
 
 impl Dataplane {
@@ -342,6 +349,7 @@ impl Dataplane {
         Dataplane {
             tables,
             applied: None,
+            undestroyed: BTreeSet::new(),
         }
     }
 
@@ -388,7 +396,12 @@ impl Dataplane {
             (believed, _) => {
                 let actual = self.read_kernel()?;
                 if let Some(believed) = believed {
-                    report.repairs = believed.drift_from(&actual);
+                    // Sets we could not destroy yet are known leftovers, not drift.
+                    report.repairs = believed
+                        .drift_from(&actual)
+                        .into_iter()
+                        .filter(|d| !self.undestroyed.iter().any(|n| d.contains(n.as_str())))
+                        .collect();
                 }
                 actual
             }
@@ -419,10 +432,217 @@ impl Dataplane {
             tracing::info!(backend = %other.backend, "removed our leftover rules from the other iptables backend");
         }
 
-        let destroy = render::render_ipset_destroy(desired.iter().map(|(_, s)| s), &view.sets);
-        ipset_restore(&destroy).context("destroying sets no rule uses any more")?;
-        report.ipset_lines += destroy.lines().count();
+        // Sets no rule of ours uses any more, plus those an earlier sync could not destroy.
+        let wanted: BTreeSet<&String> = desired.iter().flat_map(|(_, s)| s.sets.keys()).collect();
+        let mut stale: BTreeSet<String> = view
+            .sets
+            .sets
+            .keys()
+            .filter(|n| !wanted.contains(n))
+            .cloned()
+            .collect();
+        stale.extend(
+            self.undestroyed
+                .iter()
+                .filter(|n| !wanted.contains(n))
+                .cloned(),
+        );
+        report.ipset_lines += stale.len();
+        self.undestroyed = destroy_sets(&stale);
         Ok(report)
+    }
+}
+
+/// Destroys `names` and returns those that could not be: something else (another firewall's rule)
+/// still uses them. That is not an error for the sync: our rules no longer point at them, and
+/// later syncs try again.
+fn destroy_sets(names: &BTreeSet<String>) -> BTreeSet<String> {
+    if names.is_empty() {
+        return BTreeSet::new();
+    }
+    let batch: String = names.iter().map(|n| format!("destroy {n}\n")).collect();
+    if ipset_restore(&batch).is_ok() {
+        return BTreeSet::new();
+    }
+    // One at a time, to destroy all that can be and learn which cannot.
+    let mut left = BTreeSet::new();
+    for name in names {
+        if let Err(e) = ipset_restore(&format!("destroy {name}\n")) {
+            let gone = ipset_save()
+                .map(|s| !s.sets.contains_key(name))
+                .unwrap_or(false);
+            if !gone {
+                tracing::warn!(
+                    set = name.as_str(),
+                    "cannot destroy a set we no longer use (will retry on the next sync): {e:#}"
+                );
+                left.insert(name.clone());
+            }
+        }
+    }
+    left
+}
+
+/// A kernel feature the agent relies on, how to test for it, and the module that provides it.
+struct Feature {
+    what: &'static str,
+    module: &'static str,
+    /// Rule (without `-A CHAIN`) for the probe chain; `None` for set types.
+    rule: Option<&'static str>,
+    /// Set type to create; `None` for matches and targets.
+    set: Option<(&'static str, &'static str)>,
+}
+
+const PROBE_SET_V4: &str = "KNI-PROBE-NET4";
+const PROBE_SET_V6: &str = "KNI-PROBE-NET6";
+const PROBE_CHAIN: &str = "KNI-PROBE";
+
+const FEATURES: &[Feature] = &[
+    Feature {
+        what: "ipset type hash:net (IPv4)",
+        module: "ip_set_hash_net",
+        rule: None,
+        set: Some(("hash:net", "inet")),
+    },
+    Feature {
+        what: "ipset type hash:net (IPv6)",
+        module: "ip_set_hash_net",
+        rule: None,
+        set: Some(("hash:net", "inet6")),
+    },
+    Feature {
+        what: "ipset type hash:ip,port",
+        module: "ip_set_hash_ipport",
+        rule: None,
+        set: Some(("hash:ip,port", "inet")),
+    },
+    Feature {
+        what: "the set match",
+        module: "xt_set",
+        rule: Some("-m set --match-set KNI-PROBE-NET4 src -j RETURN"),
+        set: None,
+    },
+    Feature {
+        what: "the conntrack match",
+        module: "xt_conntrack",
+        rule: Some("-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
+        set: None,
+    },
+    Feature {
+        what: "the addrtype match",
+        module: "xt_addrtype",
+        rule: Some("-m addrtype --src-type LOCAL -j RETURN"),
+        set: None,
+    },
+    Feature {
+        what: "the comment match",
+        module: "xt_comment",
+        rule: Some("-m comment --comment probe -j RETURN"),
+        set: None,
+    },
+    Feature {
+        what: "the multiport match",
+        module: "xt_multiport",
+        rule: Some("-p sctp -m multiport --dports 80:81 -j RETURN"),
+        set: None,
+    },
+    Feature {
+        what: "the mark match and MARK target",
+        module: "xt_mark",
+        rule: Some("-m mark --mark 0x400000/0x400000 -j MARK --set-xmark 0x0/0x400000"),
+        set: None,
+    },
+    Feature {
+        what: "the REJECT target",
+        module: "ipt_REJECT / ip6t_REJECT",
+        rule: Some("-p tcp -j REJECT --reject-with tcp-reset"),
+        set: None,
+    },
+];
+
+/// Checks, before anything is programmed, that the kernel has every set type, match and target
+/// the agent uses, by creating them in scratch objects of our own and removing them again. A
+/// missing one is named with its module, instead of half-programming the node.
+pub fn probe_kernel(tables: &Tables) -> Result<()> {
+    let sets: Vec<(&Feature, String)> = FEATURES
+        .iter()
+        .filter_map(|f| {
+            f.set
+                .map(|(ty, family)| (f, format!("create {} {ty} family {family}\n", probe_set(f))))
+        })
+        .collect();
+    let destroy_sets = || {
+        for (f, _) in &sets {
+            let _ = ipset_restore(&format!("destroy {}\n", probe_set(f)));
+        }
+    };
+    // All at once first (the usual case, one process); one by one only to find what is missing.
+    let mut missing: Vec<(&Feature, anyhow::Error)> = Vec::new();
+    let batch: String = sets.iter().map(|(_, line)| line.as_str()).collect();
+    if ipset_restore(&batch).is_err() {
+        destroy_sets();
+        for (f, line) in &sets {
+            if let Err(e) = ipset_restore(line) {
+                missing.push((f, e));
+            }
+        }
+    }
+    if missing.is_empty() {
+        for family in Family::ALL {
+            let set = match family {
+                Family::V4 => PROBE_SET_V4,
+                Family::V6 => PROBE_SET_V6,
+            };
+            let rules: Vec<(&Feature, String)> = FEATURES
+                .iter()
+                .filter_map(|f| {
+                    f.rule.map(|r| {
+                        (
+                            f,
+                            format!("-A {PROBE_CHAIN} {}\n", r.replace(PROBE_SET_V4, set)),
+                        )
+                    })
+                })
+                .collect();
+            let chain = |body: &str| format!("*filter\n:{PROBE_CHAIN} - [0:0]\n{body}COMMIT\n");
+            let all: String = rules.iter().map(|(_, r)| r.as_str()).collect();
+            if let Err(e) = tables.restore(family, &chain(&all)) {
+                // A held lock is not a missing feature: say what it is.
+                if format!("{e:#}").contains("xtables lock") {
+                    destroy_sets();
+                    return Err(e.context("checking kernel features"));
+                }
+                for (f, rule) in &rules {
+                    if let Err(e) = tables.restore(family, &chain(rule)) {
+                        missing.push((f, e));
+                    }
+                }
+            }
+            let _ = tables.restore(family, &chain(&format!("-X {PROBE_CHAIN}\n")));
+            if !missing.is_empty() {
+                break;
+            }
+        }
+    }
+    destroy_sets();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(f, e)| format!("- {} (kernel module {}): {e:#}", f.what, f.module))
+        .collect();
+    bail!(
+        "the kernel lacks features the agent needs, so nothing was programmed:\n{}\nLoad the modules on the node (modprobe MODULE) or use a kernel that has them.",
+        list.join("\n")
+    )
+}
+
+fn probe_set(f: &Feature) -> &'static str {
+    match f.set {
+        Some((_, "inet6")) => PROBE_SET_V6,
+        Some(("hash:net", _)) => PROBE_SET_V4,
+        _ => "KNI-PROBE-IPPORT",
     }
 }
 

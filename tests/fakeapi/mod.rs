@@ -49,6 +49,8 @@ struct Inner {
     /// Every change: (resourceVersion, kind, event type, object).
     log: Vec<(u64, Kind, &'static str, Value)>,
     held: Vec<Kind>,
+    /// While set, open watches deliver nothing (as if the network between dropped packets).
+    paused: bool,
 }
 
 pub struct Shared {
@@ -183,6 +185,16 @@ impl FakeApi {
         self.drop_watches();
     }
 
+    /// Open watches stop delivering events until `resume` (or until they are dropped).
+    pub fn pause_watches(&self) {
+        self.shared.inner.lock().unwrap().paused = true;
+    }
+
+    pub fn resume_watches(&self) {
+        self.shared.inner.lock().unwrap().paused = false;
+        self.shared.changed.notify_waiters();
+    }
+
     /// Makes lists of `kind` wait until `release`.
     pub fn hold_lists(&self, kind: Kind) {
         self.shared.inner.lock().unwrap().held.push(kind);
@@ -264,6 +276,15 @@ async fn handle(
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 let changed = shared.changed.notified();
+                let paused = shared.inner.lock().unwrap().paused;
+                if paused {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tick.tick() => {}
+                        _ = dropped.changed() => return,
+                    }
+                    continue;
+                }
                 let (events, rv): (Vec<Value>, u64) = {
                     let s = shared.inner.lock().unwrap();
                     let events = s
