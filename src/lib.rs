@@ -12,6 +12,7 @@ pub mod cli;
 pub mod compile;
 pub mod convert;
 pub mod dataplane;
+pub mod fuzzing;
 pub mod kube_source;
 pub mod manifests;
 pub mod metrics;

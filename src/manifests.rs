@@ -94,6 +94,13 @@ pub fn load_dir(dir: &Path) -> Result<ClusterSnapshot, LoadError> {
     Ok(loader.finish())
 }
 
+/// Loads one file's text (as if it were the only file of a directory named by `name`).
+pub fn load_text(name: &str, text: &str) -> Result<ClusterSnapshot, LoadError> {
+    let mut loader = Loader::default();
+    loader.add_file(Path::new(name), text)?;
+    Ok(loader.finish())
+}
+
 #[derive(Default)]
 struct Loader {
     snapshot: ClusterSnapshot,
