@@ -5,7 +5,6 @@
 mod lab;
 
 use lab::{Lab, Proto, probe, skip_unless_root};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const DENY_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}";
@@ -61,15 +60,6 @@ fn owned_chains(lab: &Lab, backend: &str) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect()
-}
-
-fn tcp(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
-    probe(
-        &lab.pod(from).netns,
-        lab.pod(to).ip(false),
-        Proto::Tcp,
-        port,
-    )
 }
 
 #[test]
@@ -150,16 +140,16 @@ fn converges_from_previous_runs_and_leaves_other_rules_alone() {
 
         lab.write_cluster_manifests(&[DENY_X]);
         lab.sync_all(backend);
-        assert!(!tcp(&lab, "y/a", "x/a", 80));
+        assert!(!lab.tcp("y/a", "x/a", 80));
         let first_chains = owned_chains(&lab, backend);
 
         // A different directory converges: allowed flows open, stale chains and sets go.
         lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
         lab.sync_all(backend);
-        assert!(tcp(&lab, "y/a", "x/a", 80), "x/a names port 80 web");
-        assert!(!tcp(&lab, "y/a", "x/a", 81));
-        assert!(!tcp(&lab, "z/a", "x/a", 80));
-        assert!(tcp(&lab, "x/a", "z/a", 80), "no egress isolation any more");
+        assert!(lab.tcp("y/a", "x/a", 80), "x/a names port 80 web");
+        assert!(!lab.tcp("y/a", "x/a", 81));
+        assert!(!lab.tcp("z/a", "x/a", 80));
+        assert!(lab.tcp("x/a", "z/a", 80), "no egress isolation any more");
         let chains = owned_chains(&lab, backend);
         let render = lab.agent(
             0,
@@ -232,7 +222,7 @@ fn converges_from_previous_runs_and_leaves_other_rules_alone() {
             "{backend}: cleanup must restore the other rules exactly"
         );
         assert_eq!(set_names(&lab), before_sets);
-        assert!(tcp(&lab, "z/a", "x/a", 81));
+        assert!(lab.tcp("z/a", "x/a", 81));
     }
 }
 
@@ -277,7 +267,7 @@ fn a_bad_manifest_changes_nothing_and_names_the_file() {
         before,
         (tables(&lab, "nft"), lab.node_cmd(0, &["ipset", "save"]))
     );
-    assert!(!tcp(&lab, "y/a", "x/a", 80));
+    assert!(!lab.tcp("y/a", "x/a", 80));
 }
 
 #[test]
@@ -287,32 +277,12 @@ fn watches_the_directory_and_keeps_the_last_good_state() {
     }
     let lab = one_node_lab();
     lab.write_cluster_manifests(&[]);
-    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-    let dir = lab.manifests_dir().to_str().unwrap().to_string();
-    let mut agent = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.nodes[0].netns,
-            bin,
-            "run",
-            "--manifests",
-            &dir,
-            "--node-name",
-            "node1",
-            "--backend",
-            "legacy",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut agent = lab.spawn_agent("legacy", &[]);
     let wait_for = |what: &str, want: bool, limit: Duration| {
         let start = Instant::now();
         loop {
             lab.forget_flows();
-            if tcp(&lab, "y/a", "x/a", 80) == want {
+            if lab.tcp("y/a", "x/a", 80) == want {
                 return start.elapsed();
             }
             assert!(
@@ -349,7 +319,7 @@ fn watches_the_directory_and_keeps_the_last_good_state() {
     std::thread::sleep(Duration::from_millis(1500));
     lab.forget_flows();
     assert!(
-        !tcp(&lab, "y/a", "x/a", 80),
+        !lab.tcp("y/a", "x/a", 80),
         "a broken directory must not open traffic"
     );
     std::fs::remove_file(lab.manifests_dir().join("broken.yaml")).unwrap();
@@ -375,8 +345,8 @@ fn switching_backends_removes_our_rules_from_the_other() {
         "legacy leftovers must go"
     );
     assert!(!owned_chains(&lab, "nft").is_empty());
-    assert!(!tcp(&lab, "y/a", "x/a", 80), "still enforced, now by nft");
-    assert!(tcp(&lab, "y/a", "z/a", 80));
+    assert!(!lab.tcp("y/a", "x/a", 80), "still enforced, now by nft");
+    assert!(lab.tcp("y/a", "z/a", 80));
     let render = lab.agent(
         0,
         &[

@@ -6,71 +6,14 @@
 
 mod lab;
 
-use lab::{Lab, Proto, in_netns, probe, skip_unless_root};
-use std::io::{Read, Write};
+use lab::{Lab, Proto, http_get, probe, remote_pods, skip_unless_root, wait_until};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const DENY_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}";
 const ALLOW_X_FROM_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]";
-
-fn tcp(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
-    lab.forget_flows();
-    probe(
-        &lab.pod(from).netns,
-        lab.pod(to).ip(false),
-        Proto::Tcp,
-        port,
-    )
-}
-
-fn dir(lab: &Lab) -> String {
-    lab.manifests_dir().to_str().unwrap().to_string()
-}
-
-/// `run --once` with extra environment (e.g. a PATH with shims) and arguments.
-fn once_with(lab: &Lab, env: &[(&str, String)], backend: &str, extra: &[&str]) -> Output {
-    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-    let d = dir(lab);
-    let mut args = vec![
-        "netns",
-        "exec",
-        &lab.nodes[0].netns,
-        bin,
-        "run",
-        "--manifests",
-        &d,
-        "--node-name",
-        "node1",
-        "--once",
-        "--backend",
-        backend,
-    ];
-    args.extend_from_slice(extra);
-    let mut cmd = Command::new("ip");
-    cmd.args(&args).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn our_state(lab: &Lab, backend: &str) -> String {
-    let mut out = String::new();
-    for tool in ["iptables", "ip6tables"] {
-        let save = lab.node_cmd(0, &[&format!("{tool}-{backend}-save"), "-t", "filter"]);
-        for line in save
-            .lines()
-            .filter(|l| l.contains("KNI-") && !l.starts_with('#'))
-        {
-            out.push_str(line.split(" [").next().unwrap());
-            out.push('\n');
-        }
-    }
-    out + &lab.node_cmd(0, &["ipset", "save"])
-}
 
 /// A directory with executable shims that stand in for a tool.
 fn shims(lab: &Lab, tools: &[(&str, &str)]) -> (PathBuf, String) {
@@ -104,7 +47,7 @@ fn a_missing_kernel_feature_is_named_and_nothing_is_programmed() {
             "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *hash:ip,port*) echo 'ipset v7.17: Kernel error received: set type not supported' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/ipset \"$@\"\n",
         )],
     );
-    let out = once_with(&lab, &[("PATH", path)], "nft", &[]);
+    let out = lab.once("nft", &[("PATH", path)], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -112,8 +55,8 @@ fn a_missing_kernel_feature_is_named_and_nothing_is_programmed() {
         "{stderr}"
     );
     assert!(stderr.contains("modprobe"), "{stderr}");
-    assert_eq!(our_state(&lab, "nft"), "", "nothing may be programmed");
-    assert!(tcp(&lab, "y/a", "x/a", 80), "the node is untouched");
+    assert_eq!(lab.our_state("nft"), "", "nothing may be programmed");
+    assert!(lab.tcp("y/a", "x/a", 80), "the node is untouched");
     let _ = std::fs::remove_dir_all(shim_dir);
 }
 
@@ -125,7 +68,7 @@ fn a_rejected_line_is_quoted_and_the_last_good_state_stays() {
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     lab.sync_all("nft");
-    let good = our_state(&lab, "nft");
+    let good = lab.our_state("nft");
     // iptables-restore rejects the batch that brings the new policy's chain.
     let (shim_dir, path) = shims(
         &lab,
@@ -135,7 +78,7 @@ fn a_rejected_line_is_quoted_and_the_last_good_state_stays() {
         )],
     );
     lab.write_cluster_manifests(&[DENY_X, ALLOW_X_FROM_Y]);
-    let out = once_with(&lab, &[("PATH", path)], "nft", &[]);
+    let out = lab.once("nft", &[("PATH", path)], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -146,71 +89,14 @@ fn a_rejected_line_is_quoted_and_the_last_good_state_stays() {
         stderr.contains("input line 3: "),
         "quotes the line: {stderr}"
     );
-    assert!(!tcp(&lab, "y/a", "x/a", 80), "the last good rules stay");
-    assert!(!our_state(&lab, "nft").is_empty() && our_state(&lab, "nft").contains("KNI-FORWARD"));
+    assert!(!lab.tcp("y/a", "x/a", 80), "the last good rules stay");
+    assert!(!lab.our_state("nft").is_empty() && lab.our_state("nft").contains("KNI-FORWARD"));
     let _ = good;
     // Without the fault the next sync converges fully.
     lab.sync_all("nft");
-    assert!(tcp(&lab, "y/a", "x/a", 80));
-    assert!(!tcp(&lab, "z/a", "x/a", 80));
+    assert!(lab.tcp("y/a", "x/a", 80));
+    assert!(!lab.tcp("z/a", "x/a", 80));
     let _ = std::fs::remove_dir_all(shim_dir);
-}
-
-fn http_get(netns: &str, path: &str) -> Option<(u16, String)> {
-    let path = path.to_string();
-    in_netns(netns, move || {
-        let mut s = std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:9847".parse().unwrap(),
-            Duration::from_secs(1),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        Some((text.split_whitespace().nth(1)?.parse().ok()?, text))
-    })
-    .join()
-    .unwrap()
-}
-
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn spawn_agent(lab: &Lab, backend: &str, extra: &[&str]) -> Child {
-    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-    let d = dir(lab);
-    let mut args = vec![
-        "netns",
-        "exec",
-        &lab.nodes[0].netns,
-        bin,
-        "run",
-        "--manifests",
-        &d,
-        "--node-name",
-        "node1",
-        "--backend",
-        backend,
-    ];
-    args.extend_from_slice(extra);
-    let log = std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap();
-    Command::new("ip")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-fn agent_log(lab: &Lab) -> String {
-    std::fs::read_to_string(lab.manifests_dir().join("agent.log")).unwrap_or_default()
 }
 
 /// The only test here that uses the legacy backend: it holds the host-wide xtables lock.
@@ -223,12 +109,12 @@ fn a_held_xtables_lock_fails_the_write_keeps_the_state_and_shows_in_readiness() 
     }
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
-    let mut agent = spawn_agent(&lab, "legacy", &["--xtables-wait", "1s"]);
+    let mut agent = lab.spawn_agent("legacy", &["--xtables-wait", "1s"]);
     let node = lab.nodes[0].netns.clone();
     wait_until("ready", Duration::from_secs(10), || {
         http_get(&node, "/readyz").is_some_and(|(c, _)| c == 200)
     });
-    assert!(!tcp(&lab, "y/a", "x/a", 80));
+    assert!(!lab.tcp("y/a", "x/a", 80));
 
     // kube-proxy (say) holds the lock for longer than we wait.
     let lock = std::fs::OpenOptions::new()
@@ -251,8 +137,8 @@ fn a_held_xtables_lock_fails_the_write_keeps_the_state_and_shows_in_readiness() 
         .unwrap()
         .to_string();
     assert!(!errors.ends_with(" 0"), "{errors}");
-    assert!(!tcp(&lab, "y/a", "x/a", 80), "the last good state stays");
-    let log = agent_log(&lab);
+    assert!(!lab.tcp("y/a", "x/a", 80), "the last good state stays");
+    let log = lab.agent_log();
     assert!(
         log.contains("iptables-legacy-restore") && log.contains("xtables lock"),
         "{log}"
@@ -268,13 +154,13 @@ fn a_held_xtables_lock_fails_the_write_keeps_the_state_and_shows_in_readiness() 
     wait_until("ready again", Duration::from_secs(15), || {
         http_get(&node, "/readyz").is_some_and(|(c, _)| c == 200)
     });
-    assert!(tcp(&lab, "y/a", "x/a", 80));
+    assert!(lab.tcp("y/a", "x/a", 80));
     let _ = agent.kill();
     let _ = agent.wait();
 
     // Held at start: the agent says so instead of blaming a kernel module.
     lock.lock().unwrap();
-    let out = once_with(&lab, &[], "legacy", &["--xtables-wait", "1s"]);
+    let out = lab.once("legacy", &[], &["--xtables-wait", "1s"]);
     lock.unlock().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -316,7 +202,7 @@ fn a_set_someone_else_still_uses_is_destroyed_later_and_never_breaks_a_sync() {
         ],
     );
     lab.write_cluster_manifests(&[DENY_X]);
-    let out = once_with(&lab, &[], "nft", &[]);
+    let out = lab.once("nft", &[], &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -327,7 +213,7 @@ fn a_set_someone_else_still_uses_is_destroyed_later_and_never_breaks_a_sync() {
         lab.node_cmd(0, &["ipset", "list", "-n"]).contains(&set),
         "still there while used"
     );
-    assert!(!tcp(&lab, "y/a", "x/a", 80), "the new state is in force");
+    assert!(!lab.tcp("y/a", "x/a", 80), "the new state is in force");
     // Once released, the next sync destroys it.
     lab.node_cmd(
         0,
@@ -356,31 +242,24 @@ fn sigterm_finishes_the_sync_and_leaves_a_complete_state() {
     let lab = Lab::new(1, |_, _| 0);
     // Many remote pods make the first sync take a while.
     let mut docs = vec![ALLOW_X_FROM_Y.to_string()];
-    for i in 0..3000 {
-        docs.push(format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: y}}\nspec: {{nodeName: far}}\nstatus: {{phase: Running, podIP: 10.{}.{}.{}}}",
-            50 + i / 65536,
-            (i / 256) % 256,
-            i % 256
-        ));
-    }
+    docs.extend(remote_pods("y", 3000));
     let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
     lab.write_cluster_manifests(&refs);
     for delay in [150u64, 400, 900] {
         let _ = lab.agent(0, &["cleanup"]);
-        let mut agent = spawn_agent(&lab, "nft", &[]);
+        let mut agent = lab.spawn_agent("nft", &[]);
         std::thread::sleep(Duration::from_millis(delay));
         let _ = Command::new("kill").arg(agent.id().to_string()).status();
         let status = agent.wait().unwrap();
         assert!(
             status.success(),
             "SIGTERM is a clean exit (after {delay}ms): {status:?}\n{}",
-            agent_log(&lab)
+            lab.agent_log()
         );
         // Whatever the agent got to, the kernel holds all of a state or none of it.
-        let state = our_state(&lab, "nft");
+        let state = lab.our_state("nft");
         if !state.is_empty() {
-            let out = once_with(&lab, &[], "nft", &[]);
+            let out = lab.once("nft", &[], &[]);
             let log = String::from_utf8_lossy(&out.stderr);
             assert!(
                 log.contains("iptables_lines=0"),
@@ -397,24 +276,24 @@ fn a_vanished_manifests_directory_keeps_the_last_state_and_recovers() {
     }
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
-    let mut agent = spawn_agent(&lab, "nft", &["--resync-period", "1s"]);
+    let mut agent = lab.spawn_agent("nft", &["--resync-period", "1s"]);
     wait_until("enforced", Duration::from_secs(10), || {
-        !tcp(&lab, "y/a", "x/a", 80)
+        !lab.tcp("y/a", "x/a", 80)
     });
     let hidden = lab.manifests_dir().with_extension("hidden");
     // Keep the agent's log outside while the directory is gone.
     std::fs::rename(lab.manifests_dir(), &hidden).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     assert!(
-        !tcp(&lab, "y/a", "x/a", 80),
+        !lab.tcp("y/a", "x/a", 80),
         "still enforced without a source"
     );
     std::fs::rename(&hidden, lab.manifests_dir()).unwrap();
     lab.write_cluster_manifests(&[DENY_X, ALLOW_X_FROM_Y]);
     wait_until("recovered", Duration::from_secs(10), || {
-        tcp(&lab, "y/a", "x/a", 80)
+        lab.tcp("y/a", "x/a", 80)
     });
-    assert!(agent_log(&lab).contains("cannot read manifests directory"));
+    assert!(lab.agent_log().contains("cannot read manifests directory"));
     let _ = agent.kill();
     let _ = agent.wait();
 }
@@ -444,9 +323,9 @@ fn names_at_the_limits_and_hostile_labels() {
     let value = "v".repeat(63);
     lab.write_cluster_manifests_labelled(&[&policy], &[("y/b", &key, &value)]);
     lab.sync_all("nft");
-    assert!(tcp(&lab, "y/b", "x/a", 80));
-    assert!(!tcp(&lab, "y/a", "x/a", 80));
-    for line in our_state(&lab, "nft").lines() {
+    assert!(lab.tcp("y/b", "x/a", 80));
+    assert!(!lab.tcp("y/a", "x/a", 80));
+    for line in lab.our_state("nft").lines() {
         if let Some(chain) = line.strip_prefix(':') {
             assert!(
                 chain.split_whitespace().next().unwrap().len() <= 28,
@@ -456,7 +335,7 @@ fn names_at_the_limits_and_hostile_labels() {
     }
 
     // Hostile labels are refused with a clear error and nothing changes.
-    let before = our_state(&lab, "nft");
+    let before = lab.our_state("nft");
     for hostile in [
         "'a b'",
         "'x\\ny'",
@@ -469,7 +348,7 @@ fn names_at_the_limits_and_hostile_labels() {
             "zz-hostile.yaml",
             &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: h, namespace: z, labels: {{app: {hostile}}}}}\nspec: {{nodeName: node1}}\nstatus: {{phase: Running, podIP: 10.244.1.99}}\n"),
         );
-        let out = once_with(&lab, &[], "nft", &[]);
+        let out = lab.once("nft", &[], &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{hostile} accepted");
         assert!(
@@ -477,7 +356,7 @@ fn names_at_the_limits_and_hostile_labels() {
                 && stderr.contains("is not a valid label value"),
             "{stderr}"
         );
-        assert_eq!(our_state(&lab, "nft"), before);
+        assert_eq!(lab.our_state("nft"), before);
     }
 }
 
@@ -488,15 +367,7 @@ fn a_policy_can_select_thousands_of_peers() {
     }
     let lab = Lab::new(1, |_, _| 0);
     let mut docs = vec![ALLOW_X_FROM_Y.to_string()];
-    for i in 0..5000 {
-        docs.push(format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: y}}\nspec: {{nodeName: far}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.{}.{}.{}}}, {{ip: 'fd00:50::{:x}'}}]}}",
-            50 + i / 65536,
-            (i / 256) % 256,
-            i % 256,
-            i + 1
-        ));
-    }
+    docs.extend(remote_pods("y", 5000));
     let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
     lab.write_cluster_manifests(&refs);
     lab.sync_all("nft");
@@ -509,8 +380,8 @@ fn a_policy_can_select_thousands_of_peers() {
         members >= 5003,
         "{members} members: the lab's y pods and 5000 more"
     );
-    assert!(tcp(&lab, "y/a", "x/a", 80));
-    assert!(!tcp(&lab, "z/a", "x/a", 80));
+    assert!(lab.tcp("y/a", "x/a", 80));
+    assert!(!lab.tcp("z/a", "x/a", 80));
 }
 
 #[test]
@@ -531,11 +402,11 @@ fn other_firewalls_keep_working_and_detection_picks_the_hosts_backend() {
         &["iptables-nft", "-A", "FORWARD", "-s", &za, "-j", "DROP"],
     );
     lab.write_cluster_manifests(&["apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: all, namespace: x}\nspec: {podSelector: {}, ingress: [{}]}"]);
-    let out = once_with(&lab, &[], "auto", &[]);
+    let out = lab.once("auto", &[], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("backend=nft"), "{stderr}");
-    assert!(tcp(&lab, "y/a", "x/a", 80));
+    assert!(lab.tcp("y/a", "x/a", 80));
     lab.forget_flows();
     assert!(
         !probe(
@@ -561,7 +432,7 @@ fn other_firewalls_keep_working_and_detection_picks_the_hosts_backend() {
         ],
     );
     lab.sync_all("nft");
-    assert!(!tcp(&lab, "y/b", "x/a", 80));
+    assert!(!lab.tcp("y/b", "x/a", 80));
     let save = lab.node_cmd(0, &["iptables-nft-save", "-t", "filter"]);
     assert_eq!(
         save.lines()
@@ -584,7 +455,7 @@ fn other_firewalls_keep_working_and_detection_picks_the_hosts_backend() {
         ],
     );
     lab2.write_cluster_manifests(&[DENY_X]);
-    let out = once_with(&lab2, &[], "auto", &[]);
+    let out = lab2.once("auto", &[], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && stderr.contains("backend=legacy"),

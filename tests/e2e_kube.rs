@@ -7,44 +7,9 @@ mod fakeapi;
 mod lab;
 
 use fakeapi::{FakeApi, Kind};
-use lab::{Lab, Proto, in_netns, probe, skip_unless_root};
-use std::io::{Read, Write};
+use lab::{Lab, Proto, http_get, in_netns, probe, skip_unless_root, wait_until};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// An HTTP GET from inside `netns`: (status code, body).
-fn http_get(netns: &str, path: &str) -> Option<(u16, String)> {
-    let path = path.to_string();
-    in_netns(netns, move || {
-        let mut s = std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:9847".parse().unwrap(),
-            Duration::from_secs(1),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        Some((
-            code,
-            text.split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default(),
-        ))
-    })
-    .join()
-    .unwrap()
-}
-
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
+use std::time::Duration;
 
 #[test]
 fn a_policy_created_through_the_api_changes_real_reachability() {

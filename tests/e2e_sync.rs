@@ -3,31 +3,19 @@
 
 mod lab;
 
-use lab::{Lab, Proto, probe, skip_unless_root};
-use std::process::{Child, Command, Stdio};
+use lab::{Lab, Proto, probe, skip_unless_root, wait_until};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const ALLOW_X_FROM_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: 80}]}]";
 const FROM_DB: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-db, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: db}}}]}]";
 const FROM_Z: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-z, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: z}}}]}]";
 
+/// `run --once`, returning how many ipset and iptables lines it wrote.
 fn once(lab: &Lab, backend: &str) -> (usize, usize) {
-    let dir = lab.manifests_dir().to_str().unwrap().to_string();
-    let out = lab.agent(
-        0,
-        &[
-            "run",
-            "--manifests",
-            &dir,
-            "--node-name",
-            "node1",
-            "--once",
-            "--backend",
-            backend,
-        ],
-    );
+    let out = lab.once(backend, &[], &[]);
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{log}");
     let field = |name: &str| -> usize {
@@ -42,30 +30,6 @@ fn once(lab: &Lab, backend: &str) -> (usize, usize) {
             .unwrap()
     };
     (field("ipset_lines"), field("iptables_lines"))
-}
-
-fn our_rules(lab: &Lab, backend: &str) -> String {
-    let mut out = String::new();
-    for tool in ["iptables", "ip6tables"] {
-        let save = lab.node_cmd(0, &[&format!("{tool}-{backend}-save"), "-t", "filter"]);
-        for line in save
-            .lines()
-            .filter(|l| l.contains("KNI-") && !l.starts_with('#'))
-        {
-            out.push_str(line.split(" [").next().unwrap());
-            out.push('\n');
-        }
-    }
-    out + &lab.node_cmd(0, &["ipset", "save"])
-}
-
-fn tcp(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
-    probe(
-        &lab.pod(from).netns,
-        lab.pod(to).ip(false),
-        Proto::Tcp,
-        port,
-    )
 }
 
 #[test]
@@ -95,7 +59,7 @@ fn unchanged_input_writes_nothing_and_a_change_writes_only_what_it_touches() {
             "{backend}: a pod label writes only set members"
         );
         lab.forget_flows();
-        assert!(tcp(&lab, "y/c", "x/b", 81));
+        assert!(lab.tcp("y/c", "x/b", 81));
 
         // One policy's port: only that policy's chain, per family.
         let changed = ALLOW_X_FROM_Y.replace("port: 80", "port: 81");
@@ -111,47 +75,8 @@ fn unchanged_input_writes_nothing_and_a_change_writes_only_what_it_touches() {
             "{backend}: a policy change rewrites only its own chain"
         );
         lab.forget_flows();
-        assert!(tcp(&lab, "y/a", "x/a", 81));
-        assert!(!tcp(&lab, "y/a", "x/a", 80));
-    }
-}
-
-fn spawn_agent(lab: &Lab, backend: &str, extra: &[&str], log: &str) -> Child {
-    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-    let dir = lab.manifests_dir().to_str().unwrap().to_string();
-    let mut args = vec![
-        "netns",
-        "exec",
-        &lab.nodes[0].netns,
-        bin,
-        "run",
-        "--manifests",
-        &dir,
-        "--node-name",
-        "node1",
-        "--backend",
-        backend,
-    ];
-    args.extend_from_slice(extra);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(lab.manifests_dir().join(log))
-        .unwrap();
-    Command::new("ip")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(lab.tcp("y/a", "x/a", 81));
+        assert!(!lab.tcp("y/a", "x/a", 80));
     }
 }
 
@@ -163,11 +88,11 @@ fn drift_is_repaired_on_resync() {
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_DB]);
     let backend = "nft";
-    let mut agent = spawn_agent(&lab, backend, &["--resync-period", "2s"], "agent.log");
+    let mut agent = lab.spawn_agent(backend, &["--resync-period", "2s"]);
     wait_until("first sync", Duration::from_secs(10), || {
-        our_rules(&lab, backend).contains("KNI-FORWARD")
+        lab.our_state(backend).contains("KNI-FORWARD")
     });
-    let good = our_rules(&lab, backend);
+    let good = lab.our_state(backend);
     let set = good
         .lines()
         .find_map(|l| l.strip_prefix("create KNI-4P-"))
@@ -202,16 +127,16 @@ fn drift_is_repaired_on_resync() {
     }
     lab.forget_flows();
     assert!(
-        tcp(&lab, "z/a", "x/a", 80),
+        lab.tcp("z/a", "x/a", 80),
         "without our FORWARD jump, isolation is gone"
     );
     wait_until("drift repaired", Duration::from_secs(5), || {
-        let now = our_rules(&lab, backend);
+        let now = lab.our_state(backend);
         now == good
     });
     lab.forget_flows();
-    assert!(tcp(&lab, "y/a", "x/a", 80));
-    assert!(!tcp(&lab, "z/a", "x/a", 80), "isolation is back");
+    assert!(lab.tcp("y/a", "x/a", 80));
+    assert!(!lab.tcp("z/a", "x/a", 80), "isolation is back");
     // The foreign ACCEPT someone put first in INPUT stays, after our jump.
     let input: Vec<String> = lab
         .node_cmd(0, &[&format!("{ipt}-save"), "-t", "filter"])
@@ -223,7 +148,7 @@ fn drift_is_repaired_on_resync() {
         input[0].contains("KNI-INPUT") && input[1] == "-A INPUT -j ACCEPT",
         "{input:?}"
     );
-    let log = std::fs::read_to_string(lab.manifests_dir().join("agent.log")).unwrap();
+    let log = lab.agent_log();
     assert!(log.contains("repaired drift"), "{log}");
     let _ = agent.kill();
     let _ = agent.wait();
@@ -237,14 +162,12 @@ fn restarts_and_kills_never_flip_a_probe() {
     let backend = "legacy";
     let lab = Arc::new(Lab::new(1, |_, _| 0));
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_Z]);
-    let mut agent = spawn_agent(
-        &lab,
+    let mut agent = lab.spawn_agent(
         backend,
         &["--resync-period", "200ms", "--sync-debounce", "10ms"],
-        "agent.log",
     );
     wait_until("first sync", Duration::from_secs(10), || {
-        our_rules(&lab, backend).contains("KNI-FORWARD")
+        lab.our_state(backend).contains("KNI-FORWARD")
     });
     std::thread::sleep(Duration::from_millis(300));
 
@@ -304,11 +227,9 @@ fn restarts_and_kills_never_flip_a_probe() {
         }
         let _ = agent.wait();
         // The agent runs under `ip netns exec`, which execs it: the pid is the agent's.
-        agent = spawn_agent(
-            &lab,
+        agent = lab.spawn_agent(
             backend,
             &["--resync-period", "200ms", "--sync-debounce", "10ms"],
-            "agent.log",
         );
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -360,6 +281,6 @@ fn a_set_with_other_parameters_is_replaced_by_swap() {
         "the scratch set is gone"
     );
     lab.forget_flows();
-    assert!(tcp(&lab, "y/a", "x/a", 80));
-    assert!(!tcp(&lab, "z/a", "x/a", 80));
+    assert!(lab.tcp("y/a", "x/a", 80));
+    assert!(!lab.tcp("z/a", "x/a", 80));
 }

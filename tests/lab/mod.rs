@@ -485,6 +485,129 @@ impl Lab {
     pub fn manifests_dir(&self) -> &Path {
         &self.manifests
     }
+
+    /// A new TCP connection over IPv4 from one pod to another (conntrack emptied first).
+    pub fn tcp(&self, from: &str, to: &str, port: u16) -> bool {
+        self.forget_flows();
+        probe(
+            &self.pod(from).netns,
+            self.pod(to).ip(false),
+            Proto::Tcp,
+            port,
+        )
+    }
+
+    /// Everything of ours on node 1: rules of both families (without counters) and `ipset save`.
+    pub fn our_state(&self, backend: &str) -> String {
+        let mut out = String::new();
+        for tool in ["iptables", "ip6tables"] {
+            let save = self.node_cmd(0, &[&format!("{tool}-{backend}-save"), "-t", "filter"]);
+            for line in save
+                .lines()
+                .filter(|l| l.contains("KNI-") && !l.starts_with('#'))
+            {
+                out.push_str(line.split(" [").next().unwrap());
+                out.push('\n');
+            }
+        }
+        out + &self.node_cmd(0, &["ipset", "save"])
+    }
+
+    fn agent_args<'a>(&'a self, dir: &'a str, backend: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
+        let mut args = vec![
+            "netns",
+            "exec",
+            &self.nodes[0].netns,
+            bin,
+            "run",
+            "--manifests",
+            dir,
+            "--node-name",
+            "node1",
+            "--backend",
+            backend,
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// `run --once` on node 1 with extra environment (e.g. a PATH with shims) and arguments.
+    pub fn once(&self, backend: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
+        let dir = self.manifests.to_str().unwrap().to_string();
+        let mut args = self.agent_args(&dir, backend, extra);
+        args.push("--once");
+        let mut cmd = Command::new("ip");
+        cmd.args(&args).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run agent")
+    }
+
+    /// The agent running on node 1 until killed, logging to `agent.log` in the manifests directory.
+    pub fn spawn_agent(&self, backend: &str, extra: &[&str]) -> std::process::Child {
+        let dir = self.manifests.to_str().unwrap().to_string();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.manifests.join("agent.log"))
+            .unwrap();
+        Command::new("ip")
+            .args(self.agent_args(&dir, backend, extra))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.manifests.join("agent.log")).unwrap_or_default()
+    }
+}
+
+/// Polls `ok` until it holds; panics after `limit`. Returns how long it took.
+pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// An HTTP GET of the agent's endpoints (127.0.0.1:9847) from inside `netns`: (status, response).
+pub fn http_get(netns: &str, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    in_netns(netns, move || {
+        let mut s =
+            TcpStream::connect_timeout(&"127.0.0.1:9847".parse().unwrap(), Duration::from_secs(1))
+                .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some((text.split_whitespace().nth(1)?.parse().ok()?, text))
+    })
+    .join()
+    .unwrap()
+}
+
+/// `count` Running pods of `namespace` on a node that is not in the lab (peers only), with IPv4
+/// and IPv6 addresses outside the lab's ranges.
+pub fn remote_pods(namespace: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: {namespace}}}\nspec: {{nodeName: far}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.{}.{}.{}}}, {{ip: 'fd00:50::{:x}'}}]}}",
+                50 + i / 65536,
+                (i / 256) % 256,
+                i % 256,
+                i + 1
+            )
+        })
+        .collect()
 }
 
 impl Drop for Lab {
