@@ -191,3 +191,31 @@ async fn an_api_outage_keeps_the_last_view() {
     assert_eq!(pod_keys(&s), ["x/a"]);
     assert_eq!(s.policies.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_recovers_when_the_api_returns() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    let store = kube_source::start(api.client());
+    until(&store, "initial list", |s| s.pods.len() == 1).await;
+    api.set_available(false);
+    // Changes made while the agent cannot see the API...
+    api.apply(
+        Kind::NetworkPolicy,
+        "metadata: {name: late, namespace: y}\nspec: {podSelector: {}}",
+    );
+    api.delete(Kind::Pod, "x/a");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        pod_keys(&store.snapshot().unwrap().1),
+        ["x/a"],
+        "the last view is kept while down"
+    );
+    // ...arrive once it is back.
+    api.set_available(true);
+    let s = until(&store, "recovered", |s| {
+        s.pods.is_empty() && s.policies.len() == 2
+    })
+    .await;
+    assert!(s.policies.iter().any(|p| p.key() == "y/late"));
+}

@@ -51,6 +51,8 @@ struct Inner {
     held: Vec<Kind>,
     /// While set, open watches deliver nothing (as if the network between dropped packets).
     paused: bool,
+    /// While set, every request gets 503 (an API server that is down or unreachable).
+    unavailable: bool,
 }
 
 pub struct Shared {
@@ -185,6 +187,14 @@ impl FakeApi {
         self.drop_watches();
     }
 
+    /// The API becomes unreachable (503 for every request, open watches end) or comes back.
+    pub fn set_available(&self, up: bool) {
+        self.shared.inner.lock().unwrap().unavailable = !up;
+        if !up {
+            self.drop_watches();
+        }
+    }
+
     /// Open watches stop delivering events until `resume` (or until they are dropped).
     pub fn pause_watches(&self) {
         self.shared.inner.lock().unwrap().paused = true;
@@ -276,24 +286,23 @@ async fn handle(
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 let changed = shared.changed.notified();
-                let paused = shared.inner.lock().unwrap().paused;
-                if paused {
-                    tokio::select! {
-                        _ = changed => {}
-                        _ = tick.tick() => {}
-                        _ = dropped.changed() => return,
-                    }
-                    continue;
-                }
+                // Flags and events under one lock: nothing slips out after the API "went down".
                 let (events, rv): (Vec<Value>, u64) = {
                     let s = shared.inner.lock().unwrap();
-                    let events = s
-                        .log
-                        .iter()
-                        .filter(|(v, k, _, _)| *v > sent && *k == kind)
-                        .map(|(_, _, t, o)| json!({"type": t, "object": o}))
-                        .collect();
-                    (events, s.rv)
+                    if s.unavailable {
+                        return;
+                    }
+                    if s.paused {
+                        (Vec::new(), sent)
+                    } else {
+                        let events = s
+                            .log
+                            .iter()
+                            .filter(|(v, k, _, _)| *v > sent && *k == kind)
+                            .map(|(_, _, t, o)| json!({"type": t, "object": o}))
+                            .collect();
+                        (events, s.rv)
+                    }
                 };
                 for e in events {
                     if tx.send(line(&e)).await.is_err() {
