@@ -326,14 +326,17 @@ fn main() {
     let mut change = |what: &str, snapshot: &ClusterSnapshot| {
         let start = Instant::now();
         let s = desired_states(snapshot, LOCAL_NODE);
+        let compiled = start.elapsed();
         let report = dp
             .sync(&s, SyncMode::Incremental)
             .expect("incremental sync");
         row(
             &format!("incremental: {what}"),
             format!(
-                "{} ({} ipset + {} iptables lines)",
+                "{} (compile {}, diff + write {}; {} ipset + {} iptables lines)",
                 ms(start.elapsed()),
+                ms(compiled),
+                ms(start.elapsed() - compiled),
                 report.ipset_lines,
                 report.iptables_lines
             ),

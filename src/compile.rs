@@ -295,7 +295,7 @@ impl<'a> Compiler<'a> {
                             IpSet {
                                 kind: SetKind::HashIpPort,
                                 family: self.family,
-                                members,
+                                members: members.into(),
                                 purpose: format!(
                                     "policy {} {} rule {index} port {port_name}",
                                     policy.key(),
@@ -400,7 +400,7 @@ impl<'a> Compiler<'a> {
             IpSet {
                 kind: SetKind::HashNet,
                 family: self.family,
-                members,
+                members: members.into(),
                 purpose: format!("peers of a rule in namespace {}", policy.namespace),
             },
         );

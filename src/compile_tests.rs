@@ -375,10 +375,15 @@ fn whole_address_space_blocks() {
     );
     assert_matrix(&s, |_, _| true);
     let st = compile(&s, "n1", Family::V4);
-    assert!(st.sets.values().flat_map(|s| &s.members).all(|m| match m {
-        SetMember::Net(n) => n.prefix_len() > 0,
-        _ => true,
-    }));
+    assert!(
+        st.sets
+            .values()
+            .flat_map(|s| s.members.iter())
+            .all(|m| match m {
+                SetMember::Net(n) => n.prefix_len() > 0,
+                _ => true,
+            })
+    );
 }
 
 #[test]

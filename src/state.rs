@@ -90,11 +90,15 @@ impl SetKind {
     }
 }
 
+/// A set's members, shared: an unchanged set is carried from sync to sync (and into the
+/// dataplane's record of what it wrote) without copying, and compared by pointer first.
+pub type Members = std::sync::Arc<BTreeSet<SetMember>>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpSet {
     pub kind: SetKind,
     pub family: Family,
-    pub members: BTreeSet<SetMember>,
+    pub members: Members,
     /// What the set stands for, for people reading `ipset list` (not written to the kernel).
     pub purpose: String,
 }

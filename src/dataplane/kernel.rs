@@ -3,9 +3,9 @@
 use super::render::{SET_MAXELEM, hook_spec, render_rule};
 use crate::model::Protocol;
 use crate::names;
-use crate::state::{DesiredState, Family, SetKind, SetMember};
+use crate::state::{DesiredState, Family, Members, SetKind, SetMember};
 use ipnet::IpNet;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 const BUILTIN_CHAINS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
@@ -87,7 +87,7 @@ pub struct KernelSet {
     pub kind: Option<SetKind>,
     pub family: Option<Family>,
     pub maxelem: Option<u32>,
-    pub members: BTreeSet<SetMember>,
+    pub members: Members,
     /// Entries we could not read back (they are deleted on the next sync).
     pub unparsed_members: Vec<String>,
 }
@@ -131,7 +131,7 @@ pub fn parse_ipset_save(text: &str) -> KernelSets {
                     let entry = words.next().unwrap_or_default();
                     match parse_member(set.kind, entry) {
                         Some(m) => {
-                            set.members.insert(m);
+                            std::sync::Arc::make_mut(&mut set.members).insert(m);
                         }
                         None => set.unparsed_members.push(entry.to_string()),
                     }

@@ -30,7 +30,7 @@ pub fn render_ipset_update<'a>(
             match kernel.sets.get(name) {
                 None => {
                     writeln!(out, "create {name} {header}").unwrap();
-                    for m in &set.members {
+                    for m in set.members.iter() {
                         writeln!(out, "add {name} {m}").unwrap();
                     }
                 }
@@ -49,11 +49,15 @@ pub fn render_ipset_update<'a>(
                         let tmp = names::temporary_set(name);
                         writeln!(out, "create {tmp} {header}").unwrap();
                         writeln!(out, "flush {tmp}").unwrap();
-                        for m in &set.members {
+                        for m in set.members.iter() {
                             writeln!(out, "add {tmp} {m}").unwrap();
                         }
                         writeln!(out, "swap {tmp} {name}").unwrap();
                         writeln!(out, "destroy {tmp}").unwrap();
+                        continue;
+                    }
+                    // Shared with what we wrote last time: nothing changed.
+                    if std::sync::Arc::ptr_eq(&set.members, &existing.members) {
                         continue;
                     }
                     for m in set.members.difference(&existing.members) {
