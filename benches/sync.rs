@@ -9,11 +9,12 @@
 #[path = "support/synthetic.rs"]
 mod synthetic;
 
-use kube_netpol_iptables::agent::desired_states;
+use kube_netpol_iptables::agent::{desired_states, desired_states_cached};
 use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable};
 use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
 use kube_netpol_iptables::dataplane::{self, Backend, Dataplane, SyncMode, Tables};
 use kube_netpol_iptables::model::ClusterSnapshot;
+use kube_netpol_iptables::peer_cache::PeerCache;
 use kube_netpol_iptables::state::{DesiredState, Family};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -322,6 +323,9 @@ fn main() {
     // Incremental changes on the nft dataplane (the default on current distributions), each
     // timed from the changed snapshot to the kernel updated: compile + diff + write.
     let (_, nft_full, mut dp) = full.pop().unwrap();
+    // The agent's path: peer selections cached between changes.
+    let mut cache = PeerCache::default();
+    desired_states_cached(&snapshot, LOCAL_NODE, &mut cache);
     let (_, legacy_full, _) = full.pop().unwrap();
     let mut change = |what: &str, snapshot: &ClusterSnapshot| {
         let start = Instant::now();

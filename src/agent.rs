@@ -2,12 +2,13 @@
 //! both families and written; changes are coalesced; a full sync reads the kernel back every
 //! resync period; failures keep the last good state in the kernel and are retried with backoff.
 
-use crate::compile::compile;
+use crate::compile::{compile, compile_cached};
 use crate::dataplane::{Dataplane, SyncMode, SyncReport};
 use crate::kube_source::ClusterStore;
 use crate::manifests;
 use crate::metrics::Metrics;
 use crate::model::ClusterSnapshot;
+use crate::peer_cache::PeerCache;
 use crate::state::{DesiredState, Family};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -22,16 +23,33 @@ pub fn desired_states(snapshot: &ClusterSnapshot, node: &str) -> Vec<(Family, De
         .collect()
 }
 
+/// `desired_states`, reusing the peer selections of earlier calls (see `PeerCache`): the same
+/// result, at a cost proportional to what changed.
+pub fn desired_states_cached(
+    snapshot: &ClusterSnapshot,
+    node: &str,
+    cache: &mut PeerCache,
+) -> Vec<(Family, DesiredState)> {
+    cache.update(snapshot);
+    let states = Family::ALL
+        .iter()
+        .map(|f| (*f, compile_cached(snapshot, node, *f, cache)))
+        .collect();
+    cache.evict_unused();
+    states
+}
+
 /// Compiles a snapshot and writes it, logging the outcome and recording it in `metrics`.
 pub fn sync_snapshot(
     dataplane: &mut Dataplane,
+    cache: &mut PeerCache,
     snapshot: &ClusterSnapshot,
     node: &str,
     mode: SyncMode,
     metrics: Option<&Metrics>,
 ) -> Result<SyncReport> {
     let started = Instant::now();
-    let desired = desired_states(snapshot, node);
+    let desired = desired_states_cached(snapshot, node, cache);
     let compiled = started.elapsed();
     let report = match dataplane.sync(&desired, mode) {
         Ok(r) => r,
@@ -71,6 +89,7 @@ pub fn sync_snapshot(
 /// Loads the directory, compiles and writes. Nothing is written if the directory does not load.
 pub fn sync_from_dir(
     dataplane: &mut Dataplane,
+    cache: &mut PeerCache,
     dir: &Path,
     node: &str,
     mode: SyncMode,
@@ -85,7 +104,7 @@ pub fn sync_from_dir(
             return Err(e.into());
         }
     };
-    sync_snapshot(dataplane, &snapshot, node, mode, metrics)
+    sync_snapshot(dataplane, cache, &snapshot, node, mode, metrics)
 }
 
 /// Says loudly when bridged pod traffic would bypass iptables.
@@ -221,6 +240,7 @@ pub fn watch_dir(
 ) -> Result<()> {
     let mut last_seen = fingerprint(dir);
     let mut schedule = Schedule::new();
+    let mut cache = PeerCache::default();
     loop {
         if stopping() {
             return Ok(());
@@ -235,7 +255,7 @@ pub fn watch_dir(
             schedule.changed(now);
         }
         if let Some(mode) = schedule.due(now, options) {
-            let result = sync_from_dir(dataplane, dir, node, mode, metrics);
+            let result = sync_from_dir(dataplane, &mut cache, dir, node, mode, metrics);
             schedule.done(now, mode, &result);
         }
         std::thread::sleep(options.poll_interval);
@@ -252,6 +272,7 @@ pub async fn watch_cluster(
     metrics: Arc<Metrics>,
 ) -> Result<()> {
     let mut schedule = Schedule::new();
+    let mut cache = PeerCache::default();
     let mut last_generation: Option<u64> = None;
     let mut waiting_logged = false;
     loop {
@@ -283,13 +304,20 @@ pub async fn watch_cluster(
                     last_generation = Some(generation);
                     let node_name = node.clone();
                     let m = metrics.clone();
-                    let (dp, result) = tokio::task::spawn_blocking(move || {
-                        let result =
-                            sync_snapshot(&mut dataplane, &snapshot, &node_name, mode, Some(&m));
-                        (dataplane, result)
+                    let (dp, c, result) = tokio::task::spawn_blocking(move || {
+                        let result = sync_snapshot(
+                            &mut dataplane,
+                            &mut cache,
+                            &snapshot,
+                            &node_name,
+                            mode,
+                            Some(&m),
+                        );
+                        (dataplane, cache, result)
                     })
                     .await?;
                     dataplane = dp;
+                    cache = c;
                     schedule.done(now, mode, &result);
                 }
             }

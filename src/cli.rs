@@ -171,8 +171,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 match (manifests, once) {
                     (Some(dir), true) => {
-                        agent::sync_from_dir(&mut dataplane, &dir, &node_name, SyncMode::Full, None)
-                            .map(drop)
+                        let mut cache = Default::default();
+                        agent::sync_from_dir(
+                            &mut dataplane,
+                            &mut cache,
+                            &dir,
+                            &node_name,
+                            SyncMode::Full,
+                            None,
+                        )
+                        .map(drop)
                     }
                     (Some(dir), false) => {
                         tokio::task::spawn_blocking(move || {
@@ -197,8 +205,10 @@ pub fn run(cli: Cli) -> Result<()> {
                                 store.changed().await;
                             };
                             tokio::task::spawn_blocking(move || {
+                                let mut cache = Default::default();
                                 agent::sync_snapshot(
                                     &mut dataplane,
+                                    &mut cache,
                                     &snapshot,
                                     &node_name,
                                     SyncMode::Full,

@@ -16,8 +16,10 @@
 use crate::cidr;
 use crate::model::{ClusterSnapshot, Peer, Pod, Policy, PortRef, Protocol};
 use crate::names;
+use crate::peer_cache::PeerCache;
 use crate::state::{
-    DesiredState, Family, Hook, IpSet, Match, Rule, SetDirection, SetKind, SetMember, Target,
+    DesiredState, Family, Hook, IpSet, Match, Members, Rule, SetDirection, SetKind, SetMember,
+    Target,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,7 +49,37 @@ impl Direction {
     }
 }
 
+/// What a peer set stands for: selectors without a namespace selector are relative to the
+/// policy's namespace.
+fn peer_definition(policy: &Policy, peers: &[Peer]) -> String {
+    format!("{}\0{peers:?}", policy.namespace)
+}
+
+/// The definition of "every pod" (an egress rule with named ports and no peers).
+const ALL_PODS: &str = "\0all";
+
 pub fn compile(snapshot: &ClusterSnapshot, node: &str, family: Family) -> DesiredState {
+    compile_inner(snapshot, node, family, None)
+}
+
+/// `compile()`, with peer selections kept in `cache` across calls. The cache must have been
+/// brought up to date with `snapshot` (`PeerCache::update`) first. Gives exactly what `compile()`
+/// gives.
+pub fn compile_cached(
+    snapshot: &ClusterSnapshot,
+    node: &str,
+    family: Family,
+    cache: &mut PeerCache,
+) -> DesiredState {
+    compile_inner(snapshot, node, family, Some(cache))
+}
+
+fn compile_inner(
+    snapshot: &ClusterSnapshot,
+    node: &str,
+    family: Family,
+    cache: Option<&mut PeerCache>,
+) -> DesiredState {
     let relevant_pods: Vec<&Pod> = snapshot
         .pods
         .iter()
@@ -65,6 +97,7 @@ pub fn compile(snapshot: &ClusterSnapshot, node: &str, family: Family) -> Desire
         family,
         relevant_pods,
         pods_by_namespace,
+        cache,
         state: DesiredState::default(),
     }
     .run(node)
@@ -76,6 +109,7 @@ struct Compiler<'a> {
     /// Pods that can be subjects or peers (not hostNetwork, not finished, with an address).
     relevant_pods: Vec<&'a Pod>,
     pods_by_namespace: BTreeMap<&'a str, Vec<&'a Pod>>,
+    cache: Option<&'a mut PeerCache>,
     state: DesiredState,
 }
 
@@ -279,15 +313,39 @@ impl<'a> Compiler<'a> {
                                 matches.extend(peer_match.clone());
                                 let selected =
                                     local.iter().map(|lp| lp.pod).filter(|p| policy.selects(p));
-                                self.named_port_members(selected, port_name, spec.protocol)
+                                Members::new(self.named_port_members(
+                                    selected,
+                                    port_name,
+                                    spec.protocol,
+                                ))
                             }
                             // Resolved on each destination peer pod; never on ipBlocks.
+                            Direction::Egress if self.cache.is_some() => {
+                                let definition = match &rule.peers {
+                                    None => ALL_PODS.to_string(),
+                                    Some(peers) => peer_definition(policy, peers),
+                                };
+                                let family = self.family;
+                                let cache = self.cache.as_deref_mut().unwrap();
+                                cache.named_port_members(
+                                    &definition,
+                                    &policy.namespace,
+                                    rule.peers.as_deref(),
+                                    port_name,
+                                    spec.protocol,
+                                    family,
+                                )
+                            }
                             Direction::Egress => {
                                 let peers: Vec<&Pod> = match &rule.peers {
                                     None => self.relevant_pods.clone(),
                                     Some(peers) => self.peer_pods(policy, peers),
                                 };
-                                self.named_port_members(peers.into_iter(), port_name, spec.protocol)
+                                Members::new(self.named_port_members(
+                                    peers.into_iter(),
+                                    port_name,
+                                    spec.protocol,
+                                ))
                             }
                         };
                         self.state.sets.insert(
@@ -295,7 +353,7 @@ impl<'a> Compiler<'a> {
                             IpSet {
                                 kind: SetKind::HashIpPort,
                                 family: self.family,
-                                members: members.into(),
+                                members,
                                 purpose: format!(
                                     "policy {} {} rule {index} port {port_name}",
                                     policy.key(),
@@ -374,10 +432,22 @@ impl<'a> Compiler<'a> {
 
     /// Creates (or reuses) the set holding every address `peers` allows, and returns its name.
     fn peer_set(&mut self, policy: &Policy, peers: &[Peer]) -> String {
-        // Selectors without a namespace selector are relative to the policy's namespace.
-        let definition = format!("{}\0{peers:?}", policy.namespace);
+        let definition = peer_definition(policy, peers);
         let name = names::peer_set(self.family, &definition);
         if self.state.sets.contains_key(&name) {
+            return name;
+        }
+        if let Some(cache) = self.cache.as_deref_mut() {
+            let members = cache.peer_members(&definition, &policy.namespace, peers, self.family);
+            self.state.sets.insert(
+                name.clone(),
+                IpSet {
+                    kind: SetKind::HashNet,
+                    family: self.family,
+                    members,
+                    purpose: format!("peers of a rule in namespace {}", policy.namespace),
+                },
+            );
             return name;
         }
         let mut members = BTreeSet::new();

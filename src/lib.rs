@@ -18,6 +18,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod peer_cache;
 pub mod state;
 
 #[cfg(test)]
