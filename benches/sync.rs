@@ -329,7 +329,7 @@ fn main() {
     let (_, legacy_full, _) = full.pop().unwrap();
     let mut change = |what: &str, snapshot: &ClusterSnapshot| {
         let start = Instant::now();
-        let s = desired_states(snapshot, LOCAL_NODE);
+        let s = desired_states_cached(snapshot, LOCAL_NODE, &mut cache);
         let compiled = start.elapsed();
         let report = dp
             .sync(&s, SyncMode::Incremental)
@@ -494,7 +494,7 @@ fn iperf(node_ns: &str, snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, St
             .insert("bench".into(), "iperf".into());
     }
     let allow: kube_netpol_iptables::model::Policy = {
-        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: iperf, namespace: NS}\nspec:\n  podSelector: {matchLabels: {bench: iperf}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]";
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: iperf, namespace: placeholder}\nspec:\n  podSelector: {matchLabels: {bench: iperf}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]";
         let p: k8s_openapi::api::networking::v1::NetworkPolicy =
             serde_yaml_ng::from_str(yaml).unwrap();
         kube_netpol_iptables::convert::policy(&p).unwrap()

@@ -15,13 +15,16 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+/// A pod's key (`namespace/name`), allocated once and shared by every entry that chose the pod.
+type Key = Arc<str>;
+
 #[derive(Default)]
 pub struct PeerCache {
     /// Policy-relevant pods of the snapshot the entries match, by key.
-    pods: HashMap<String, Pod>,
+    pods: HashMap<Key, Pod>,
     namespaces: HashMap<String, Labels>,
     /// Relevant pods by address (addresses may be shared for a moment, e.g. during IP reuse).
-    owners: HashMap<IpAddr, BTreeSet<String>>,
+    owners: HashMap<IpAddr, BTreeSet<Key>>,
     entries: HashMap<String, Entry>,
     used: HashSet<String>,
 }
@@ -32,7 +35,7 @@ struct Entry {
     selectors: Vec<(Option<LabelSelector>, Option<LabelSelector>)>,
     all: bool,
     blocks: [BTreeSet<SetMember>; 2],
-    pods: BTreeSet<String>,
+    pods: BTreeSet<Key>,
     members: [Members; 2],
     /// Egress named ports resolved on the chosen pods, by (name, protocol); kept up to date by
     /// `update` like the members.
@@ -94,15 +97,15 @@ impl PeerCache {
             .filter(|p| p.is_policy_relevant())
             .map(|p| (p.key(), p))
             .collect();
-        let mut changed_pods: BTreeSet<String> = new_pods
+        let mut changed_pods: BTreeSet<Key> = new_pods
             .iter()
-            .filter(|(k, p)| self.pods.get(*k) != Some(**p))
-            .map(|(k, _)| k.clone())
+            .filter(|(k, p)| self.pods.get(k.as_str()) != Some(**p))
+            .map(|(k, _)| Key::from(k.as_str()))
             .collect();
         changed_pods.extend(
             self.pods
                 .keys()
-                .filter(|k| !new_pods.contains_key(*k))
+                .filter(|k| !new_pods.contains_key(&***k))
                 .cloned(),
         );
         let new_namespaces: HashMap<String, Labels> = snapshot
@@ -127,16 +130,16 @@ impl PeerCache {
 
         // Apply only what changed; keep the old versions of changed pods for their addresses.
         let old_namespaces = std::mem::replace(&mut self.namespaces, new_namespaces);
-        let mut old_changed: HashMap<String, Pod> = HashMap::new();
+        let mut old_changed: HashMap<Key, Pod> = HashMap::new();
         for key in &changed_pods {
-            let old = match new_pods.get(key) {
+            let old = match new_pods.get(&**key) {
                 Some(p) => self.pods.insert(key.clone(), (*p).clone()),
-                None => self.pods.remove(key),
+                None => self.pods.remove(&**key),
             };
             if let Some(old) = old {
                 for ip in &old.ips {
                     if let Some(owners) = self.owners.get_mut(ip) {
-                        owners.remove(key);
+                        owners.remove(&**key);
                         if owners.is_empty() {
                             self.owners.remove(ip);
                         }
@@ -144,7 +147,7 @@ impl PeerCache {
                 }
                 old_changed.insert(key.clone(), old);
             }
-            if let Some(p) = new_pods.get(key) {
+            if let Some(p) = new_pods.get(&**key) {
                 for ip in &p.ips {
                     self.owners.entry(*ip).or_default().insert(key.clone());
                 }
@@ -164,7 +167,7 @@ impl PeerCache {
         };
 
         for entry in self.entries.values_mut() {
-            let mut judge: BTreeSet<&String> = changed_pods.iter().collect();
+            let mut judge: BTreeSet<&Key> = changed_pods.iter().collect();
             for ns in &changed_namespaces {
                 if entry.depends_on_namespace(old_namespaces.get(ns), self.namespaces.get(ns)) {
                     judge.extend(
@@ -177,13 +180,13 @@ impl PeerCache {
                 }
             }
             let mut touched_ips: BTreeSet<IpAddr> = BTreeSet::new();
-            // Chosen pods before or after that changed in any way (addresses, ports).
-            let mut touched: Vec<(&String, bool, bool)> = Vec::new();
+            // Chosen pods, before or after, that changed in any way (addresses, ports).
+            let mut touched: Vec<(&Key, bool, bool)> = Vec::new();
             for key in judge {
-                let was = entry.pods.contains(key);
+                let was = entry.pods.contains(&**key);
                 let now = self
                     .pods
-                    .get(key)
+                    .get(&**key)
                     .is_some_and(|p| entry.selects(p, &self.namespaces));
                 if was || now {
                     touched.push((key, was, now));
@@ -192,11 +195,11 @@ impl PeerCache {
                     touched_ips.extend(old_ips(key));
                 }
                 if now {
-                    touched_ips.extend(self.pods[key].ips.iter().copied());
+                    touched_ips.extend(self.pods[&**key].ips.iter().copied());
                 }
                 match (was, now) {
                     (true, false) => {
-                        entry.pods.remove(key);
+                        entry.pods.remove(&**key);
                     }
                     (false, true) => {
                         entry.pods.insert(key.clone());
@@ -213,14 +216,14 @@ impl PeerCache {
                 let mut pairs: BTreeSet<SetMember> = BTreeSet::new();
                 for (key, was, now) in &touched {
                     if *was {
-                        let old = old_changed.get(*key).or_else(|| self.pods.get(*key));
+                        let old = old_changed.get(&***key).or_else(|| self.pods.get(&***key));
                         pairs.extend(
                             old.into_iter()
                                 .flat_map(|p| named_pairs(p, port_name, *protocol)),
                         );
                     }
                     if *now {
-                        pairs.extend(named_pairs(&self.pods[*key], port_name, *protocol));
+                        pairs.extend(named_pairs(&self.pods[&***key], port_name, *protocol));
                     }
                 }
                 for pair in pairs {
@@ -229,8 +232,8 @@ impl PeerCache {
                     };
                     let provided = self.owners.get(&ip).is_some_and(|owners| {
                         owners.iter().any(|o| {
-                            entry.pods.contains(o)
-                                && self.pods[o].ports.iter().any(|cp| {
+                            entry.pods.contains(&**o)
+                                && self.pods[&**o].ports.iter().any(|cp| {
                                     cp.name.as_deref() == Some(port_name.as_str())
                                         && cp.protocol == *protocol
                                         && cp.port == port
@@ -254,7 +257,7 @@ impl PeerCache {
                 let chosen = self
                     .owners
                     .get(&ip)
-                    .is_some_and(|owners| owners.iter().any(|o| entry.pods.contains(o)));
+                    .is_some_and(|owners| owners.iter().any(|o| entry.pods.contains(&**o)));
                 let present = chosen || entry.blocks[f].contains(&member);
                 let set = &mut entry.members[f];
                 if present != set.contains(&member) {
@@ -345,7 +348,7 @@ impl PeerCache {
             .or_insert_with(|| {
                 let mut members = [BTreeSet::new(), BTreeSet::new()];
                 for key in &entry.pods {
-                    for pair in named_pairs(&pods[key], port_name, protocol) {
+                    for pair in named_pairs(&pods[&**key], port_name, protocol) {
                         if let SetMember::IpPort(ip, ..) = &pair {
                             members[index(Family::of(ip))].insert(pair);
                         }
