@@ -151,17 +151,7 @@ fn converges_from_previous_runs_and_leaves_other_rules_alone() {
         assert!(!lab.tcp("z/a", "x/a", 80));
         assert!(lab.tcp("x/a", "z/a", 80), "no egress isolation any more");
         let chains = owned_chains(&lab, backend);
-        let render = lab.agent(
-            0,
-            &[
-                "render",
-                "--manifests",
-                lab.manifests_dir().to_str().unwrap(),
-                "--node-name",
-                "node1",
-            ],
-        );
-        let rendered = String::from_utf8_lossy(&render.stdout).to_string();
+        let rendered = lab.render();
         for chain in &chains {
             assert!(
                 rendered.contains(&format!(":{chain} ")),
@@ -347,17 +337,7 @@ fn switching_backends_removes_our_rules_from_the_other() {
     assert!(!owned_chains(&lab, "nft").is_empty());
     assert!(!lab.tcp("y/a", "x/a", 80), "still enforced, now by nft");
     assert!(lab.tcp("y/a", "z/a", 80));
-    let render = lab.agent(
-        0,
-        &[
-            "render",
-            "--manifests",
-            lab.manifests_dir().to_str().unwrap(),
-            "--node-name",
-            "node1",
-        ],
-    );
-    let rendered = String::from_utf8_lossy(&render.stdout).to_string();
+    let rendered = lab.render();
     for set in set_names(&lab).iter().filter(|s| s.starts_with("KNI-")) {
         assert!(
             rendered.contains(&format!("create {set} ")),

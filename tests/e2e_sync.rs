@@ -253,9 +253,7 @@ fn a_set_with_other_parameters_is_replaced_by_swap() {
     }
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
-    let dir = lab.manifests_dir().to_str().unwrap().to_string();
-    let render = lab.agent(0, &["render", "--manifests", &dir, "--node-name", "node1"]);
-    let rendered = String::from_utf8_lossy(&render.stdout).to_string();
+    let rendered = lab.render();
     let set = rendered
         .lines()
         .find_map(|l| l.strip_prefix("create KNI-4P-"))

@@ -562,6 +562,26 @@ impl Lab {
             .unwrap()
     }
 
+    /// What `render` prints for node 1 and the current manifests.
+    pub fn render(&self) -> String {
+        let out = self.agent(
+            0,
+            &[
+                "render",
+                "--manifests",
+                self.manifests.to_str().unwrap(),
+                "--node-name",
+                "node1",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "render: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.manifests.join("agent.log")).unwrap_or_default()
     }
