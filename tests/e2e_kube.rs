@@ -49,24 +49,26 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let log = std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap();
     let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-    let mut agent = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node_ns,
-            bin,
-            "run",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--backend",
-            "nft",
-        ])
-        .env("NODE_NAME", "node1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut agent = lab::AgentProcess(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node_ns,
+                bin,
+                "run",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--backend",
+                "nft",
+            ])
+            .env("NODE_NAME", "node1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
 
     wait_until("ready", Duration::from_secs(15), || {
         http_get(&node_ns, "/readyz").is_some_and(|(c, _)| c == 200)

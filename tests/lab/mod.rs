@@ -546,20 +546,22 @@ impl Lab {
     }
 
     /// The agent running on node 1 until killed, logging to `agent.log` in the manifests directory.
-    pub fn spawn_agent(&self, backend: &str, extra: &[&str]) -> std::process::Child {
+    pub fn spawn_agent(&self, backend: &str, extra: &[&str]) -> AgentProcess {
         let dir = self.manifests.to_str().unwrap().to_string();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.manifests.join("agent.log"))
             .unwrap();
-        Command::new("ip")
-            .args(self.agent_args(&dir, backend, extra))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        AgentProcess(
+            Command::new("ip")
+                .args(self.agent_args(&dir, backend, extra))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// What `render` prints for node 1 and the current manifests.
@@ -584,6 +586,31 @@ impl Lab {
 
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.manifests.join("agent.log")).unwrap_or_default()
+    }
+}
+
+/// A running agent that is killed when dropped, so a failing test never leaves one behind.
+pub struct AgentProcess(pub std::process::Child);
+
+impl std::ops::Deref for AgentProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AgentProcess {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
