@@ -10,7 +10,7 @@
 mod synthetic;
 
 use kube_netpol_iptables::agent::{desired_states, desired_states_cached};
-use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable};
+use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable, View};
 use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
 use kube_netpol_iptables::dataplane::{self, Backend, Dataplane, SyncMode, Tables};
 use kube_netpol_iptables::model::ClusterSnapshot;
@@ -111,9 +111,15 @@ fn parse_args() -> (Params, bool) {
 /// The restore text a fresh node needs: (ipset, [(family, iptables)]).
 fn payload(states: &States) -> (String, Vec<(Family, String)>) {
     let ipset = render_ipset_update(states.iter().map(|(_, s)| s), &KernelSets::default()).unwrap();
+    let want = View::of_desired(states);
     let tables = states
         .iter()
-        .map(|(f, s)| (*f, render_iptables(*f, s, &KernelTable::default()).unwrap()))
+        .map(|(f, _)| {
+            (
+                *f,
+                render_iptables(&want.tables[f], &KernelTable::default()).unwrap(),
+            )
+        })
         .collect();
     (ipset, tables)
 }

@@ -354,11 +354,6 @@ impl<'a> Compiler<'a> {
                                 kind: SetKind::HashIpPort,
                                 family: self.family,
                                 members,
-                                purpose: format!(
-                                    "policy {} {} rule {index} port {port_name}",
-                                    policy.key(),
-                                    direction.name()
-                                ),
                             },
                         );
                         matches.push(Match::Set {
@@ -445,7 +440,6 @@ impl<'a> Compiler<'a> {
                     kind: SetKind::HashNet,
                     family: self.family,
                     members,
-                    purpose: format!("peers of a rule in namespace {}", policy.namespace),
                 },
             );
             return name;
@@ -471,7 +465,6 @@ impl<'a> Compiler<'a> {
                 kind: SetKind::HashNet,
                 family: self.family,
                 members: members.into(),
-                purpose: format!("peers of a rule in namespace {}", policy.namespace),
             },
         );
         name

@@ -99,8 +99,6 @@ pub struct IpSet {
     pub kind: SetKind,
     pub family: Family,
     pub members: Members,
-    /// What the set stands for, for people reading `ipset list` (not written to the kernel).
-    pub purpose: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

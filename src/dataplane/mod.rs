@@ -319,12 +319,6 @@ pub struct SyncReport {
     pub repairs: Vec<String>,
 }
 
-impl SyncReport {
-    pub fn wrote_nothing(&self) -> bool {
-        self.ipset_lines == 0 && self.iptables_lines == 0
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
     /// Diff against what we last wrote; touches the kernel only where the desired state changed.
@@ -376,26 +370,27 @@ impl Dataplane {
         desired: &[(Family, DesiredState)],
         mode: SyncMode,
     ) -> Result<SyncReport> {
-        let result = self.sync_inner(desired, mode);
-        self.applied = match &result {
-            Ok(_) => Some(kernel::View::of_desired(desired)),
-            Err(_) => None,
-        };
+        // Rendered once: diffed against the kernel now, remembered as what we wrote afterwards.
+        let want = kernel::View::of_desired(desired);
+        let result = self.sync_inner(desired, &want, mode);
+        self.applied = result.is_ok().then_some(want);
         result
     }
 
     fn sync_inner(
         &mut self,
         desired: &[(Family, DesiredState)],
+        want: &kernel::View,
         mode: SyncMode,
     ) -> Result<SyncReport> {
         let mut report = SyncReport::default();
         let full = mode == SyncMode::Full || self.applied.is_none();
-        let view = match (&self.applied, full) {
-            (Some(applied), false) => applied.clone(),
+        // Replaced by `sync` whatever happens, so it is taken rather than copied.
+        let view = match (self.applied.take(), full) {
+            (Some(applied), false) => applied,
             (believed, _) => {
                 let actual = self.read_kernel()?;
-                if let Some(believed) = believed {
+                if let Some(believed) = &believed {
                     // Sets we could not destroy yet are known leftovers, not drift.
                     report.repairs = believed
                         .drift_from(&actual)
@@ -413,9 +408,9 @@ impl Dataplane {
         report.ipset_lines += update.lines().count();
 
         let empty = kernel::KernelTable::default();
-        for (family, state) in desired {
-            let table = view.tables.get(family).unwrap_or(&empty);
-            if let Some(text) = render::render_iptables(*family, state, table) {
+        for (family, _) in desired {
+            let have = view.tables.get(family).unwrap_or(&empty);
+            if let Some(text) = render::render_iptables(&want.tables[family], have) {
                 self.tables
                     .restore(*family, &text)
                     .with_context(|| format!("writing {family} rules"))?;

@@ -1,7 +1,7 @@
 //! Pure rendering: desired state + what the kernel holds → `ipset restore` and
 //! `iptables-restore --noflush` text. Only our own chains, jumps and sets ever appear in it.
 
-use super::kernel::{KernelSets, KernelTable};
+use super::kernel::{Jump, KernelSets, KernelTable, View};
 use crate::names;
 use crate::state::{ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, Target};
 use std::collections::BTreeSet;
@@ -91,42 +91,27 @@ pub fn render_ipset_destroy<'a>(
     out
 }
 
-/// `iptables-restore --noflush` text for the filter table of one family, or `None` when the kernel
-/// already holds exactly `desired`. Only chains whose rules differ are declared (which creates or
-/// flushes them) and refilled; stale chains of ours are flushed and deleted; each hook is made the
-/// single first rule of its built-in chain. Built-in chains are never flushed; only rules jumping
-/// to our chains are touched in them.
-pub fn render_iptables(
-    family: Family,
-    desired: &DesiredState,
-    kernel: &KernelTable,
-) -> Option<String> {
-    let changed: Vec<(&String, Vec<String>)> = desired
+/// `iptables-restore --noflush` text that turns one family's filter table from `have` into `want`
+/// (our part of it, as `View` describes it), or `None` when they already agree. Only chains whose
+/// rules differ are declared (which creates or flushes them) and refilled; stale chains of ours
+/// are flushed and deleted; each hook is made the single first rule of its built-in chain.
+/// Built-in chains are never flushed; only rules jumping to our chains are touched in them.
+pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String> {
+    let empty = Vec::new();
+    let changed: Vec<(&String, &Vec<String>)> = want
         .chains
         .iter()
-        .map(|(chain, rules)| {
-            (
-                chain,
-                rules
-                    .iter()
-                    .map(|r| render_rule(family, r))
-                    .collect::<Vec<_>>(),
-            )
-        })
+        .map(|chain| (chain, want.rules.get(chain).unwrap_or(&empty)))
         .filter(|(chain, rules)| {
-            !kernel.chains.contains(chain)
-                || kernel
-                    .rules
-                    .get(*chain)
-                    .map_or(!rules.is_empty(), |k| k != rules)
+            !have.chains.contains(chain) || have.rules.get(*chain).unwrap_or(&empty) != *rules
         })
         .collect();
-    let stale: Vec<&String> = kernel
+    let stale: Vec<&String> = have
         .chains
         .iter()
-        .filter(|c| !desired.chains.contains_key(*c))
+        .filter(|c| !want.chains.contains(c))
         .collect();
-    let hooks = render_hooks(&desired.hooks, kernel);
+    let hooks = render_hooks(&want.jumps, have);
     if changed.is_empty() && stale.is_empty() && hooks.is_empty() {
         return None;
     }
@@ -135,7 +120,7 @@ pub fn render_iptables(
         writeln!(out, ":{chain} - [0:0]").unwrap();
     }
     for (chain, rules) in &changed {
-        for rule in rules {
+        for rule in *rules {
             writeln!(out, "-A {chain} {rule}").unwrap();
         }
     }
@@ -170,11 +155,10 @@ pub fn hook_spec(hook: &Hook) -> String {
     format!("-m comment --comment {HOOK_COMMENT} -j {}", hook.target)
 }
 
-fn render_hooks(hooks: &[Hook], kernel: &KernelTable) -> String {
+fn render_hooks(want: &[Jump], have: &KernelTable) -> String {
     let mut out = String::new();
-    for hook in hooks {
-        let spec = hook_spec(hook);
-        let ours: Vec<_> = kernel
+    for hook in want {
+        let ours: Vec<_> = have
             .jumps
             .iter()
             .filter(|j| j.builtin == hook.builtin)
@@ -182,18 +166,18 @@ fn render_hooks(hooks: &[Hook], kernel: &KernelTable) -> String {
         // Already exactly right: our single jump, first in the chain.
         if let [only] = ours.as_slice()
             && only.position == 1
-            && only.spec == spec
+            && only.spec == hook.spec
         {
             continue;
         }
         for jump in ours {
             writeln!(out, "-D {} {}", jump.builtin, jump.spec).unwrap();
         }
-        writeln!(out, "-I {} 1 {spec}", hook.builtin).unwrap();
+        writeln!(out, "-I {} 1 {}", hook.builtin, hook.spec).unwrap();
     }
     // Jumps of ours from built-in chains we no longer hook.
-    for jump in &kernel.jumps {
-        if !hooks.iter().any(|h| h.builtin == jump.builtin) {
+    for jump in &have.jumps {
+        if !want.iter().any(|h| h.builtin == jump.builtin) {
             writeln!(out, "-D {} {}", jump.builtin, jump.spec).unwrap();
         }
     }
@@ -270,18 +254,19 @@ fn sanitize_comment(c: &str) -> String {
 pub fn render_fresh(states: &[(Family, DesiredState)]) -> String {
     let empty_sets = KernelSets::default();
     let empty_table = KernelTable::default();
+    let want = View::of_desired(states);
     let mut out = String::from("# ipset restore\n");
     out.push_str(
         &render_ipset_update(states.iter().map(|(_, s)| s), &empty_sets)
             .expect("an empty kernel has no conflicting sets"),
     );
-    for (family, state) in states {
+    for (family, _) in states {
         let tool = match family {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
         };
         writeln!(out, "# {tool} --noflush ({family})").unwrap();
-        out.push_str(&render_iptables(*family, state, &empty_table).unwrap_or_default());
+        out.push_str(&render_iptables(&want.tables[family], &empty_table).unwrap_or_default());
     }
     out
 }
