@@ -285,6 +285,19 @@ fn main() {
     let sets: usize = states.iter().map(|(_, s)| s.sets.len()).sum();
     let members: usize = states.iter().map(|(_, s)| s.member_count()).sum();
     row("compile (both families)", ms(compile_time));
+    row("ipBlock ::/0 minus 10,000 /64 excepts", {
+        let except: Vec<ipnet::IpNet> = (0..10_000u128)
+            .map(|i| {
+                let addr = std::net::Ipv6Addr::from(
+                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+                );
+                ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr, 64).unwrap())
+            })
+            .collect();
+        let start = Instant::now();
+        let prefixes = kube_netpol_iptables::cidr::subtract("::/0".parse().unwrap(), &except);
+        format!("{} ({} prefixes)", ms(start.elapsed()), prefixes.len())
+    });
     row(
         "rendered size",
         format!("{chains} chains, {rules} rules, {sets} sets, {members} set members"),

@@ -11,6 +11,7 @@ use crate::model::ClusterSnapshot;
 use crate::peer_cache::PeerCache;
 use crate::state::{DesiredState, Family};
 use anyhow::Result;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,7 @@ pub fn sync_snapshot(
     let started = Instant::now();
     let desired = desired_states_cached(snapshot, node, cache);
     let compiled = started.elapsed();
+    report_failed_closed(&desired, metrics);
     let report = match dataplane.sync(&desired, mode) {
         Ok(r) => r,
         Err(e) => {
@@ -84,6 +86,33 @@ pub fn sync_snapshot(
         "synced"
     );
     Ok(report)
+}
+
+/// Logs the policy rules that could not be programmed (they allow nothing) whenever that list
+/// changes, and records them for /metrics and /readyz.
+fn report_failed_closed(desired: &[(Family, DesiredState)], metrics: Option<&Metrics>) {
+    let rules: BTreeSet<String> = desired
+        .iter()
+        .flat_map(|(_, s)| &s.failed_closed)
+        .map(ToString::to_string)
+        .collect();
+    let rules: Vec<String> = rules.into_iter().collect();
+    let before = match metrics {
+        Some(m) => m.set_failed_closed(rules.clone()),
+        None => Vec::new(),
+    };
+    if metrics.is_some() && before == rules {
+        return;
+    }
+    for rule in &rules {
+        tracing::warn!(
+            rule = rule.as_str(),
+            "a policy rule could not be programmed: it allows nothing (fail closed); everything else is enforced as usual"
+        );
+    }
+    if rules.is_empty() && !before.is_empty() {
+        tracing::info!("every policy rule is programmed again");
+    }
 }
 
 /// Loads the directory, compiles and writes. Nothing is written if the directory does not load.

@@ -18,8 +18,8 @@ use crate::model::{ClusterSnapshot, Peer, Pod, Policy, PortRef, Protocol};
 use crate::names;
 use crate::peer_cache::PeerCache;
 use crate::state::{
-    DesiredState, Family, Hook, IpSet, Match, Members, Rule, SetDirection, SetKind, SetMember,
-    Target,
+    DesiredState, FailedClosed, Family, Hook, IpSet, MAX_SET_MEMBERS, Match, Members, Rule,
+    SetDirection, SetKind, SetMember, Target,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
@@ -268,15 +268,24 @@ impl<'a> Compiler<'a> {
         };
         let mut out = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
-            let peer_match = rule.peers.as_ref().map(|peers| {
-                let name = self.peer_set(policy, peers);
-                Match::Set {
-                    name,
-                    direction: match direction {
-                        Direction::Ingress => SetDirection::Src,
-                        Direction::Egress => SetDirection::Dst,
-                    },
+            let peer_set = match rule
+                .peers
+                .as_ref()
+                .map(|peers| self.peer_set(policy, peers))
+            {
+                Some(Err(too_many)) => {
+                    self.fail_closed(policy, direction, index, too_many);
+                    continue;
                 }
+                Some(Ok(name)) => Some(name),
+                None => None,
+            };
+            let peer_match = peer_set.map(|name| Match::Set {
+                name,
+                direction: match direction {
+                    Direction::Ingress => SetDirection::Src,
+                    Direction::Egress => SetDirection::Dst,
+                },
             });
             let Some(ports) = &rule.ports else {
                 out.push(Rule::new(
@@ -348,6 +357,10 @@ impl<'a> Compiler<'a> {
                                 ))
                             }
                         };
+                        if members.len() > MAX_SET_MEMBERS {
+                            self.fail_closed(policy, direction, index, members.len());
+                            continue;
+                        }
                         self.state.sets.insert(
                             set.clone(),
                             IpSet {
@@ -425,48 +438,60 @@ impl<'a> Compiler<'a> {
         chosen
     }
 
-    /// Creates (or reuses) the set holding every address `peers` allows, and returns its name.
-    fn peer_set(&mut self, policy: &Policy, peers: &[Peer]) -> String {
+    /// Creates (or reuses) the set holding every address `peers` allows, and returns its name; or,
+    /// when that would be more than [`MAX_SET_MEMBERS`] addresses and prefixes, how many (at least).
+    fn peer_set(&mut self, policy: &Policy, peers: &[Peer]) -> Result<String, usize> {
         let definition = peer_definition(policy, peers);
         let name = names::peer_set(self.family, &definition);
         if self.state.sets.contains_key(&name) {
-            return name;
+            return Ok(name);
         }
-        if let Some(cache) = self.cache.as_deref_mut() {
-            let members = cache.peer_members(&definition, &policy.namespace, peers, self.family);
-            self.state.sets.insert(
-                name.clone(),
-                IpSet {
-                    kind: SetKind::HashNet,
-                    family: self.family,
-                    members,
-                },
-            );
-            return name;
-        }
-        let mut members = BTreeSet::new();
-        for pod in self.peer_pods(policy, peers) {
-            for ip in self.family_ips(pod) {
-                members.insert(SetMember::Net(IpNet::from(ip)));
+        let members = match self.cache.as_deref_mut() {
+            Some(cache) => {
+                cache.peer_members(&definition, &policy.namespace, peers, self.family)?
             }
-        }
-        for peer in peers {
-            if let Peer::IpBlock { cidr, except } = peer
-                && Family::of_net(cidr) == self.family
-            {
-                for net in cidr::subtract(*cidr, except) {
-                    members.extend(cidr::ipset_storable(net).into_iter().map(SetMember::Net));
+            None => {
+                let blocks = peers.iter().filter_map(|peer| match peer {
+                    Peer::IpBlock { cidr, except } => Some((cidr, except.as_slice())),
+                    Peer::Pods { .. } => None,
+                });
+                let mut members: BTreeSet<SetMember> =
+                    cidr::block_prefixes(blocks, self.family, MAX_SET_MEMBERS)?
+                        .into_iter()
+                        .map(SetMember::Net)
+                        .collect();
+                for pod in self.peer_pods(policy, peers) {
+                    for ip in self.family_ips(pod) {
+                        members.insert(SetMember::Net(IpNet::from(ip)));
+                    }
                 }
+                members.into()
             }
+        };
+        if members.len() > MAX_SET_MEMBERS {
+            return Err(members.len());
         }
         self.state.sets.insert(
             name.clone(),
             IpSet {
                 kind: SetKind::HashNet,
                 family: self.family,
-                members: members.into(),
+                members,
             },
         );
-        name
+        Ok(name)
+    }
+
+    /// Leaves a rule out (it allows nothing) because its set would hold `members` entries.
+    fn fail_closed(&mut self, policy: &Policy, direction: Direction, rule: usize, members: usize) {
+        self.state.failed_closed.push(FailedClosed {
+            policy: policy.key(),
+            direction: direction.name(),
+            rule,
+            reason: format!(
+                "its {} peers need a set of more than {MAX_SET_MEMBERS} entries ({members} or more)",
+                self.family
+            ),
+        });
     }
 }

@@ -873,3 +873,137 @@ fn the_peer_cache_always_equals_a_fresh_compile() {
         }
     }
 }
+
+/// A policy whose ipBlocks need more set entries than `MAX_SET_MEMBERS` (17,000 IPv6 /64s, each
+/// with one /128 cut out: 64 prefixes apiece, over a million in all) must not be programmed: that
+/// rule allows nothing, the pod stays isolated, the policy's other rules and every other policy
+/// still apply, and the failure is reported. Both compile paths agree.
+mod oversized {
+    use super::*;
+    use crate::compile::compile_cached;
+    use crate::model::{LabelSelector, Peer, Policy, PolicyRule};
+    use crate::peer_cache::PeerCache;
+    use crate::state::{DesiredState, MAX_SET_MEMBERS};
+    use ipnet::IpNet;
+
+    fn selector(label: &str, value: &str) -> LabelSelector {
+        LabelSelector {
+            match_labels: [(label.to_string(), value.to_string())].into(),
+            match_expressions: vec![],
+        }
+    }
+
+    fn huge_policy() -> Policy {
+        let blocks: Vec<Peer> = (0..17_000u32)
+            .map(|i| {
+                let net: IpNet = format!("2001:db8:{:x}:{:x}::/64", i >> 8, i & 0xff)
+                    .parse()
+                    .unwrap();
+                let hole: IpNet = format!("2001:db8:{:x}:{:x}::1/128", i >> 8, i & 0xff)
+                    .parse()
+                    .unwrap();
+                Peer::IpBlock {
+                    cidr: net,
+                    except: vec![hole],
+                }
+            })
+            .collect();
+        Policy {
+            namespace: "x".into(),
+            name: "huge".into(),
+            pod_selector: selector("pod", "a"),
+            isolates_ingress: true,
+            isolates_egress: false,
+            ingress: vec![
+                PolicyRule {
+                    peers: Some(blocks),
+                    ports: None,
+                },
+                PolicyRule {
+                    peers: Some(vec![Peer::Pods {
+                        namespaces: None,
+                        pods: Some(selector("pod", "b")),
+                    }]),
+                    ports: None,
+                },
+            ],
+            egress: vec![],
+        }
+    }
+
+    fn check(s: &ClusterSnapshot, compiled: &dyn Fn(Family) -> DesiredState) {
+        let v6 = compiled(Family::V6);
+        assert_eq!(v6.failed_closed.len(), 1, "{:?}", v6.failed_closed);
+        let failed = &v6.failed_closed[0];
+        assert_eq!(
+            (failed.policy.as_str(), failed.direction, failed.rule),
+            ("x/huge", "ingress", 0)
+        );
+        assert!(
+            v6.sets
+                .values()
+                .all(|set| set.members.len() <= MAX_SET_MEMBERS)
+        );
+        // The blocks hold only IPv6 prefixes: the IPv4 rule is an empty set, nothing failed.
+        assert!(compiled(Family::V4).failed_closed.is_empty());
+        for family in Family::ALL {
+            let state = compiled(family);
+            let dst = *node_of(s, "x/a")
+                .unwrap()
+                .ips
+                .iter()
+                .find(|ip| Family::of(ip) == family)
+                .unwrap();
+            let src_of = |key: &str| {
+                *node_of(s, key)
+                    .unwrap()
+                    .ips
+                    .iter()
+                    .find(|ip| Family::of(ip) == family)
+                    .unwrap()
+            };
+            let packet = |src| Packet {
+                src,
+                dst,
+                l4: L4::Port(Protocol::Tcp, 80),
+                established: false,
+                src_is_local: false,
+            };
+            assert!(
+                passes(&state, "FORWARD", &packet(src_of("x/b"))),
+                "{family}: rule 1 still allows x/b"
+            );
+            assert!(
+                !passes(&state, "FORWARD", &packet(src_of("y/b"))),
+                "{family}: x/a stays isolated"
+            );
+            // An address the blocks would have allowed is not let in either.
+            if family == Family::V6 {
+                let inside: IpAddr = "2001:db8:0:5::7".parse().unwrap();
+                assert!(
+                    !passes(&state, "FORWARD", &packet(inside)),
+                    "fails closed, not open"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversized_rule_fails_closed_and_the_rest_is_enforced() {
+        let mut s = with_policies(
+            cluster(),
+            &[
+                "metadata: {name: deny-y, namespace: y}\nspec: {podSelector: {}, policyTypes: [Ingress]}",
+            ],
+        );
+        s.policies.push(huge_policy());
+        check(&s, &|family| compile(&s, "n1", family));
+        let cache = std::cell::RefCell::new(PeerCache::default());
+        cache.borrow_mut().update(&s);
+        check(&s, &|family| {
+            compile_cached(&s, "n1", family, &mut cache.borrow_mut())
+        });
+        // The unrelated policy is compiled as usual: y/a is isolated.
+        assert!(!tcp80(&s, "x/b", "y/a"));
+    }
+}

@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The default for `--metrics-bind-address`. Clear of kube-proxy (10249, 10256), kubelet
@@ -35,6 +35,9 @@ pub struct Metrics {
     write_errors: Counter,
     drift_repairs: Counter,
     invalid_objects: MetricFamily<Labels, Gauge>,
+    failed_closed_rules: Gauge,
+    /// Policy rules that could not be programmed and allow nothing, one line each (for /readyz).
+    failed_closed: Mutex<Vec<String>>,
     /// A full sync has succeeded since start.
     synced_once: AtomicBool,
     /// The last sync attempt failed.
@@ -114,6 +117,12 @@ impl Metrics {
             "Objects the agent could not use (see its log), by kind",
             invalid_objects.clone(),
         );
+        let failed_closed_rules = Gauge::default();
+        registry.register(
+            "policy_rules_failed_closed",
+            "Policy rules that could not be programmed (e.g. ipBlocks needing more set entries than allowed) and allow nothing; /readyz names them",
+            failed_closed_rules.clone(),
+        );
         Arc::new(Metrics {
             registry,
             sync_duration,
@@ -126,6 +135,8 @@ impl Metrics {
             write_errors,
             drift_repairs,
             invalid_objects,
+            failed_closed_rules,
+            failed_closed: Mutex::new(Vec::new()),
             synced_once: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             heartbeat: AtomicI64::new(now_secs() as i64),
@@ -195,6 +206,30 @@ impl Metrics {
             .set(count as i64);
     }
 
+    /// Records the rules that fail closed and returns the ones recorded before.
+    pub fn set_failed_closed(&self, rules: Vec<String>) -> Vec<String> {
+        self.failed_closed_rules.set(rules.len() as i64);
+        std::mem::replace(&mut *self.failed_closed.lock().unwrap(), rules)
+    }
+
+    /// What /readyz adds to "ok": the rules that fail closed (the node is enforcing, more strictly
+    /// than those policies ask).
+    fn readiness_detail(&self) -> String {
+        let rules = self.failed_closed.lock().unwrap();
+        if rules.is_empty() {
+            return String::new();
+        }
+        let mut out = format!(
+            "\ndegraded: {} policy rule(s) could not be programmed and allow nothing:",
+            rules.len()
+        );
+        for rule in rules.iter() {
+            out.push_str("\n- ");
+            out.push_str(rule);
+        }
+        out
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
@@ -235,7 +270,11 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         .route(
             "/readyz",
             get(move || async move {
-                status(m3.ready(), "no successful sync yet, or the last one failed")
+                if m3.ready() {
+                    (StatusCode::OK, format!("ok{}", m3.readiness_detail())).into_response()
+                } else {
+                    status(false, "no successful sync yet, or the last one failed").into_response()
+                }
             }),
         )
 }

@@ -9,7 +9,7 @@
 
 use crate::cidr;
 use crate::model::{ClusterSnapshot, LabelSelector, Labels, Peer, Pod, Protocol};
-use crate::state::{Family, Members, SetMember};
+use crate::state::{Family, MAX_SET_MEMBERS, Members, SetMember};
 use ipnet::IpNet;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -35,6 +35,9 @@ struct Entry {
     selectors: Vec<(Option<LabelSelector>, Option<LabelSelector>)>,
     all: bool,
     blocks: [BTreeSet<SetMember>; 2],
+    /// Per family, how many prefixes the ipBlocks needed when that was more than
+    /// `MAX_SET_MEMBERS` (their `blocks` are then left empty and the rule fails closed).
+    too_many_blocks: [Option<usize>; 2],
     pods: BTreeSet<Key>,
     members: [Members; 2],
     /// Egress named ports resolved on the chosen pods, by (name, protocol); kept up to date by
@@ -280,6 +283,7 @@ impl PeerCache {
                 selectors: vec![],
                 all: peers.is_none(),
                 blocks: [BTreeSet::new(), BTreeSet::new()],
+                too_many_blocks: [None, None],
                 pods: BTreeSet::new(),
                 members: [Members::default(), Members::default()],
                 named: HashMap::new(),
@@ -289,13 +293,20 @@ impl PeerCache {
                     Peer::Pods { namespaces, pods } => {
                         entry.selectors.push((namespaces.clone(), pods.clone()))
                     }
-                    Peer::IpBlock { cidr, except } => {
-                        for net in cidr::subtract(*cidr, except) {
-                            let f = index(Family::of_net(&net));
-                            entry.blocks[f]
-                                .extend(cidr::ipset_storable(net).into_iter().map(SetMember::Net));
-                        }
+                    Peer::IpBlock { .. } => {}
+                }
+            }
+            for family in Family::ALL {
+                let blocks = peers.into_iter().flatten().filter_map(|peer| match peer {
+                    Peer::IpBlock { cidr, except } => Some((cidr, except.as_slice())),
+                    Peer::Pods { .. } => None,
+                });
+                match cidr::block_prefixes(blocks, family, MAX_SET_MEMBERS) {
+                    Ok(prefixes) => {
+                        entry.blocks[index(family)] =
+                            prefixes.into_iter().map(SetMember::Net).collect()
                     }
+                    Err(count) => entry.too_many_blocks[index(family)] = Some(count),
                 }
             }
             let mut members = entry.blocks.clone();
@@ -314,15 +325,20 @@ impl PeerCache {
         self.entries.get_mut(definition).unwrap()
     }
 
-    /// The members of the peer set for `peers` (pod addresses and ipBlock prefixes).
+    /// The members of the peer set for `peers` (pod addresses and ipBlock prefixes), or how many
+    /// prefixes the ipBlocks alone need when that is more than `MAX_SET_MEMBERS`.
     pub fn peer_members(
         &mut self,
         definition: &str,
         namespace: &str,
         peers: &[Peer],
         family: Family,
-    ) -> Members {
-        self.entry(definition, namespace, Some(peers)).members[index(family)].clone()
+    ) -> Result<Members, usize> {
+        let entry = self.entry(definition, namespace, Some(peers));
+        match entry.too_many_blocks[index(family)] {
+            Some(count) => Err(count),
+            None => Ok(entry.members[index(family)].clone()),
+        }
     }
 
     /// (address, port) of every chosen pod (every pod, when `peers` is `None`) that has the named

@@ -48,6 +48,35 @@ impl fmt::Display for Family {
 /// is configurable) and kube-router (0x10000, 0x20000).
 pub const ALLOW_MARK: u32 = 0x0040_0000;
 
+/// The most members one set may hold. A selection or ipBlock list beyond it (150,000 pods is the
+/// largest cluster Kubernetes supports; more prefixes than this only come from pathological or
+/// hostile ipBlocks) is not programmed: its rule fails closed (see [`FailedClosed`]), so one
+/// object can never exhaust the kernel's memory or block the writes of every other.
+pub const MAX_SET_MEMBERS: usize = 262_144;
+
+/// A policy rule that could not be programmed and allows nothing instead: the pods it selects stay
+/// isolated, every other rule and policy is programmed as usual.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FailedClosed {
+    /// `namespace/name`.
+    pub policy: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// Index of the rule in the policy's list for that direction.
+    pub rule: usize,
+    pub reason: String,
+}
+
+impl fmt::Display for FailedClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "policy {} {} rule {}: {} (the rule allows nothing)",
+            self.policy, self.direction, self.rule, self.reason
+        )
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub sets: BTreeMap<String, IpSet>,
@@ -55,6 +84,8 @@ pub struct DesiredState {
     pub chains: BTreeMap<String, Vec<Rule>>,
     /// Jumps from built-in chains into ours, each kept first in its built-in chain.
     pub hooks: Vec<Hook>,
+    /// Rules left out because they could not be programmed (nothing in the kernel stands for them).
+    pub failed_closed: Vec<FailedClosed>,
 }
 
 impl DesiredState {

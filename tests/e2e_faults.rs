@@ -462,3 +462,77 @@ fn other_firewalls_keep_working_and_detection_picks_the_hosts_backend() {
         "{stderr}"
     );
 }
+
+/// A tenant's valid policy whose ipBlocks need over a million set entries (17,000 IPv6 /64s, each
+/// with a /128 cut out) used to fail every sync with "Hash is full", freezing the node: later
+/// policies were never applied and /readyz stayed 503. Now that rule fails closed (its pod stays
+/// isolated, the policy's other rule still allows), it is reported, and other changes flow.
+#[test]
+fn an_oversized_policy_fails_closed_and_every_other_change_still_applies() {
+    if skip_unless_root("an_oversized_policy_fails_closed_and_every_other_change_still_applies") {
+        return;
+    }
+    let mut huge = String::from(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: huge, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n",
+    );
+    for i in 0..17_000u32 {
+        let (hi, lo) = (i >> 8, i & 0xff);
+        huge.push_str(&format!(
+            "    - ipBlock: {{cidr: '2001:db8:{hi:x}:{lo:x}::/64', except: ['2001:db8:{hi:x}:{lo:x}::1/128']}}\n"
+        ));
+    }
+    huge.push_str("  - from: [{podSelector: {matchLabels: {pod: b}}}]\n");
+    const DENY_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: y}\nspec: {podSelector: {}, policyTypes: [Ingress]}";
+
+    for backend in ["nft", "legacy"] {
+        let lab = Lab::new(1, |_, _| 0);
+        lab.write_cluster_manifests(&[&huge]);
+        let _agent = lab.spawn_agent(backend, &[]);
+        let node = lab.nodes[0].netns.clone();
+        wait_until(
+            &format!("{backend}: ready, naming the policy that fails closed"),
+            Duration::from_secs(60),
+            || {
+                http_get(&node, "/readyz").is_some_and(|(c, body)| {
+                    c == 200 && body.contains("policy x/huge ingress rule 0")
+                })
+            },
+        );
+        let reach = |from: &str, v6: bool| {
+            lab.forget_flows();
+            probe(&lab.pod(from).netns, lab.pod("x/a").ip(v6), Proto::Tcp, 80)
+        };
+        for v6 in [false, true] {
+            assert!(
+                reach("x/b", v6),
+                "{backend} v6={v6}: the policy's other rule still allows"
+            );
+            assert!(!reach("y/a", v6), "{backend} v6={v6}: x/a stays isolated");
+        }
+        // An unrelated change after it is programmed as usual.
+        assert!(lab.tcp("z/a", "y/a", 80));
+        lab.write_cluster_manifests(&[&huge, DENY_Y]);
+        wait_until(
+            &format!("{backend}: the unrelated deny applies"),
+            Duration::from_secs(30),
+            || !lab.tcp("z/a", "y/a", 80),
+        );
+        let (_, metrics) = http_get(&node, "/metrics").unwrap();
+        assert!(
+            metrics.contains("kni_policy_rules_failed_closed 1"),
+            "{metrics}"
+        );
+        let log = lab.agent_log();
+        assert!(
+            log.contains("could not be programmed") && log.contains("x/huge"),
+            "{log}"
+        );
+        // Nothing over-full was left in the kernel.
+        let members = lab
+            .node_cmd(0, &["ipset", "save"])
+            .lines()
+            .filter(|l| l.starts_with("add "))
+            .count();
+        assert!(members < 1000, "{members} set members in the kernel");
+    }
+}

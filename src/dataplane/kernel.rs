@@ -1,6 +1,6 @@
 //! What the kernel holds of ours, parsed from `iptables-save -t filter` and `ipset save` (pure).
 
-use super::render::{SET_MAXELEM, hook_spec, render_rule};
+use super::render::{hook_spec, maxelem_fits, maxelem_for, render_rule};
 use crate::model::Protocol;
 use crate::names;
 use crate::state::{DesiredState, Family, Members, SetKind, SetMember};
@@ -190,7 +190,7 @@ impl View {
                     KernelSet {
                         kind: Some(set.kind),
                         family: Some(set.family),
-                        maxelem: Some(SET_MAXELEM),
+                        maxelem: Some(maxelem_for(set.members.len())),
                         members: set.members.clone(),
                         unparsed_members: vec![],
                     },
@@ -238,7 +238,7 @@ impl View {
                 Some(got) => {
                     if got.kind != want.kind
                         || got.family != want.family
-                        || got.maxelem != want.maxelem
+                        || !maxelem_fits(got.maxelem, want.members.len())
                     {
                         out.push(format!("set {name} has other type or parameters"));
                     }

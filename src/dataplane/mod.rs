@@ -371,8 +371,8 @@ impl Dataplane {
         mode: SyncMode,
     ) -> Result<SyncReport> {
         // Rendered once: diffed against the kernel now, remembered as what we wrote afterwards.
-        let want = kernel::View::of_desired(desired);
-        let result = self.sync_inner(desired, &want, mode);
+        let mut want = kernel::View::of_desired(desired);
+        let result = self.sync_inner(desired, &mut want, mode);
         self.applied = result.is_ok().then_some(want);
         result
     }
@@ -380,7 +380,7 @@ impl Dataplane {
     fn sync_inner(
         &mut self,
         desired: &[(Family, DesiredState)],
-        want: &kernel::View,
+        want: &mut kernel::View,
         mode: SyncMode,
     ) -> Result<SyncReport> {
         let mut report = SyncReport::default();
@@ -406,6 +406,8 @@ impl Dataplane {
             .map_err(|e| anyhow!(e))?;
         ipset_restore(&update)?;
         report.ipset_lines += update.lines().count();
+        // Sets updated in place keep the size they were created with; remember that one.
+        render::keep_kernel_set_sizes(&mut want.sets, &view.sets);
 
         let empty = kernel::KernelTable::default();
         for (family, _) in desired {

@@ -7,8 +7,32 @@ use crate::state::{ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirec
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-/// Room for a policy that selects every pod of a large cluster; ipset allocates lazily.
-pub const SET_MAXELEM: u32 = 1_048_576;
+/// ipset's own default `maxelem`: sets smaller than half of it keep it, so most sets never change
+/// parameters.
+const MIN_MAXELEM: u32 = 65_536;
+
+/// The `maxelem` a set of `members` entries is created with: room to double before it must be
+/// rebuilt, and a kernel-enforced bound on what the set can ever hold.
+pub fn maxelem_for(members: usize) -> u32 {
+    let room = members.max(1).saturating_mul(2).next_power_of_two();
+    u32::try_from(room).unwrap_or(u32::MAX).max(MIN_MAXELEM)
+}
+
+/// Whether a set created with `maxelem` suits `members` entries: at least half (so it can hold
+/// them) and at most four times what a new one would get. Otherwise it is rebuilt (filled aside,
+/// swapped in); the slack keeps a set that grows or shrinks a little from being rebuilt.
+pub fn maxelem_fits(maxelem: Option<u32>, members: usize) -> bool {
+    let new = maxelem_for(members);
+    maxelem.is_some_and(|m| m >= new / 2 && m <= new.saturating_mul(4))
+}
+
+/// The initial hash size for `members` entries (a power of two, at least ipset's default 1024), so
+/// that filling a large set does not rehash it over and over.
+fn hashsize_for(members: usize) -> u32 {
+    u32::try_from((members / 4).next_power_of_two())
+        .unwrap_or(1 << 30)
+        .clamp(1024, 1 << 30)
+}
 
 pub const HOOK_COMMENT: &str = "kube-netpol-iptables";
 
@@ -23,9 +47,11 @@ pub fn render_ipset_update<'a>(
     for state in desired {
         for (name, set) in &state.sets {
             let header = format!(
-                "{} family {} maxelem {SET_MAXELEM}",
+                "{} family {} hashsize {} maxelem {}",
                 set.kind.ipset_type(),
-                set.family.ipset_name()
+                set.family.ipset_name(),
+                hashsize_for(set.members.len()),
+                maxelem_for(set.members.len())
             );
             match kernel.sets.get(name) {
                 None => {
@@ -43,9 +69,10 @@ pub fn render_ipset_update<'a>(
                             existing.kind, existing.family
                         ));
                     }
-                    if existing.maxelem != Some(SET_MAXELEM) {
-                        // Same type, other parameters: fill a scratch set and swap it in, so no
-                        // packet ever meets a half-filled set.
+                    if !maxelem_fits(existing.maxelem, set.members.len()) {
+                        // Same type, but too small (adding would fail with "Hash is full") or far
+                        // too large: fill a scratch set and swap it in, so no packet ever meets a
+                        // half-filled set.
                         let tmp = names::temporary_set(name);
                         writeln!(out, "create {tmp} {header}").unwrap();
                         writeln!(out, "flush {tmp}").unwrap();
@@ -74,6 +101,19 @@ pub fn render_ipset_update<'a>(
         }
     }
     Ok(out)
+}
+
+/// After [`render_ipset_update`] has been written: the `maxelem` of each set it updated in place
+/// is the one the kernel already had, not the one a new set would get. `want` is corrected to
+/// that, so the next incremental sync knows when a growing set must be rebuilt.
+pub fn keep_kernel_set_sizes(want: &mut KernelSets, kernel: &KernelSets) {
+    for (name, set) in want.sets.iter_mut() {
+        if let Some(existing) = kernel.sets.get(name)
+            && maxelem_fits(existing.maxelem, set.members.len())
+        {
+            set.maxelem = existing.maxelem;
+        }
+    }
 }
 
 /// `ipset restore` text destroying our sets that no desired state uses.
@@ -269,4 +309,96 @@ pub fn render_fresh(states: &[(Family, DesiredState)]) -> String {
         out.push_str(&render_iptables(&want.tables[family], &empty_table).unwrap_or_default());
     }
     out
+}
+
+#[cfg(test)]
+mod set_size_tests {
+    use super::*;
+
+    #[test]
+    fn sets_are_sized_to_what_they_hold_and_rebuilt_only_when_far_off() {
+        assert_eq!(maxelem_for(0), 65_536);
+        assert_eq!(maxelem_for(3), 65_536);
+        assert_eq!(maxelem_for(40_000), 131_072);
+        assert_eq!(maxelem_for(crate::state::MAX_SET_MEMBERS), 524_288);
+        for members in [
+            0,
+            1,
+            1000,
+            32_768,
+            32_769,
+            100_000,
+            crate::state::MAX_SET_MEMBERS,
+        ] {
+            let made = maxelem_for(members);
+            assert!(made as usize >= members);
+            assert!(maxelem_fits(Some(made), members));
+            // A set made for this many keeps fitting while it grows until it would overflow...
+            assert!(!maxelem_fits(Some(made), made as usize + 1));
+            // ...and a small change never rebuilds it.
+            assert!(maxelem_fits(Some(made), members + members / 4));
+        }
+        // What older releases created (1,048,576 for every set) is rebuilt for small sets.
+        assert!(!maxelem_fits(Some(1_048_576), 3));
+        assert!(!maxelem_fits(Some(16), 3));
+        assert!(!maxelem_fits(None, 3));
+        assert_eq!(hashsize_for(10), 1024);
+        assert_eq!(hashsize_for(200_000), 65_536);
+    }
+
+    fn hosts(count: u32) -> crate::state::Members {
+        std::sync::Arc::new(
+            (0..count)
+                .map(|i| {
+                    crate::state::SetMember::Net(ipnet::IpNet::from(std::net::IpAddr::from(
+                        std::net::Ipv4Addr::from(0x0a00_0000 + i),
+                    )))
+                })
+                .collect(),
+        )
+    }
+
+    /// A set that grows across several incremental syncs is rebuilt before an `add` would
+    /// overflow the `maxelem` it was created with ("Hash is full"), even though a new set of the
+    /// intermediate size would have been created larger.
+    #[test]
+    fn a_growing_set_is_rebuilt_before_it_overflows() {
+        use super::super::kernel::KernelSet;
+        use crate::state::{IpSet, SetKind};
+        let state = |count| DesiredState {
+            sets: [(
+                "KNI-4P-x".to_string(),
+                IpSet {
+                    kind: SetKind::HashNet,
+                    family: Family::V4,
+                    members: hosts(count),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        // What the kernel holds: created small, so with ipset's default maxelem.
+        let mut kernel = KernelSets::default();
+        kernel.sets.insert(
+            "KNI-4P-x".into(),
+            KernelSet {
+                kind: Some(SetKind::HashNet),
+                family: Some(Family::V4),
+                maxelem: Some(65_536),
+                members: hosts(10),
+                unparsed_members: vec![],
+            },
+        );
+        // Growing to 40,000 fits in place; the remembered size stays 65,536.
+        let grown = state(40_000);
+        let text = render_ipset_update([&grown], &kernel).unwrap();
+        assert!(!text.contains("swap"));
+        let mut remembered = super::super::kernel::View::of_desired(&[(Family::V4, grown)]).sets;
+        keep_kernel_set_sizes(&mut remembered, &kernel);
+        assert_eq!(remembered.sets["KNI-4P-x"].maxelem, Some(65_536));
+        // Growing on to 70,000 would overflow it: rebuilt with room, and swapped in.
+        let text = render_ipset_update([&state(70_000)], &remembered).unwrap();
+        assert!(text.contains("maxelem 262144"), "{}", &text[..200]);
+        assert!(text.contains("swap KNI-4P-x-T"), "rebuilt");
+    }
 }
