@@ -8,7 +8,7 @@ ensure_system_packages() {
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
   command -v sysctl >/dev/null 2>&1 || missing+=(procps)
-  command -v nft >/dev/null 2>  command -v sysctl >/dev/null 2>&1 || missing+=(procps)1 || missing+=(nftables)
+  command -v nft >/dev/null 2>&1 || missing+=(nftables)
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "Installing missing packages: ${missing[*]}" >&2
   local sudo=()
