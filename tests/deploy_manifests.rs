@@ -374,18 +374,61 @@ fn kustomizations_reference_existing_files_and_kind_config_is_a_cluster() {
             Some("Cluster") => {
                 kind_clusters += 1;
                 assert_eq!(v["apiVersion"], "kind.x-k8s.io/v1alpha4");
-                assert!(!v["nodes"].as_array().unwrap().is_empty());
+                let nodes = v["nodes"].as_array().unwrap();
+                assert!(!nodes.is_empty());
+                // Only a config without kind's CNI may mount extra plugins; every node needs them.
+                let mounts: Vec<usize> = nodes
+                    .iter()
+                    .map(|n| n["extraMounts"].as_array().map_or(0, Vec::len))
+                    .collect();
+                if v["networking"]["disableDefaultCNI"] == true {
+                    assert!(mounts.iter().all(|&m| m > 0), "{}", file.display());
+                } else {
+                    assert!(mounts.iter().all(|&m| m == 0), "{}", file.display());
+                }
             }
             _ => {}
         }
     }
-    assert_eq!((kustomizations, kind_clusters), (2, 1));
+    assert_eq!((kustomizations, kind_clusters), (2, 2));
+}
+
+/// kind with Flannel: no kindnetd, pod CIDRs from Flannel's network, and the `bridge` plugin that
+/// Flannel's CNI plugin delegates to (kind's node image has host-local, loopback, ptp and portmap
+/// only) mounted into every node's CNI directory.
+#[test]
+fn kind_flannel_config_has_no_default_cni_and_brings_the_bridge_plugin() {
+    let text = std::fs::read_to_string(root().join("manifests/kind/cluster-flannel.yaml")).unwrap();
+    let v: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(v["networking"]["disableDefaultCNI"], true);
+    assert_eq!(v["networking"]["podSubnet"], FLANNEL_NETWORK);
+    for node in v["nodes"].as_array().unwrap() {
+        let mounts = node["extraMounts"].as_array().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["containerPath"] == "/opt/cni/bin/bridge"
+                    && m["hostPath"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with("/bridge"))),
+            "{node}"
+        );
+    }
+    let kindnet = std::fs::read_to_string(root().join("manifests/kind/cluster.yaml")).unwrap();
+    let v: serde_json::Value = serde_yaml_ng::from_str(&kindnet).unwrap();
+    assert!(
+        v["networking"]["disableDefaultCNI"].is_null(),
+        "kind's default CNI"
+    );
 }
 
 /// The kube-flannel.yml release that manifests/flannel pins, and the upstream copy of it that
 /// stands in for the download in tests (`../shared/fixtures` beside the clone, or
 /// `$KNI_SHARED_DIR/fixtures`): data we test against, never committed here.
 const FLANNEL_RELEASE: &str = "v0.28.9";
+
+/// The "Network" of net-conf.json in kube-flannel.yml, which kind's podSubnet must match.
+const FLANNEL_NETWORK: &str = "10.244.0.0/16";
 
 fn flannel_fixture() -> PathBuf {
     let shared = std::env::var_os("KNI_SHARED_DIR")
@@ -562,6 +605,15 @@ fn flannel_kustomization_renders_one_engine_beside_kube_flannel() {
         "the node's xtables lock, shared"
     );
     check_agent_container("rendered manifests/flannel", agent);
+
+    let net_conf = rendered
+        .split("net-conf.json: |")
+        .nth(1)
+        .expect("Flannel's net-conf.json in the render");
+    assert!(
+        net_conf.contains(&format!("\"Network\": \"{FLANNEL_NETWORK}\"")),
+        "Flannel's pod network is not the podSubnet of manifests/kind/cluster-flannel.yaml"
+    );
 
     // RBAC: the binding names the account the pod really runs as, and that account exists.
     let account = pod.service_account_name.clone().unwrap();
