@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . hack/lib.sh
 
 ensure_system_packages
+ensure_kubectl
 ensure_rust
 
 echo "== cargo fmt --check"

@@ -131,6 +131,7 @@ pub fn run(cli: Cli) -> Result<()> {
             tracing::info!(backend = %tables.backend, node = node_name, "starting");
             dataplane::probe_kernel(&tables)?;
             agent::check_bridge_netfilter();
+            dataplane::other_engines::report();
             let mut dataplane = Dataplane::new(tables);
             let options = agent::WatchOptions {
                 poll_interval,

@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Resource;
@@ -42,9 +42,13 @@ enum Doc {
 }
 
 fn docs(file: &Path) -> Vec<Doc> {
-    let text = std::fs::read_to_string(file).unwrap();
+    docs_of(&std::fs::read_to_string(file).unwrap(), file)
+}
+
+/// The documents of `text`, read from `file` (named in failures).
+fn docs_of(text: &str, file: &Path) -> Vec<Doc> {
     let mut out = Vec::new();
-    for d in serde_yaml_ng::Deserializer::from_str(&text) {
+    for d in serde_yaml_ng::Deserializer::from_str(text) {
         let v =
             serde_json::Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         if v.is_null() {
@@ -69,6 +73,10 @@ fn docs(file: &Path) -> Vec<Doc> {
             }
             "Pod" => {
                 let _: Pod = typed(v, file, &kind);
+                continue;
+            }
+            "ConfigMap" => {
+                let _: ConfigMap = typed(v, file, &kind);
                 continue;
             }
             "NetworkPolicy" => {
@@ -127,84 +135,91 @@ fn every_manifest_parses_and_the_agent_is_deployed_twice() {
 #[test]
 fn container_args_parse_with_the_real_command_line() {
     for (file, c) in agent_containers() {
-        let mut argv = vec!["kube-netpol-iptables".to_string()];
-        argv.extend(c.args.clone().unwrap_or_default());
-        let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let Command::Run {
-            manifests,
-            metrics_bind_address,
-            ..
-        } = cli.command
-        else {
-            panic!("{}: the container must run `run`", file.display());
-        };
-        assert!(
-            manifests.is_none(),
-            "in a cluster the agent watches the API"
-        );
-        let port: i32 = metrics_bind_address
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(metrics_bind_address, DEFAULT_BIND);
-        for probe in [
-            c.liveness_probe.as_ref().unwrap(),
-            c.readiness_probe.as_ref().unwrap(),
-        ] {
-            let get = probe.http_get.as_ref().unwrap();
-            assert_eq!(
-                get.port,
-                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
-            );
-        }
-        assert_eq!(
-            c.liveness_probe.unwrap().http_get.unwrap().path.as_deref(),
-            Some("/healthz")
-        );
-        assert_eq!(
-            c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
-            Some("/readyz")
-        );
-        let env = c.env.unwrap();
-        let node = env
-            .iter()
-            .find(|e| e.name == "NODE_NAME")
-            .expect("NODE_NAME");
-        assert_eq!(
-            node.value_from
-                .as_ref()
-                .unwrap()
-                .field_ref
-                .as_ref()
-                .unwrap()
-                .field_path,
-            "spec.nodeName"
-        );
-        let sc = c.security_context.unwrap();
-        assert_eq!(sc.privileged, Some(false));
-        let caps: BTreeSet<String> = sc.capabilities.unwrap().add.unwrap().into_iter().collect();
-        assert_eq!(
-            caps,
-            BTreeSet::from(["NET_ADMIN".to_string(), "NET_RAW".to_string()])
-        );
-        let mounts: Vec<(String, String, bool)> = c
-            .volume_mounts
-            .unwrap()
-            .into_iter()
-            .map(|m| (m.name, m.mount_path, m.read_only.unwrap_or(false)))
-            .collect();
-        assert!(
-            mounts.contains(&("xtables-lock".into(), "/run/xtables.lock".into(), false)),
-            "{mounts:?}"
-        );
-        assert!(
-            mounts.contains(&("lib-modules".into(), "/lib/modules".into(), true)),
-            "{mounts:?}"
-        );
-        assert!(c.resources.unwrap().requests.is_some());
+        check_agent_container(&file.display().to_string(), c);
     }
+}
+
+/// The agent's container: `run` against the API with args the real CLI accepts, probes on the
+/// metrics port, the node name from the downward API, only the capabilities it needs, and the
+/// xtables lock and kernel modules mounted.
+fn check_agent_container(what: &str, c: Container) {
+    let mut argv = vec!["kube-netpol-iptables".to_string()];
+    argv.extend(c.args.clone().unwrap_or_default());
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let Command::Run {
+        manifests,
+        metrics_bind_address,
+        ..
+    } = cli.command
+    else {
+        panic!("{what}: the container must run `run`");
+    };
+    assert!(
+        manifests.is_none(),
+        "in a cluster the agent watches the API"
+    );
+    let port: i32 = metrics_bind_address
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(metrics_bind_address, DEFAULT_BIND);
+    for probe in [
+        c.liveness_probe.as_ref().unwrap(),
+        c.readiness_probe.as_ref().unwrap(),
+    ] {
+        let get = probe.http_get.as_ref().unwrap();
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+        );
+    }
+    assert_eq!(
+        c.liveness_probe.unwrap().http_get.unwrap().path.as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
+        Some("/readyz")
+    );
+    let env = c.env.unwrap();
+    let node = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    assert_eq!(
+        node.value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "spec.nodeName"
+    );
+    let sc = c.security_context.unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    let caps: BTreeSet<String> = sc.capabilities.unwrap().add.unwrap().into_iter().collect();
+    assert_eq!(
+        caps,
+        BTreeSet::from(["NET_ADMIN".to_string(), "NET_RAW".to_string()])
+    );
+    let mounts: Vec<(String, String, bool)> = c
+        .volume_mounts
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.name, m.mount_path, m.read_only.unwrap_or(false)))
+        .collect();
+    assert!(
+        mounts.contains(&("xtables-lock".into(), "/run/xtables.lock".into(), false)),
+        "{mounts:?}"
+    );
+    assert!(
+        mounts.contains(&("lib-modules".into(), "/lib/modules".into(), true)),
+        "{mounts:?}"
+    );
+    assert!(c.resources.unwrap().requests.is_some());
 }
 
 #[test]
@@ -359,10 +374,268 @@ fn kustomizations_reference_existing_files_and_kind_config_is_a_cluster() {
             Some("Cluster") => {
                 kind_clusters += 1;
                 assert_eq!(v["apiVersion"], "kind.x-k8s.io/v1alpha4");
-                assert!(!v["nodes"].as_array().unwrap().is_empty());
+                let nodes = v["nodes"].as_array().unwrap();
+                assert!(!nodes.is_empty());
+                // Only a config without kind's CNI may mount extra plugins; every node needs them.
+                let mounts: Vec<usize> = nodes
+                    .iter()
+                    .map(|n| n["extraMounts"].as_array().map_or(0, Vec::len))
+                    .collect();
+                if v["networking"]["disableDefaultCNI"] == true {
+                    assert!(mounts.iter().all(|&m| m > 0), "{}", file.display());
+                } else {
+                    assert!(mounts.iter().all(|&m| m == 0), "{}", file.display());
+                }
             }
             _ => {}
         }
     }
-    assert_eq!((kustomizations, kind_clusters), (2, 1));
+    assert_eq!((kustomizations, kind_clusters), (2, 2));
+}
+
+/// kind with Flannel: no kindnetd, pod CIDRs from Flannel's network, and the `bridge` plugin that
+/// Flannel's CNI plugin delegates to (kind's node image has host-local, loopback, ptp and portmap
+/// only) mounted into every node's CNI directory.
+#[test]
+fn kind_flannel_config_has_no_default_cni_and_brings_the_bridge_plugin() {
+    let text = std::fs::read_to_string(root().join("manifests/kind/cluster-flannel.yaml")).unwrap();
+    let v: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(v["networking"]["disableDefaultCNI"], true);
+    assert_eq!(v["networking"]["podSubnet"], FLANNEL_NETWORK);
+    for node in v["nodes"].as_array().unwrap() {
+        let mounts = node["extraMounts"].as_array().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["containerPath"] == "/opt/cni/bin/bridge"
+                    && m["hostPath"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with("/bridge"))),
+            "{node}"
+        );
+    }
+    let kindnet = std::fs::read_to_string(root().join("manifests/kind/cluster.yaml")).unwrap();
+    let v: serde_json::Value = serde_yaml_ng::from_str(&kindnet).unwrap();
+    assert!(
+        v["networking"]["disableDefaultCNI"].is_null(),
+        "kind's default CNI"
+    );
+}
+
+/// The kube-flannel.yml release that manifests/flannel pins, and the upstream copy of it that
+/// stands in for the download in tests (`../shared/fixtures` beside the clone, or
+/// `$KNI_SHARED_DIR/fixtures`): data we test against, never committed here.
+const FLANNEL_RELEASE: &str = "v0.28.9";
+
+/// The "Network" of net-conf.json in kube-flannel.yml, which kind's podSubnet must match.
+const FLANNEL_NETWORK: &str = "10.244.0.0/16";
+
+fn flannel_fixture() -> PathBuf {
+    let shared = std::env::var_os("KNI_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared"));
+    shared.join(format!(
+        "fixtures/flannel/kube-flannel-{FLANNEL_RELEASE}.yml"
+    ))
+}
+
+/// A `kubectl` whose built-in kustomize can render manifests/flannel ($KUBECTL, else PATH).
+fn kubectl() -> Option<String> {
+    let bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let ok = std::process::Command::new(&bin)
+        .args(["kustomize", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(bin)
+}
+
+/// `kubectl kustomize manifests/flannel` with the pinned upstream manifest read from the fixture
+/// instead of the network; None (after saying SKIPPED loudly) when the fixture is absent.
+fn render_flannel_kustomization(test: &str) -> Option<String> {
+    let fixture = flannel_fixture();
+    if !fixture.is_file() {
+        eprintln!(
+            "\n*** SKIPPED {test}: the upstream Flannel manifest {} is absent (it lives in shared/ beside the clone, or set KNI_SHARED_DIR) ***\n",
+            fixture.display()
+        );
+        return None;
+    }
+    let Some(kubectl) = kubectl() else {
+        assert!(
+            std::env::var_os("KNI_E2E_REQUIRED").is_none(),
+            "{test}: KNI_E2E_REQUIRED is set and the fixture is present, but there is no kubectl with kustomize (hack/lib.sh's ensure_kubectl installs one)"
+        );
+        eprintln!(
+            "\n*** SKIPPED {test}: no kubectl with kustomize (run hack/test.sh, which installs one) ***\n"
+        );
+        return None;
+    };
+    let pinned = format!(
+        "https://github.com/flannel-io/flannel/releases/download/{FLANNEL_RELEASE}/kube-flannel.yml"
+    );
+    let dir = std::env::temp_dir().join(format!("kni-flannel-render-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(root().join("manifests/flannel")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    let remote: Vec<&str> = kustomization
+        .lines()
+        .filter(|l| l.contains("://"))
+        .collect();
+    assert_eq!(
+        remote,
+        [format!("- {pinned}")],
+        "manifests/flannel must pin kube-flannel.yml {FLANNEL_RELEASE} and fetch nothing else"
+    );
+    std::fs::copy(&fixture, dir.join("kube-flannel.yml")).unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        kustomization.replace(&pinned, "kube-flannel.yml"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("run kubectl kustomize");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "kubectl kustomize manifests/flannel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn flannel_kustomization_renders_one_engine_beside_kube_flannel() {
+    let test = "flannel_kustomization_renders_one_engine_beside_kube_flannel";
+    let Some(rendered) = render_flannel_kustomization(test) else {
+        return;
+    };
+    let docs = docs_of(&rendered, Path::new("rendered manifests/flannel"));
+
+    let daemonsets: Vec<&DaemonSet> = docs
+        .iter()
+        .filter_map(|d| match d {
+            Doc::Ds(ds) => Some(&**ds),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(daemonsets.len(), 1, "only Flannel's DaemonSet");
+    let ds = daemonsets[0];
+    assert_eq!(ds.metadata.name.as_deref(), Some("kube-flannel-ds"));
+    let namespace = ds.metadata.namespace.clone().unwrap();
+    assert_eq!(namespace, "kube-flannel");
+    let pod = ds.spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "the agent needs the node's network"
+    );
+
+    let names: BTreeSet<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["kube-flannel", "kube-netpol-iptables"]),
+        "sidecar beside kube-flannel"
+    );
+    // The strategic merge puts the sidecar first; `kubectl logs`/`exec` still default to Flannel.
+    let template = ds
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .metadata
+        .unwrap_or_default();
+    assert_eq!(
+        template
+            .annotations
+            .unwrap_or_default()
+            .get("kubectl.kubernetes.io/default-container")
+            .map(String::as_str),
+        Some("kube-flannel")
+    );
+    // One policy engine only: no kube-network-policies sidecar from upstream (Flannel's Helm chart
+    // can add one; the pinned kube-flannel.yml must not).
+    for c in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
+        let image = c.image.as_deref().unwrap_or_default();
+        assert!(
+            !c.name.contains("network-policies") && !image.contains("kube-network-policies"),
+            "a second policy engine in the pod: {} ({image})",
+            c.name
+        );
+    }
+
+    let agent = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "kube-netpol-iptables")
+        .unwrap()
+        .clone();
+    let volumes: BTreeSet<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    for m in agent.volume_mounts.iter().flatten() {
+        assert!(
+            volumes.contains(m.name.as_str()),
+            "mount {} of the agent has no volume in the pod ({volumes:?})",
+            m.name
+        );
+    }
+    let xtables = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "xtables-lock")
+        .and_then(|v| v.host_path.clone())
+        .unwrap();
+    assert_eq!(
+        xtables.path, "/run/xtables.lock",
+        "the node's xtables lock, shared"
+    );
+    check_agent_container("rendered manifests/flannel", agent);
+
+    let net_conf = rendered
+        .split("net-conf.json: |")
+        .nth(1)
+        .expect("Flannel's net-conf.json in the render");
+    assert!(
+        net_conf.contains(&format!("\"Network\": \"{FLANNEL_NETWORK}\"")),
+        "Flannel's pod network is not the podSubnet of manifests/kind/cluster-flannel.yaml"
+    );
+
+    // RBAC: the binding names the account the pod really runs as, and that account exists.
+    let account = pod.service_account_name.clone().unwrap();
+    let subjects: Vec<(String, String)> = docs
+        .iter()
+        .filter_map(|d| match d {
+            Doc::Binding(b) if b.role_ref.name == "kube-netpol-iptables" => Some(b),
+            _ => None,
+        })
+        .flat_map(|b| b.subjects.clone().unwrap())
+        .map(|s| (s.namespace.unwrap_or_default(), s.name))
+        .collect();
+    assert_eq!(subjects, [(namespace.clone(), account.clone())]);
+    assert!(docs.iter().any(|d| matches!(d, Doc::Sa(sa)
+        if sa.metadata.name.as_deref() == Some(account.as_str())
+            && sa.metadata.namespace.as_deref() == Some(namespace.as_str()))));
+    let roles: Vec<&ClusterRole> = docs
+        .iter()
+        .filter_map(|d| match d {
+            Doc::Role(r) if r.metadata.name.as_deref() == Some("kube-netpol-iptables") => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(roles.len(), 1);
 }

@@ -6,6 +6,7 @@
 //! any more are destroyed last.
 
 pub mod kernel;
+pub mod other_engines;
 pub mod render;
 
 use crate::state::{DesiredState, Family};
