@@ -196,7 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                     (None, once) => {
                         let client = kube_source::client(kubeconfig.as_deref()).await?;
-                        let store = kube_source::start(client);
+                        let store = kube_source::start(client, (!once).then(|| metrics.clone()));
                         if once {
                             let snapshot = loop {
                                 if let Some((_, s)) = store.snapshot() {
