@@ -235,17 +235,18 @@ async fn lists_are_served_from_the_watch_cache_and_watches_resume_from_them() {
     );
 }
 
-/// Connection refused for long enough that a growing backoff would reach tens of seconds; the
-/// server comes back with a new history (410 for every old resourceVersion), and a change made
-/// right then must be in the store within 5 s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_long_outage_the_view_is_current_within_5s_of_the_api_returning() {
-    let api = FakeApi::start_local();
-    seed(&api);
+/// How long after the API returns the store has a change made right then; the API was gone for
+/// long enough that a growing backoff would have reached tens of seconds.
+async fn outage_then_back(
+    api: &FakeApi,
+    go: impl Fn(&FakeApi),
+    come_back: impl Fn(&FakeApi),
+) -> Duration {
+    seed(api);
     let metrics = synced_metrics();
     let store = kube_source::start(api.client(), Some(metrics.clone()));
     until(&store, "initial list", |s| s.pods.len() == 1).await;
-    api.stop();
+    go(api);
     tokio::time::sleep(Duration::from_secs(12)).await;
     let why = metrics
         .readiness()
@@ -262,26 +263,43 @@ async fn after_a_long_outage_the_view_is_current_within_5s_of_the_api_returning(
     );
 
     let old_rv = api.resource_version();
-    api.restart();
+    come_back(api);
     let back = Instant::now();
     api.apply(Kind::Pod, "metadata: {name: after, namespace: y}\nspec: {nodeName: n1, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.9}");
-    until(&store, "the change made after the restart", |s| {
+    until(&store, "the change made after the API returned", |s| {
         pod_keys(s).contains(&"y/after".to_string())
     })
     .await;
     let took = back.elapsed();
-    eprintln!("current again {took:?} after the API returned");
-    assert!(took <= Duration::from_secs(5), "took {took:?}");
-    // No watch resumed from a version the restarted server does not know.
+    // No watch resumed from a version the server may have forgotten.
     for w in api.requests().iter().filter(|r| r.watch && r.at >= back) {
         let from: u64 = w.query["resourceVersion"].parse().unwrap();
-        assert!(from > old_rv, "watch from a forgotten version: {w:?}");
+        assert!(from > old_rv, "watch from before the outage: {w:?}");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !metrics.ready() {
         assert!(Instant::now() < deadline, "{:?}", metrics.readiness());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    took
+}
+
+/// Connection refused; the server restarts with a new history (410 for every old version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_view_is_current_within_5s_of_the_api_returning() {
+    let api = FakeApi::start_local();
+    let took = outage_then_back(&api, FakeApi::stop, FakeApi::restart).await;
+    eprintln!("current again {took:?} after the API returned");
+    assert!(took <= Duration::from_secs(5), "took {took:?}");
+}
+
+/// 503 for every request (kube-client's own retry of 503 would sleep longer and longer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_503_outage_the_view_is_current_within_5s_of_the_api_returning() {
+    let api = FakeApi::start_local();
+    let took = outage_then_back(&api, |a| a.set_available(false), |a| a.set_available(true)).await;
+    eprintln!("current again {took:?} after the API returned");
+    assert!(took <= Duration::from_secs(5), "took {took:?}");
 }
 
 /// kube-apiserver ends every watch after its timeout; the watch resumes from where it was, with
