@@ -342,9 +342,12 @@ pub async fn watch_cluster(
         }
         // Wake on a change (the watchers notify), when the schedule has a sync due (the debounce
         // settles, a resync or retry), and at least every second for the heartbeat.
-        let wake = schedule
-            .next_due(&options)
-            .min(Instant::now() + KUBE_HEARTBEAT);
+        // Before the first complete list there is nothing to schedule.
+        let heartbeat = Instant::now() + KUBE_HEARTBEAT;
+        let wake = match last_generation {
+            Some(_) => schedule.next_due(&options).min(heartbeat),
+            None => heartbeat,
+        };
         let _ = tokio::time::timeout_at(wake.into(), store.changed()).await;
     }
 }

@@ -45,7 +45,8 @@ pub enum Command {
         /// Address for /metrics, /healthz and /readyz; "off" disables them.
         #[arg(long, env = "KNI_METRICS_BIND_ADDRESS", default_value = metrics::DEFAULT_BIND)]
         metrics_bind_address: String,
-        /// How often to check the manifests directory for changes.
+        /// How often to check the manifests directory for changes (Kubernetes mode wakes on watch
+        /// events instead).
         #[arg(long, env = "KNI_POLL_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
         poll_interval: Duration,
         /// A burst of changes becomes one sync once the source has been quiet this long.

@@ -248,8 +248,13 @@ impl FakeApi {
     /// The API comes back on the same address after `stop`, as a restarted kube-apiserver: its
     /// watch cache starts at the current resourceVersion, so watches from before get 410.
     pub fn restart(&self) {
+        self.restart_on(std::net::TcpListener::bind(self.addr).unwrap());
+    }
+
+    /// `restart` on a listener bound to the same address (e.g. in another network namespace).
+    pub fn restart_on(&self, listener: std::net::TcpListener) {
+        assert_eq!(listener.local_addr().unwrap(), self.addr);
         self.compact();
-        let listener = std::net::TcpListener::bind(self.addr).unwrap();
         self.serve(listener);
     }
 
