@@ -315,7 +315,7 @@ impl Health {
         }
     }
 
-    fn listed(&mut self) {
+    fn readable(&mut self) {
         if self.failing.take().is_some() {
             tracing::info!(kind = self.kind, "{} readable again", self.kind);
         }
@@ -393,6 +393,11 @@ fn apply_event<K: Kind>(
     false
 }
 
+/// How long the watch must stay up after a list before the kind counts as readable again: a
+/// watch the server refuses (RBAC allowing list but not watch) fails at once, and must not make
+/// the kind look readable between its lists.
+const WATCH_HOLDS_AFTER: Duration = Duration::from_secs(2);
+
 /// Lists, then follows the watch, until the first error, which it returns. kube-runtime resumes
 /// a watch the server closed (timeout) by itself; after an error a fresh watcher lists again,
 /// which also tells when the kind is readable again.
@@ -403,11 +408,24 @@ async fn list_and_watch<K: Kind>(
 ) -> watcher::Error {
     let mut events = watcher::watcher(api.clone(), watch_config()).boxed();
     let mut relist = None;
+    let mut readable_at: Option<tokio::time::Instant> = None;
     loop {
-        match events.next().await {
+        let next = match readable_at {
+            // `next()` is cancel-safe: the watcher keeps its request in progress.
+            Some(at) => match tokio::time::timeout_at(at, events.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    health.readable();
+                    readable_at = None;
+                    continue;
+                }
+            },
+            None => events.next().await,
+        };
+        match next {
             Some(Ok(event)) => {
                 if apply_event(store, &mut relist, event) {
-                    health.listed();
+                    readable_at = Some(tokio::time::Instant::now() + WATCH_HOLDS_AFTER);
                 }
             }
             Some(Err(error)) => return error,

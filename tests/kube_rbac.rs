@@ -4,7 +4,9 @@
 
 mod fakeapi;
 
-use fakeapi::{FakeApi, Kind, metric, pod_keys, seed, synced_metrics, until, until_within};
+use fakeapi::{
+    FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, until_within,
+};
 use kube_netpol_iptables::kube_source;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,7 +36,8 @@ impl Captured {
 }
 
 /// Revoked RBAC: the lists back off growing intervals, the log says so once (and once when it
-/// is fixed), the metrics count each failure and readiness gives the reason.
+/// is fixed), the metrics count each failure and readiness gives the reason. Then the same for
+/// a kind that may be listed but not watched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
     let log = Captured::default();
@@ -120,7 +123,7 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
         |s| s.pods.is_empty(),
     )
     .await;
-    assert!(metrics.ready(), "{:?}", metrics.readiness());
+    ready_within(&metrics, Duration::from_secs(5)).await;
     assert_eq!(
         metric(&metrics, "kni_api_readable{kind=\"Pod\"}"),
         Some(1.0)
@@ -132,4 +135,36 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
         log.lines("")
     );
     assert_eq!(log.lines("WARN").len(), 1);
+
+    // A Role that allows list but not watch: every list succeeds, every watch is refused. The
+    // kind is not readable (its changes would not be seen) and stays so, without a line per list.
+    api.set_watch_forbidden(Kind::NetworkPolicy, true);
+    let revoked = Instant::now();
+    let mut ever_ready = false;
+    while revoked.elapsed() < Duration::from_secs(8) {
+        ever_ready |= metrics.ready() && revoked.elapsed() > Duration::from_millis(500);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lists = api
+        .requests_of(Kind::NetworkPolicy, false)
+        .into_iter()
+        .filter(|r| r.at >= revoked)
+        .count();
+    assert!((2..=5).contains(&lists), "{lists} lists in 8 s");
+    let why = metrics
+        .readiness()
+        .expect_err("not ready while policies cannot be watched");
+    assert!(why.contains("cannot read NetworkPolicy"), "{why}");
+    assert!(!ever_ready, "readiness flapped between lists");
+    assert_eq!(
+        log.lines("cannot read NetworkPolicy").len(),
+        1,
+        "{:#?}",
+        log.lines("")
+    );
+    assert!(log.lines("NetworkPolicy readable again").is_empty());
+    api.set_watch_forbidden(Kind::NetworkPolicy, false);
+    ready_within(&metrics, Duration::from_secs(40)).await;
+    assert_eq!(log.lines("NetworkPolicy readable again").len(), 1);
+    assert_eq!(log.lines("WARN").len(), 2);
 }

@@ -4,7 +4,9 @@
 
 mod fakeapi;
 
-use fakeapi::{FakeApi, Kind, metric, pod_keys, seed, synced_metrics, until, watching};
+use fakeapi::{
+    FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, watching,
+};
 use kube_netpol_iptables::kube_source;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -276,11 +278,7 @@ async fn outage_then_back(
         let from: u64 = w.query["resourceVersion"].parse().unwrap();
         assert!(from > old_rv, "watch from before the outage: {w:?}");
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !metrics.ready() {
-        assert!(Instant::now() < deadline, "{:?}", metrics.readiness());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ready_within(&metrics, Duration::from_secs(5)).await;
     took
 }
 

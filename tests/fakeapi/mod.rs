@@ -92,8 +92,10 @@ struct Inner {
     paused: bool,
     /// While set, every request gets 503 (an API server that is up but not serving).
     unavailable: bool,
-    /// Kinds the client may not list or watch (403 Forbidden).
+    /// Kinds the client may not list and watch (403 Forbidden)...
     forbidden: BTreeSet<Kind>,
+    /// ...or only not watch.
+    watch_forbidden: BTreeSet<Kind>,
     /// The server closes every watch after this long, whatever `timeoutSeconds` asked.
     watch_cap: Option<Duration>,
 }
@@ -281,6 +283,21 @@ impl FakeApi {
         }
     }
 
+    /// Revokes (or restores) only the permission to watch `kind` (a Role with `list` but not
+    /// `watch`). Open watches end.
+    pub fn set_watch_forbidden(&self, kind: Kind, forbidden: bool) {
+        let mut s = self.shared.inner.lock().unwrap();
+        if forbidden {
+            s.watch_forbidden.insert(kind);
+        } else {
+            s.watch_forbidden.remove(&kind);
+        }
+        drop(s);
+        if forbidden {
+            self.drop_watches();
+        }
+    }
+
     /// The server closes every watch after `cap` (as kube-apiserver does after the request's
     /// `timeoutSeconds`, or a random 1–2 × --min-request-timeout when none is given).
     pub fn cap_watches(&self, cap: Duration) {
@@ -371,13 +388,20 @@ async fn handle(
     kind: Kind,
 ) -> Response {
     let is_watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
-    let response = if shared.inner.lock().unwrap().unavailable {
+    let (unavailable, forbidden) = {
+        let s = shared.inner.lock().unwrap();
+        (
+            s.unavailable,
+            s.forbidden.contains(&kind) || (is_watch && s.watch_forbidden.contains(&kind)),
+        )
+    };
+    let response = if unavailable {
         status_response(
             503,
             "ServiceUnavailable",
             "the server is currently unable to handle the request",
         )
-    } else if shared.inner.lock().unwrap().forbidden.contains(&kind) {
+    } else if forbidden {
         let verb = if is_watch { "watch" } else { "list" };
         let group = if kind == Kind::NetworkPolicy {
             "networking.k8s.io"
@@ -528,7 +552,10 @@ async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind:
                 // Flags and events under one lock: nothing slips out after the API "went down".
                 let (events, rv): (Vec<Value>, u64) = {
                     let s = shared.inner.lock().unwrap();
-                    if s.unavailable || s.forbidden.contains(&kind) {
+                    if s.unavailable
+                        || s.forbidden.contains(&kind)
+                        || s.watch_forbidden.contains(&kind)
+                    {
                         return;
                     }
                     if s.paused {
@@ -653,4 +680,14 @@ pub fn metric(metrics: &Metrics, series: &str) -> Option<f64> {
         .render()
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until `metrics` is ready (a kind counts as readable once its watch has held after a
+/// list).
+pub async fn ready_within(metrics: &Metrics, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Err(why) = metrics.readiness() {
+        assert!(tokio::time::Instant::now() < deadline, "not ready: {why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
