@@ -126,6 +126,11 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
         tcp("z/a", "x/a", 80)
     });
 
+    // Readable once listed and the watch has held (2 s).
+    wait_until("pods readable", Duration::from_secs(5), || {
+        http_get(&node_ns, "/metrics")
+            .is_some_and(|(_, m)| m.contains("kni_api_readable{kind=\"Pod\"} 1"))
+    });
     let (code, metrics) = http_get(&node_ns, "/metrics").unwrap();
     assert_eq!(code, 200);
     for name in [
@@ -139,7 +144,6 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
         "kni_kernel_write_errors_total",
         "kni_drift_repairs_total",
         "kni_invalid_objects{",
-        "kni_api_readable{kind=\"Pod\"} 1",
     ] {
         assert!(
             metrics.contains(name),
