@@ -233,6 +233,21 @@ impl Schedule {
         }
     }
 
+    /// When `due` will next have something to do, unless another change comes first.
+    fn next_due(&self, o: &WatchOptions) -> Instant {
+        let settle = self
+            .pending
+            .map(|(first, latest)| (latest + o.debounce).min(first + o.max_delay));
+        let full = self
+            .last_full
+            .map_or_else(Instant::now, |t| t + o.resync_period);
+        [settle, Some(full), self.retry_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(full)
+    }
+
     fn done(&mut self, now: Instant, mode: SyncMode, result: &Result<SyncReport>) {
         self.pending = None;
         match result {
@@ -290,6 +305,9 @@ pub fn watch_dir(
         std::thread::sleep(options.poll_interval);
     }
 }
+
+/// The Kubernetes loop's longest sleep without a change (it keeps /healthz and metrics current).
+const KUBE_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Runs until killed, from the Kubernetes API. Nothing is written until every kind has listed
 /// once: the node is never programmed from a partial view.
@@ -351,7 +369,14 @@ pub async fn watch_cluster(
                 }
             }
         }
-        // Wake on a change, or at least every poll interval to look at the schedule.
-        let _ = tokio::time::timeout(options.poll_interval, store.changed()).await;
+        // Wake on a change (the watchers notify), when the schedule has a sync due (the debounce
+        // settles, a resync or retry), and at least every second for the heartbeat.
+        // Before the first complete list there is nothing to schedule.
+        let heartbeat = Instant::now() + KUBE_HEARTBEAT;
+        let wake = match last_generation {
+            Some(_) => schedule.next_due(&options).min(heartbeat),
+            None => heartbeat,
+        };
+        let _ = tokio::time::timeout_at(wake.into(), store.changed()).await;
     }
 }

@@ -45,7 +45,8 @@ pub enum Command {
         /// Address for /metrics, /healthz and /readyz; "off" disables them.
         #[arg(long, env = "KNI_METRICS_BIND_ADDRESS", default_value = metrics::DEFAULT_BIND)]
         metrics_bind_address: String,
-        /// How often to check the manifests directory for changes.
+        /// How often to check the manifests directory for changes (Kubernetes mode wakes on watch
+        /// events instead).
         #[arg(long, env = "KNI_POLL_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
         poll_interval: Duration,
         /// A burst of changes becomes one sync once the source has been quiet this long.
@@ -197,7 +198,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                     (None, once) => {
                         let client = kube_source::client(kubeconfig.as_deref()).await?;
-                        let store = kube_source::start(client);
+                        let store = kube_source::start(client, (!once).then(|| metrics.clone()));
                         if once {
                             let snapshot = loop {
                                 if let Some((_, s)) = store.snapshot() {

@@ -5,20 +5,22 @@
 //! A (re-)list (start, 410 Gone, reconnect after an error) is buffered and swapped in whole when it
 //! completes (`Init` … `InitDone`), so the store never shows a half-listed kind; and no snapshot is
 //! handed out until every kind has listed once. During an API outage the watchers retry with
-//! backoff and the store keeps the last state, which stays enforced.
+//! backoff and the store keeps the last state, which stays enforced. After any failure a kind is
+//! listed afresh (resourceVersion=0, from the API server's watch cache).
 
 use crate::convert::{self, InvalidField};
+use crate::metrics::Metrics;
 use crate::model::{ClusterSnapshot, Namespace, Pod, Policy};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 #[derive(Default)]
@@ -168,81 +170,324 @@ fn convert_recorded<K: Kind>(store: &mut Store, obj: &K) -> Option<(String, K::M
     }
 }
 
-async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>) {
-    // resourceVersion="0" lists come from the API server's watch cache: cheap at any size.
-    let config = watcher::Config::default().any_semantic();
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    let mut relist: Option<BTreeMap<String, K::Model>> = None;
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Init) => {
-                relist = Some(BTreeMap::new());
-                // The relist re-reports every invalid object still there.
-                store
-                    .inner
-                    .lock()
-                    .unwrap()
-                    .invalid
-                    .retain(|(kind, _), _| *kind != K::NAME);
-            }
-            Ok(Event::InitApply(obj)) => {
-                let mut s = store.inner.lock().unwrap();
-                if let (Some(buffer), Some((key, model))) =
-                    (relist.as_mut(), convert_recorded(&mut s, &obj))
-                {
-                    buffer.insert(key, model);
+/// Why a list or watch failed, as far as retrying and reporting care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// 410: the resourceVersion is too old (compaction, API server restart); list again.
+    Expired,
+    /// No answer, or the server is overloaded or not ready (5xx, 429).
+    Unreachable,
+    /// 403: RBAC does not allow it.
+    Forbidden,
+    /// 401: the credentials were not accepted.
+    Unauthorized,
+    Other,
+}
+
+impl Failure {
+    fn of(error: &watcher::Error) -> Failure {
+        use watcher::Error as E;
+        let code = match error {
+            E::InitialListFailed(e) | E::WatchStartFailed(e) | E::WatchFailed(e) => match e {
+                kube::Error::Api(status) => status.code,
+                kube::Error::HyperError(_) | kube::Error::Service(_) => {
+                    return Failure::Unreachable;
                 }
-            }
-            Ok(Event::InitDone) => {
-                let listed = relist.take().unwrap_or_default();
-                tracing::info!(kind = K::NAME, objects = listed.len(), "listed");
-                store.update(|s| {
-                    *K::map(s) = listed;
-                    s.listed[K::INDEX] = true;
-                });
-            }
-            Ok(Event::Apply(obj)) => store.update(|s| {
-                let key = key_of(&obj);
-                match convert_recorded(s, &obj) {
-                    Some((key, model)) => {
-                        K::map(s).insert(key, model);
-                    }
-                    None => {
-                        K::map(s).remove(&key);
-                    }
-                }
-            }),
-            Ok(Event::Delete(obj)) => store.update(|s| {
-                let key = key_of(&obj);
-                K::map(s).remove(&key);
-                s.invalid.remove(&(K::NAME, key));
-            }),
-            Err(e) => {
-                tracing::warn!(
-                    kind = K::NAME,
-                    "watch failed, retrying with backoff; the last state stays enforced: {e}"
-                )
-            }
+                _ => return Failure::Other,
+            },
+            E::WatchError(status) => status.code,
+            E::NoResourceVersion => return Failure::Other,
+        };
+        match code {
+            410 => Failure::Expired,
+            403 => Failure::Forbidden,
+            401 => Failure::Unauthorized,
+            429 | 500..=599 => Failure::Unreachable,
+            _ => Failure::Other,
+        }
+    }
+
+    /// The `reason` label of `kni_api_watch_errors_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Failure::Expired => "expired",
+            Failure::Unreachable => "unreachable",
+            Failure::Forbidden => "forbidden",
+            Failure::Unauthorized => "unauthorized",
+            Failure::Other => "error",
         }
     }
 }
 
-/// Starts watching the cluster; the returned store fills as lists complete.
-pub fn start(client: Client) -> Arc<ClusterStore> {
+/// Backoff of a rejected request (403, 401, other errors): 0.5 s doubling to 16 s; with
+/// backon's jitter (+0–100 %) a retry comes every 16–32 s at most.
+const REJECTED_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(500), Duration::from_secs(16));
+/// Backoff while the API server does not answer (restart, outage): kept short, so the node is
+/// current again within seconds of the server's return whatever the outage length (1.5–3 s).
+const UNREACHABLE_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(250), Duration::from_millis(1500));
+/// A kind that has had no failure for this long starts its backoff afresh.
+const QUIET_RESET: Duration = Duration::from_secs(60);
+
+fn backoff((min, max): (Duration, Duration)) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// When to list again after a failure. A successful list does not reset the backoff (a kind
+/// that may be listed but not watched would otherwise be listed every second); a quiet minute
+/// does.
+struct Retry {
+    rejected: backon::ExponentialBackoff,
+    unreachable: backon::ExponentialBackoff,
+    last_failure: Option<(Instant, Failure)>,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry {
+            rejected: backoff(REJECTED_BACKOFF),
+            unreachable: backoff(UNREACHABLE_BACKOFF),
+            last_failure: None,
+        }
+    }
+
+    fn delay(&mut self, failure: Failure) -> Duration {
+        let now = Instant::now();
+        let previous = self
+            .last_failure
+            .replace((now, failure))
+            .filter(|(at, _)| now - *at < QUIET_RESET);
+        if previous.is_none() {
+            *self = Retry {
+                last_failure: Some((now, failure)),
+                ..Retry::new()
+            };
+        }
+        let next = match failure {
+            // A 410 is routine: list again at once, unless the fresh list expired right away too.
+            Failure::Expired if previous.is_none_or(|(_, f)| f != Failure::Expired) => {
+                Some(Duration::ZERO)
+            }
+            Failure::Unreachable => self.unreachable.next(),
+            _ => self.rejected.next(),
+        };
+        next.unwrap_or(REJECTED_BACKOFF.1)
+    }
+}
+
+/// Reports whether a kind can be read: one log line per change (not per retry), the
+/// `kni_api_readable` gauge, `kni_api_watch_errors_total` and the reason `/readyz` gives.
+struct Health {
+    kind: &'static str,
+    failing: Option<Failure>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Health {
+    fn failed(&mut self, failure: Failure, error: &watcher::Error) {
+        if let Some(m) = &self.metrics {
+            m.api_error(self.kind, failure.label());
+        }
+        if failure == Failure::Expired {
+            tracing::debug!(kind = self.kind, "{error}; listing again");
+            return;
+        }
+        if self.failing == Some(failure) {
+            return;
+        }
+        self.failing = Some(failure);
+        let problem = format!("cannot read {}: {error}", self.kind);
+        tracing::warn!(
+            kind = self.kind,
+            reason = failure.label(),
+            "{problem} (will keep retrying with backoff; the last state stays enforced)"
+        );
+        if let Some(m) = &self.metrics {
+            m.set_api_problem(self.kind, Some(problem));
+        }
+    }
+
+    fn readable(&mut self) {
+        if self.failing.take().is_some() {
+            tracing::info!(kind = self.kind, "{} readable again", self.kind);
+        }
+        if let Some(m) = &self.metrics {
+            m.set_api_problem(self.kind, None);
+        }
+    }
+}
+
+/// The watcher configuration. `any_semantic` makes lists ask for resourceVersion=0, which the
+/// API server answers from its watch cache instead of a quorum read from etcd; but kube-core
+/// leaves resourceVersion=0 out of a list that has a limit (`ListParams::populate_qp`) and the
+/// watcher's default page size is 500, so the page size must be off. The watch cache ignores
+/// limit for resourceVersion=0 anyway, so nothing is lost.
+fn watch_config() -> watcher::Config {
+    watcher::Config {
+        page_size: None,
+        ..watcher::Config::default()
+    }
+    .any_semantic()
+}
+
+/// Applies one watcher event to the store. A (re-)list is buffered in `relist` and swapped in
+/// whole at `InitDone`; returns true then.
+fn apply_event<K: Kind>(
+    store: &ClusterStore,
+    relist: &mut Option<BTreeMap<String, K::Model>>,
+    event: Event<K>,
+) -> bool {
+    match event {
+        Event::Init => {
+            *relist = Some(BTreeMap::new());
+            // The relist re-reports every invalid object still there.
+            store
+                .inner
+                .lock()
+                .unwrap()
+                .invalid
+                .retain(|(kind, _), _| *kind != K::NAME);
+        }
+        Event::InitApply(obj) => {
+            let mut s = store.inner.lock().unwrap();
+            if let (Some(buffer), Some((key, model))) =
+                (relist.as_mut(), convert_recorded(&mut s, &obj))
+            {
+                buffer.insert(key, model);
+            }
+        }
+        Event::InitDone => {
+            let listed = relist.take().unwrap_or_default();
+            tracing::info!(kind = K::NAME, objects = listed.len(), "listed");
+            store.update(|s| {
+                *K::map(s) = listed;
+                s.listed[K::INDEX] = true;
+            });
+            return true;
+        }
+        Event::Apply(obj) => store.update(|s| {
+            let key = key_of(&obj);
+            match convert_recorded(s, &obj) {
+                Some((key, model)) => {
+                    K::map(s).insert(key, model);
+                }
+                None => {
+                    K::map(s).remove(&key);
+                }
+            }
+        }),
+        Event::Delete(obj) => store.update(|s| {
+            let key = key_of(&obj);
+            K::map(s).remove(&key);
+            s.invalid.remove(&(K::NAME, key));
+        }),
+    }
+    false
+}
+
+/// How long the watch must stay up after a list before the kind counts as readable again: a
+/// watch the server refuses (RBAC allowing list but not watch) fails at once, and must not make
+/// the kind look readable between its lists.
+const WATCH_HOLDS_AFTER: Duration = Duration::from_secs(2);
+
+/// Lists, then follows the watch, until the first error, which it returns. kube-runtime resumes
+/// a watch the server closed (timeout) by itself; after an error a fresh watcher lists again,
+/// which also tells when the kind is readable again.
+async fn list_and_watch<K: Kind>(
+    api: &Api<K>,
+    store: &ClusterStore,
+    health: &mut Health,
+) -> watcher::Error {
+    let mut events = watcher::watcher(api.clone(), watch_config()).boxed();
+    let mut relist = None;
+    let mut readable_at: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match readable_at {
+            // `next()` is cancel-safe: the watcher keeps its request in progress.
+            Some(at) => match tokio::time::timeout_at(at, events.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    health.readable();
+                    readable_at = None;
+                    continue;
+                }
+            },
+            None => events.next().await,
+        };
+        match next {
+            Some(Ok(event)) => {
+                if apply_event(store, &mut relist, event) {
+                    readable_at = Some(tokio::time::Instant::now() + WATCH_HOLDS_AFTER);
+                }
+            }
+            Some(Err(error)) => return error,
+            None => return watcher::Error::NoResourceVersion,
+        }
+    }
+}
+
+async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>, metrics: Option<Arc<Metrics>>) {
+    let mut health = Health {
+        kind: K::NAME,
+        failing: None,
+        metrics,
+    };
+    let mut retry = Retry::new();
+    loop {
+        let error = list_and_watch(&api, &store, &mut health).await;
+        let failure = Failure::of(&error);
+        health.failed(failure, &error);
+        tokio::time::sleep(retry.delay(failure)).await;
+    }
+}
+
+/// Starts watching the cluster; the returned store fills as lists complete. With `metrics`, the
+/// watchers report whether each kind can be read (readiness, `kni_api_*`).
+pub fn start(client: Client, metrics: Option<Arc<Metrics>>) -> Arc<ClusterStore> {
     let store = Arc::new(ClusterStore::default());
     tokio::spawn(watch_kind(
         Api::<core::Namespace>::all(client.clone()),
         store.clone(),
+        metrics.clone(),
     ));
     tokio::spawn(watch_kind(
         Api::<core::Pod>::all(client.clone()),
         store.clone(),
+        metrics.clone(),
     ));
     tokio::spawn(watch_kind(
         Api::<net::NetworkPolicy>::all(client),
         store.clone(),
+        metrics,
     ));
     store
+}
+
+/// Sent as User-Agent, so audit logs and API Priority and Fairness can tell the agent apart.
+pub const USER_AGENT: &str = concat!("kube-netpol-iptables/", env!("CARGO_PKG_VERSION"));
+
+/// The default log filter: kube-runtime's watcher logs a WARN line of its own for every 403
+/// retry; the agent logs each change of a kind's readability once instead.
+pub const DEFAULT_LOG_FILTER: &str = "info,kube_runtime::watcher=error";
+
+/// A client for `config` that sends our User-Agent. kube-client's own retry of 429/503/504
+/// (growing to minutes inside one request) is turned off: the watchers' backoff above decides
+/// when to try again, so a returning API server is seen within seconds.
+pub fn client_for(mut config: kube::Config) -> anyhow::Result<Client> {
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(USER_AGENT),
+    ));
+    config.default_retry = false;
+    Ok(Client::try_from(config)?)
 }
 
 /// A client from `--kubeconfig`, or in-cluster configuration (falling back to the usual
@@ -260,5 +505,5 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
             anyhow::anyhow!("no in-cluster configuration and no kubeconfig found ({e}); pass --kubeconfig or --manifests")
         })?,
     };
-    Ok(Client::try_from(config)?)
+    client_for(config)
 }

@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family as MetricFamily;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,10 @@ pub struct Metrics {
     failed_closed_rules: Gauge,
     /// Policy rules that could not be programmed and allow nothing, one line each (for /readyz).
     failed_closed: Mutex<Vec<String>>,
+    api_readable: MetricFamily<Labels, Gauge>,
+    api_watch_errors: MetricFamily<Labels, Counter>,
+    /// Why each watched kind cannot be read right now (absent: readable).
+    api_problems: Mutex<BTreeMap<String, String>>,
     /// A full sync has succeeded since start.
     synced_once: AtomicBool,
     /// The last sync attempt failed.
@@ -123,6 +128,18 @@ impl Metrics {
             "Policy rules that could not be programmed (e.g. ipBlocks needing more set entries than allowed) and allow nothing; /readyz names them",
             failed_closed_rules.clone(),
         );
+        let api_readable = MetricFamily::<Labels, Gauge>::default();
+        registry.register(
+            "api_readable",
+            "1 while the agent can list and watch this kind, 0 while it cannot (see /readyz)",
+            api_readable.clone(),
+        );
+        let api_watch_errors = MetricFamily::<Labels, Counter>::default();
+        registry.register(
+            "api_watch_errors",
+            "Failed lists and watches by kind and reason (forbidden, unauthorized, unreachable, expired, error)",
+            api_watch_errors.clone(),
+        );
         Arc::new(Metrics {
             registry,
             sync_duration,
@@ -137,6 +154,9 @@ impl Metrics {
             invalid_objects,
             failed_closed_rules,
             failed_closed: Mutex::new(Vec::new()),
+            api_readable,
+            api_watch_errors,
+            api_problems: Mutex::new(BTreeMap::new()),
             synced_once: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             heartbeat: AtomicI64::new(now_secs() as i64),
@@ -230,6 +250,28 @@ impl Metrics {
         out
     }
 
+    /// A list or watch of `kind` failed.
+    pub fn api_error(&self, kind: &str, reason: &str) {
+        self.api_watch_errors
+            .get_or_create(&vec![
+                ("kind".into(), kind.into()),
+                ("reason".into(), reason.into()),
+            ])
+            .inc();
+    }
+
+    /// `kind` cannot be read, and why; or (`None`) it can.
+    pub fn set_api_problem(&self, kind: &str, problem: Option<String>) {
+        self.api_readable
+            .get_or_create(&vec![("kind".into(), kind.into())])
+            .set(problem.is_none() as i64);
+        let mut problems = self.api_problems.lock().unwrap();
+        match problem {
+            Some(p) => problems.insert(kind.into(), p),
+            None => problems.remove(kind),
+        };
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
@@ -242,9 +284,28 @@ impl Metrics {
             <= self.stall_limit.as_secs() as i64
     }
 
-    /// Ready: a full sync has succeeded and the last attempt did not fail.
+    /// Ready: a full sync has succeeded, the last attempt did not fail and every watched kind
+    /// can be read. Otherwise, why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.synced_once.load(Ordering::Relaxed) {
+            return Err("no successful sync yet".into());
+        }
+        if self.failing.load(Ordering::Relaxed) {
+            return Err("the last sync failed (see the log)".into());
+        }
+        let problems = self.api_problems.lock().unwrap();
+        if !problems.is_empty() {
+            let why: Vec<&str> = problems.values().map(String::as_str).collect();
+            return Err(format!(
+                "the API cannot be read, the last state stays enforced: {}",
+                why.join("; ")
+            ));
+        }
+        Ok(())
+    }
+
     pub fn ready(&self) -> bool {
-        self.synced_once.load(Ordering::Relaxed) && !self.failing.load(Ordering::Relaxed)
+        self.readiness().is_ok()
     }
 }
 
@@ -265,25 +326,29 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         )
         .route(
             "/healthz",
-            get(move || async move { status(m2.healthy(), "sync loop stalled") }),
+            get(move || async move {
+                status(
+                    m2.healthy()
+                        .then_some(())
+                        .ok_or_else(|| "sync loop stalled".into()),
+                )
+            }),
         )
         .route(
             "/readyz",
             get(move || async move {
-                if m3.ready() {
-                    (StatusCode::OK, format!("ok{}", m3.readiness_detail())).into_response()
-                } else {
-                    status(false, "no successful sync yet, or the last one failed").into_response()
+                match m3.readiness() {
+                    Ok(()) => (StatusCode::OK, format!("ok{}", m3.readiness_detail())),
+                    Err(why_not) => (StatusCode::SERVICE_UNAVAILABLE, why_not),
                 }
             }),
         )
 }
 
-fn status(ok: bool, why_not: &'static str) -> impl IntoResponse {
-    if ok {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, why_not)
+fn status(result: Result<(), String>) -> impl IntoResponse {
+    match result {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(why_not) => (StatusCode::SERVICE_UNAVAILABLE, why_not),
     }
 }
 

@@ -61,6 +61,9 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
                 kubeconfig.to_str().unwrap(),
                 "--backend",
                 "nft",
+                // Kubernetes mode wakes on watch events: this must not slow anything down.
+                "--poll-interval",
+                "5s",
             ])
             .env("NODE_NAME", "node1")
             .stdin(Stdio::null())
@@ -86,10 +89,21 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
     assert!(tcp("y/a", "x/a", 80));
 
     // Created through the API: only namespace y may reach x's named port http.
+    let syncs_before = successful_syncs(&node_ns);
+    let created = std::time::Instant::now();
     api.apply(
         Kind::NetworkPolicy,
         "metadata: {name: from-y, namespace: x}\nspec: {podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: http}]}]}",
     );
+    wait_until(
+        "synced after the watch event",
+        Duration::from_secs(10),
+        || successful_syncs(&node_ns) > syncs_before,
+    );
+    let synced = created.elapsed();
+    eprintln!("a policy created through the API was synced after {synced:?}");
+    // The debounce (100 ms), not --poll-interval (5 s), sets the pace.
+    assert!(synced < Duration::from_secs(1), "synced after {synced:?}");
     let took = wait_until("policy enforced", Duration::from_secs(5), || {
         !tcp("z/a", "x/a", 80)
     });
@@ -112,6 +126,11 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
         tcp("z/a", "x/a", 80)
     });
 
+    // Readable once listed and the watch has held (2 s).
+    wait_until("pods readable", Duration::from_secs(5), || {
+        http_get(&node_ns, "/metrics")
+            .is_some_and(|(_, m)| m.contains("kni_api_readable{kind=\"Pod\"} 1"))
+    });
     let (code, metrics) = http_get(&node_ns, "/metrics").unwrap();
     assert_eq!(code, 200);
     for name in [
@@ -133,15 +152,66 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
     }
     assert!(metrics.contains("result=\"success\""), "{metrics}");
 
-    // The API goes away: what was programmed stays enforced.
+    // RBAC no longer allows reading pods: not ready, and /readyz says why; ready again when the
+    // permission is back.
+    api.set_forbidden(Kind::Pod, true);
+    wait_until("not ready without pods", Duration::from_secs(5), || {
+        http_get(&node_ns, "/readyz").is_some_and(|(c, body)| {
+            c == 503 && body.contains("cannot read Pod") && body.contains("forbidden")
+        })
+    });
+    assert!(tcp("y/a", "x/a", 80), "the last state stays enforced");
+    api.set_forbidden(Kind::Pod, false);
+    wait_until("ready with pods readable", Duration::from_secs(10), || {
+        http_get(&node_ns, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+
+    // The API goes away: what was programmed stays enforced, and the agent is not ready.
     api.stop();
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(
+        "not ready while the API is down",
+        Duration::from_secs(5),
+        || {
+            http_get(&node_ns, "/readyz")
+                .is_some_and(|(c, body)| c == 503 && body.contains("cannot read"))
+        },
+    );
     assert!(!tcp("x/c", "x/a", 80));
     assert!(tcp("y/a", "x/a", 80));
     assert_eq!(http_get(&node_ns, "/healthz").map(|(c, _)| c), Some(200));
 
+    // Back after long enough for a growing backoff to reach tens of seconds, as a restarted
+    // kube-apiserver (410 for every old resourceVersion); a change made right then reaches the
+    // kernel within 5 s (plus one probe's timeout, the resolution of this check).
+    std::thread::sleep(Duration::from_secs(10));
+    let addr = api.addr;
+    let listener = in_netns(&node_ns, move || std::net::TcpListener::bind(addr).unwrap())
+        .join()
+        .unwrap();
+    api.restart_on(listener);
+    api.delete(Kind::NetworkPolicy, "x/from-y");
+    let took = wait_until(
+        "a change after the restart enforced",
+        Duration::from_secs(5) + lab::PROBE_TIMEOUT,
+        || tcp("x/c", "x/a", 80),
+    );
+    eprintln!("a change made as the API returned was enforced after {took:?}");
+    wait_until("ready after the restart", Duration::from_secs(5), || {
+        http_get(&node_ns, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+
     let _ = agent.kill();
     let _ = agent.wait();
+}
+
+/// Successful syncs so far, from the agent's /metrics.
+fn successful_syncs(netns: &str) -> f64 {
+    let (_, metrics) = http_get(netns, "/metrics").unwrap();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kni_syncs_total{") && l.contains("result=\"success\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]

@@ -1,58 +1,21 @@
 //! The Kubernetes source against an in-process fake API server: real list/watch HTTP to a real
-//! kube::Client, checking what the core receives. No root needed.
+//! kube::Client, checking what the core receives and what the API server is asked, and how
+//! often. No root needed.
 
 mod fakeapi;
 
-use fakeapi::{FakeApi, Kind};
-use kube_netpol_iptables::kube_source::{self, ClusterStore};
-use kube_netpol_iptables::model::ClusterSnapshot;
-use std::sync::Arc;
+use fakeapi::{
+    FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, watching,
+};
+use kube_netpol_iptables::kube_source;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
-
-fn seed(api: &FakeApi) {
-    api.apply(Kind::Namespace, "metadata: {name: x, labels: {team: a}}");
-    api.apply(Kind::Namespace, "metadata: {name: y}");
-    api.apply(
-        Kind::Pod,
-        "metadata: {name: a, namespace: x, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\nstatus: {phase: Running, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}",
-    );
-    api.apply(
-        Kind::NetworkPolicy,
-        "metadata: {name: deny, namespace: x}\nspec: {podSelector: {}}",
-    );
-}
-
-/// Waits until the store's snapshot satisfies `ok`.
-async fn until(
-    store: &Arc<ClusterStore>,
-    what: &str,
-    ok: impl Fn(&ClusterSnapshot) -> bool,
-) -> ClusterSnapshot {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some((_, s)) = store.snapshot()
-            && ok(&s)
-        {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(100), store.changed()).await;
-    }
-}
-
-fn pod_keys(s: &ClusterSnapshot) -> Vec<String> {
-    s.pods.iter().map(|p| p.key()).collect()
-}
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_then_follows_watch_events() {
     let api = FakeApi::start_local();
     seed(&api);
-    let store = kube_source::start(api.client());
+    let store = kube_source::start(api.client(), None);
     let s = until(&store, "initial list", |s| {
         s.pods.len() == 1 && s.policies.len() == 1
     })
@@ -92,7 +55,7 @@ async fn nothing_is_handed_out_before_every_kind_has_listed() {
     let api = FakeApi::start_local();
     seed(&api);
     api.hold_lists(Kind::NetworkPolicy);
-    let store = kube_source::start(api.client());
+    let store = kube_source::start(api.client(), None);
     // Namespaces and pods list, policies do not: a snapshot now would open every isolated pod.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(api.shared.lists_served.load(Ordering::Relaxed) >= 2);
@@ -112,8 +75,9 @@ async fn nothing_is_handed_out_before_every_kind_has_listed() {
 async fn a_410_gone_relists_and_sees_what_changed_meanwhile() {
     let api = FakeApi::start_local();
     seed(&api);
-    let store = kube_source::start(api.client());
+    let store = kube_source::start(api.client(), None);
     until(&store, "initial list", |s| s.pods.len() == 1).await;
+    watching(&api, Kind::Pod).await;
     let lists_before = api.shared.lists_served.load(Ordering::Relaxed);
     // While the watches deliver nothing: x/a goes, x/c arrives, and history is compacted, so
     // after the connections drop the changes can only be learnt from a fresh list.
@@ -145,7 +109,7 @@ async fn a_410_gone_relists_and_sees_what_changed_meanwhile() {
 async fn dropped_connections_resume_without_losing_events() {
     let api = FakeApi::start_local();
     seed(&api);
-    let store = kube_source::start(api.client());
+    let store = kube_source::start(api.client(), None);
     until(&store, "initial list", |s| s.pods.len() == 1).await;
     for i in 0..5 {
         api.drop_watches();
@@ -162,7 +126,7 @@ async fn an_invalid_object_is_left_out_and_counted_and_the_rest_is_kept() {
         Kind::NetworkPolicy,
         "metadata: {name: bad, namespace: y}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/99}}]}]}",
     );
-    let store = kube_source::start(api.client());
+    let store = kube_source::start(api.client(), None);
     let s = until(&store, "initial list", |s| s.pods.len() == 1).await;
     assert_eq!(
         s.policies.iter().map(|p| p.key()).collect::<Vec<_>>(),
@@ -182,7 +146,7 @@ async fn an_invalid_object_is_left_out_and_counted_and_the_rest_is_kept() {
 async fn an_api_outage_keeps_the_last_view() {
     let api = FakeApi::start_local();
     seed(&api);
-    let store = kube_source::start(api.client());
+    let store = kube_source::start(api.client(), None);
     until(&store, "initial list", |s| s.pods.len() == 1).await;
     // The API goes away: watches fail and retry, the view stays.
     api.stop();
@@ -196,7 +160,7 @@ async fn an_api_outage_keeps_the_last_view() {
 async fn the_view_recovers_when_the_api_returns() {
     let api = FakeApi::start_local();
     seed(&api);
-    let store = kube_source::start(api.client());
+    let store = kube_source::start(api.client(), None);
     until(&store, "initial list", |s| s.pods.len() == 1).await;
     api.set_available(false);
     // Changes made while the agent cannot see the API...
@@ -218,4 +182,216 @@ async fn the_view_recovers_when_the_api_returns() {
     })
     .await;
     assert!(s.policies.iter().any(|p| p.key() == "y/late"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_served_from_the_watch_cache_and_watches_resume_from_them() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    // More pods than one page would hold if a page size of 1 were ever sent.
+    api.apply(Kind::Pod, "metadata: {name: b, namespace: y}\nspec: {nodeName: n2, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.2}");
+    let rv = api.resource_version().to_string();
+    let store = kube_source::start(api.client(), None);
+    until(&store, "initial list", |s| s.pods.len() == 2).await;
+    // Give the watches time to be opened.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
+        let lists = api.requests_of(kind, false);
+        assert_eq!(lists.len(), 1, "{kind:?}: one list");
+        let q = &lists[0].query;
+        // resourceVersion=0 (any version): kube-apiserver answers from its watch cache; with a
+        // limit kube-rs would drop it and make every list a quorum read from etcd.
+        assert_eq!(
+            q.get("resourceVersion").map(String::as_str),
+            Some("0"),
+            "{kind:?} list: {q:?}"
+        );
+        assert!(!q.contains_key("limit"), "{kind:?} list has a limit: {q:?}");
+        assert!(!q.contains_key("continue"), "{kind:?} list: {q:?}");
+        let watches = api.requests_of(kind, true);
+        assert!(!watches.is_empty(), "{kind:?}: watched");
+        for w in &watches {
+            assert_eq!(
+                w.query.get("resourceVersion"),
+                Some(&rv),
+                "{kind:?} watch from the list's version: {:?}",
+                w.query
+            );
+            assert_eq!(
+                w.query.get("allowWatchBookmarks").map(String::as_str),
+                Some("true")
+            );
+        }
+    }
+    for r in api.requests() {
+        assert_eq!(
+            r.user_agent.as_deref(),
+            Some(kube_source::USER_AGENT),
+            "every request names the agent: {r:?}"
+        );
+    }
+    assert!(kube_source::USER_AGENT.starts_with("kube-netpol-iptables/"));
+    assert_eq!(
+        kube_source::USER_AGENT,
+        format!("kube-netpol-iptables/{}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// How long after the API returns the store has a change made right then; the API was gone for
+/// long enough that a growing backoff would have reached tens of seconds.
+async fn outage_then_back(
+    api: &FakeApi,
+    go: impl Fn(&FakeApi),
+    come_back: impl Fn(&FakeApi),
+) -> Duration {
+    seed(api);
+    let metrics = synced_metrics();
+    let store = kube_source::start(api.client(), Some(metrics.clone()));
+    until(&store, "initial list", |s| s.pods.len() == 1).await;
+    go(api);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let why = metrics
+        .readiness()
+        .expect_err("not ready while the API is down");
+    assert!(why.contains("cannot read"), "{why}");
+    assert_eq!(
+        metric(&metrics, "kni_api_readable{kind=\"Pod\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        pod_keys(&store.snapshot().unwrap().1),
+        ["x/a"],
+        "the last view is kept"
+    );
+
+    let old_rv = api.resource_version();
+    come_back(api);
+    let back = Instant::now();
+    api.apply(Kind::Pod, "metadata: {name: after, namespace: y}\nspec: {nodeName: n1, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.9}");
+    until(&store, "the change made after the API returned", |s| {
+        pod_keys(s).contains(&"y/after".to_string())
+    })
+    .await;
+    let took = back.elapsed();
+    // No watch resumed from a version the server may have forgotten.
+    for w in api.requests().iter().filter(|r| r.watch && r.at >= back) {
+        let from: u64 = w.query["resourceVersion"].parse().unwrap();
+        assert!(from > old_rv, "watch from before the outage: {w:?}");
+    }
+    ready_within(&metrics, Duration::from_secs(5)).await;
+    took
+}
+
+/// Connection refused; the server restarts with a new history (410 for every old version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_view_is_current_within_5s_of_the_api_returning() {
+    let api = FakeApi::start_local();
+    let took = outage_then_back(&api, FakeApi::stop, FakeApi::restart).await;
+    eprintln!("current again {took:?} after the API returned");
+    assert!(took <= Duration::from_secs(5), "took {took:?}");
+}
+
+/// 503 for every request (kube-client's own retry of 503 would sleep longer and longer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_503_outage_the_view_is_current_within_5s_of_the_api_returning() {
+    let api = FakeApi::start_local();
+    let took = outage_then_back(&api, |a| a.set_available(false), |a| a.set_available(true)).await;
+    eprintln!("current again {took:?} after the API returned");
+    assert!(took <= Duration::from_secs(5), "took {took:?}");
+}
+
+/// kube-apiserver ends every watch after its timeout; the watch resumes from where it was, with
+/// no new list and no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_closed_by_the_server_resumes_without_a_list() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.cap_watches(Duration::from_millis(700));
+    let metrics = synced_metrics();
+    let store = kube_source::start(api.client(), Some(metrics.clone()));
+    until(&store, "initial list", |s| s.pods.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    api.apply(Kind::Pod, "metadata: {name: later, namespace: y}\nspec: {nodeName: n1, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.8}");
+    until(&store, "event after several watch timeouts", |s| {
+        s.pods.len() == 2
+    })
+    .await;
+    assert!(api.requests_of(Kind::Pod, true).len() >= 3, "re-watched");
+    assert_eq!(
+        api.requests_of(Kind::Pod, false).len(),
+        1,
+        "never listed again"
+    );
+    assert!(
+        !metrics.render().contains("kni_api_watch_errors_total{"),
+        "{}",
+        metrics.render()
+    );
+    assert!(metrics.ready());
+}
+
+/// The fake answers lists as kube-apiserver does, so the tests above mean something:
+/// resourceVersion=0 ignores limit; other lists are paginated; a continue token from before a
+/// compaction is 410 Expired; a revoked permission is a 403 Status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_api_server_lists_like_kube_apiserver() {
+    let api = FakeApi::start_local();
+    for i in 0..5 {
+        api.apply(Kind::Namespace, &format!("metadata: {{name: n{i}}}"));
+    }
+    let client = api.client();
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let req = axum::http::Request::get(url).body(Vec::new()).unwrap();
+            client.request::<serde_json::Value>(req).await
+        }
+    };
+    let cached = get("/api/v1/namespaces?limit=2&resourceVersion=0".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        cached["items"].as_array().unwrap().len(),
+        5,
+        "limit ignored for RV=0"
+    );
+    assert!(cached["metadata"]["continue"].is_null());
+
+    let page1 = get("/api/v1/namespaces?limit=2".into()).await.unwrap();
+    assert_eq!(page1["items"].as_array().unwrap().len(), 2);
+    let token = page1["metadata"]["continue"].as_str().unwrap().to_string();
+    assert_eq!(page1["metadata"]["remainingItemCount"], 3);
+    // A change between pages does not show in the paginated list (one consistent version).
+    api.apply(Kind::Namespace, "metadata: {name: n9}");
+    let page2 = get(format!("/api/v1/namespaces?limit=2&continue={token}"))
+        .await
+        .unwrap();
+    let page3 = get(format!(
+        "/api/v1/namespaces?limit=2&continue={}",
+        page2["metadata"]["continue"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+    assert!(page3["metadata"]["continue"].is_null());
+    let names: Vec<String> = [&page1, &page2, &page3]
+        .iter()
+        .flat_map(|p| p["items"].as_array().unwrap().iter())
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["n0", "n1", "n2", "n3", "n4"]);
+
+    api.compact();
+    match get(format!("/api/v1/namespaces?limit=2&continue={token}")).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!((status.code, status.reason.as_str()), (410, "Expired"))
+        }
+        other => panic!("expected 410 Expired, got {other:?}"),
+    }
+    api.set_forbidden(Kind::Pod, true);
+    match get("/api/v1/pods?resourceVersion=0".into()).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"))
+        }
+        other => panic!("expected 403 Forbidden, got {other:?}"),
+    }
 }

@@ -1,20 +1,39 @@
 //! An in-process fake Kubernetes API server speaking real list and watch HTTP for Namespaces,
-//! Pods and NetworkPolicies: resourceVersions, newline-delimited watch events, bookmarks, 410 Gone
-//! for compacted versions, dropped connections, and held lists.
+//! Pods and NetworkPolicies, behaving as kube-apiserver does where the agent depends on it:
+//!
+//! - lists: `resourceVersion=0` is served whole from the "watch cache" and `limit` is ignored
+//!   (kube-apiserver: staging/src/k8s.io/apiserver/pkg/storage/cacher/cacher.go,
+//!   `computeListLimit`: "the limit is ignored for requests that set RV == 0"); any other list
+//!   with `limit` is paginated with `continue` tokens at a consistent resourceVersion, as etcd
+//!   serves it (cacher/delegator.go, `shouldDelegateList`); a continue token or an exact
+//!   resourceVersion older than the compaction gets 410 Expired;
+//! - watches: newline-delimited events from a resourceVersion, bookmarks, an ERROR event with a
+//!   410 Expired `Status` from a compacted (or, after a restart, unknown) resourceVersion, and
+//!   closing after `timeoutSeconds` (or the server's own cap);
+//! - 403 Forbidden `Status` for a kind whose permission is revoked, 503 while unavailable, and
+//!   connection refused while stopped; a restart begins a new watch-cache history, so watches
+//!   from before it get 410 as from a restarted kube-apiserver, whose cache starts at "now".
+//!
+//! Every request is recorded (kind, query, User-Agent) for tests to check what clients send.
 #![allow(dead_code)]
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use kube_netpol_iptables::dataplane::{SyncMode, SyncReport};
+use kube_netpol_iptables::kube_source::ClusterStore;
+use kube_netpol_iptables::metrics::Metrics;
+use kube_netpol_iptables::model::ClusterSnapshot;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -38,12 +57,32 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
+    /// The resource name, as in RBAC rules and error messages.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespaces",
+            Kind::Pod => "pods",
+            Kind::NetworkPolicy => "networkpolicies",
+        }
+    }
+}
+
+/// One request as the server saw it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub at: Instant,
+    pub kind: Kind,
+    pub watch: bool,
+    pub query: BTreeMap<String, String>,
+    pub user_agent: Option<String>,
+    /// The HTTP status answered (200 for a watch that then sends a 410 ERROR event).
+    pub status: u16,
 }
 
 #[derive(Default)]
 struct Inner {
     rv: u64,
-    /// Watches from a resourceVersion below this get 410 Gone.
+    /// Watches, continue tokens and exact lists from a resourceVersion below this get 410.
     compacted_below: u64,
     objects: BTreeMap<Kind, BTreeMap<String, Value>>,
     /// Every change: (resourceVersion, kind, event type, object).
@@ -51,8 +90,14 @@ struct Inner {
     held: Vec<Kind>,
     /// While set, open watches deliver nothing (as if the network between dropped packets).
     paused: bool,
-    /// While set, every request gets 503 (an API server that is down or unreachable).
+    /// While set, every request gets 503 (an API server that is up but not serving).
     unavailable: bool,
+    /// Kinds the client may not list and watch (403 Forbidden)...
+    forbidden: BTreeSet<Kind>,
+    /// ...or only not watch.
+    watch_forbidden: BTreeSet<Kind>,
+    /// The server closes every watch after this long, whatever `timeoutSeconds` asked.
+    watch_cap: Option<Duration>,
 }
 
 pub struct Shared {
@@ -64,13 +109,15 @@ pub struct Shared {
     pub bookmarks_sent: AtomicUsize,
     pub lists_served: AtomicUsize,
     pub gone_sent: AtomicUsize,
+    pub requests: Mutex<Vec<Request>>,
 }
 
 #[derive(Clone)]
 pub struct FakeApi {
     pub url: String,
+    pub addr: SocketAddr,
     pub shared: Arc<Shared>,
-    server: Arc<tokio::task::AbortHandle>,
+    server: Arc<Mutex<Option<tokio::task::AbortHandle>>>,
 }
 
 fn key_of(obj: &Value) -> String {
@@ -85,7 +132,6 @@ impl FakeApi {
     /// Serves on `listener` (which may belong to another network namespace) from the current
     /// tokio runtime.
     pub fn start(listener: std::net::TcpListener) -> FakeApi {
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (drop_tx, _) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -96,37 +142,44 @@ impl FakeApi {
             bookmarks_sent: AtomicUsize::new(0),
             lists_served: AtomicUsize::new(0),
             gone_sent: AtomicUsize::new(0),
+            requests: Mutex::new(Vec::new()),
         });
-        let app = Router::new()
-            .route(
-                "/api/v1/namespaces",
-                get(|s, q| handle(s, q, Kind::Namespace)),
-            )
-            .route("/api/v1/pods", get(|s, q| handle(s, q, Kind::Pod)))
-            .route(
-                "/apis/networking.k8s.io/v1/networkpolicies",
-                get(|s, q| handle(s, q, Kind::NetworkPolicy)),
-            )
-            .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        })
-        .abort_handle();
-        FakeApi {
+        let api = FakeApi {
             url: format!("http://{addr}"),
+            addr,
             shared,
-            server: Arc::new(server),
-        }
+            server: Arc::new(Mutex::new(None)),
+        };
+        api.serve(listener);
+        api
     }
 
     pub fn start_local() -> FakeApi {
         FakeApi::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
     }
 
+    fn serve(&self, listener: std::net::TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let shared = self.shared.clone();
+        let app = Router::new()
+            .route(
+                "/api/v1/namespaces",
+                get(|s, h, q| handle(s, h, q, Kind::Namespace)),
+            )
+            .route("/api/v1/pods", get(|s, h, q| handle(s, h, q, Kind::Pod)))
+            .route(
+                "/apis/networking.k8s.io/v1/networkpolicies",
+                get(|s, h, q| handle(s, h, q, Kind::NetworkPolicy)),
+            )
+            .with_state(shared);
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let server = tokio::spawn(accept_loop(listener, app)).abort_handle();
+        *self.server.lock().unwrap() = Some(server);
+    }
+
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url.parse().unwrap());
-        kube::Client::try_from(config).unwrap()
+        kube_netpol_iptables::kube_source::client_for(config).unwrap()
     }
 
     pub fn kubeconfig(&self) -> String {
@@ -170,6 +223,11 @@ impl FakeApi {
         self.shared.changed.notify_waiters();
     }
 
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.inner.lock().unwrap().rv
+    }
+
     /// Forgets history: a watch from any version before now gets 410 Gone.
     pub fn compact(&self) {
         let mut s = self.shared.inner.lock().unwrap();
@@ -181,10 +239,25 @@ impl FakeApi {
         self.shared.drop_tx.send_modify(|g| *g += 1);
     }
 
-    /// The API goes away: no more connections are accepted and open watches end.
+    /// The API goes away: the port is closed (connection refused) and every open connection ends.
     pub fn stop(&self) {
-        self.server.abort();
+        if let Some(server) = self.server.lock().unwrap().take() {
+            server.abort();
+        }
         self.drop_watches();
+    }
+
+    /// The API comes back on the same address after `stop`, as a restarted kube-apiserver: its
+    /// watch cache starts at the current resourceVersion, so watches from before get 410.
+    pub fn restart(&self) {
+        self.restart_on(std::net::TcpListener::bind(self.addr).unwrap());
+    }
+
+    /// `restart` on a listener bound to the same address (e.g. in another network namespace).
+    pub fn restart_on(&self, listener: std::net::TcpListener) {
+        assert_eq!(listener.local_addr().unwrap(), self.addr);
+        self.compact();
+        self.serve(listener);
     }
 
     /// The API becomes unreachable (503 for every request, open watches end) or comes back.
@@ -193,6 +266,42 @@ impl FakeApi {
         if !up {
             self.drop_watches();
         }
+    }
+
+    /// Revokes (or restores) the permission to list and watch `kind`: 403 Forbidden. Open watches
+    /// end, as when the RBAC change reaches the server's authorizer.
+    pub fn set_forbidden(&self, kind: Kind, forbidden: bool) {
+        let mut s = self.shared.inner.lock().unwrap();
+        if forbidden {
+            s.forbidden.insert(kind);
+        } else {
+            s.forbidden.remove(&kind);
+        }
+        drop(s);
+        if forbidden {
+            self.drop_watches();
+        }
+    }
+
+    /// Revokes (or restores) only the permission to watch `kind` (a Role with `list` but not
+    /// `watch`). Open watches end.
+    pub fn set_watch_forbidden(&self, kind: Kind, forbidden: bool) {
+        let mut s = self.shared.inner.lock().unwrap();
+        if forbidden {
+            s.watch_forbidden.insert(kind);
+        } else {
+            s.watch_forbidden.remove(&kind);
+        }
+        drop(s);
+        if forbidden {
+            self.drop_watches();
+        }
+    }
+
+    /// The server closes every watch after `cap` (as kube-apiserver does after the request's
+    /// `timeoutSeconds`, or a random 1–2 × --min-request-timeout when none is given).
+    pub fn cap_watches(&self, cap: Duration) {
+        self.shared.inner.lock().unwrap().watch_cap = Some(cap);
     }
 
     /// Open watches stop delivering events until `resume` (or until they are dropped).
@@ -214,6 +323,37 @@ impl FakeApi {
         self.shared.inner.lock().unwrap().held.clear();
         self.shared.released.notify_waiters();
     }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// Requests for `kind`: lists (`watch == false`) or watches.
+    pub fn requests_of(&self, kind: Kind, watch: bool) -> Vec<Request> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.kind == kind && r.watch == watch)
+            .collect()
+    }
+}
+
+/// Accepts connections until aborted; aborting drops the connection set, which ends every open
+/// connection, so clients see their connections close and new ones refused, as when a server dies.
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        connections.spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
 }
 
 fn line(v: &Value) -> Bytes {
@@ -222,60 +362,183 @@ fn line(v: &Value) -> Bytes {
     Bytes::from(b)
 }
 
+/// A failure `Status` object, as kube-apiserver sends it.
+fn status_object(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code})
+}
+
+fn status_response(code: u16, reason: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [("content-type", "application/json")],
+        status_object(code, reason, message).to_string(),
+    )
+        .into_response()
+}
+
+fn expired(message: String) -> Response {
+    status_response(410, "Expired", &message)
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
     kind: Kind,
 ) -> Response {
     let is_watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
-    if !is_watch {
-        loop {
-            let released = shared.released.notified();
-            if !shared.inner.lock().unwrap().held.contains(&kind) {
-                break;
-            }
-            released.await;
-        }
+    let (unavailable, forbidden) = {
         let s = shared.inner.lock().unwrap();
-        let items: Vec<Value> = s
-            .objects
-            .get(&kind)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        shared.lists_served.fetch_add(1, Ordering::Relaxed);
-        let body = json!({
-            "apiVersion": kind.api_version(),
-            "kind": format!("{}List", kind.name()),
-            "metadata": {"resourceVersion": s.rv.to_string()},
-            "items": items,
-        });
-        return (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            body.to_string(),
+        (
+            s.unavailable,
+            s.forbidden.contains(&kind) || (is_watch && s.watch_forbidden.contains(&kind)),
         )
-            .into_response();
-    }
+    };
+    let response = if unavailable {
+        status_response(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+        )
+    } else if forbidden {
+        let verb = if is_watch { "watch" } else { "list" };
+        let group = if kind == Kind::NetworkPolicy {
+            "networking.k8s.io"
+        } else {
+            ""
+        };
+        status_response(
+            403,
+            "Forbidden",
+            &format!(
+                "{res} is forbidden: User \"system:serviceaccount:kube-system:kube-netpol-iptables\" cannot {verb} resource \"{res}\" in API group \"{group}\" at the cluster scope",
+                res = kind.resource()
+            ),
+        )
+    } else if is_watch {
+        watch_response(&shared, &q, kind).await
+    } else {
+        list_response(&shared, &q, kind).await
+    };
+    shared.requests.lock().unwrap().push(Request {
+        at: Instant::now(),
+        kind,
+        watch: is_watch,
+        query: q.into_iter().collect(),
+        user_agent: headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        status: response.status().as_u16(),
+    });
+    response
+}
 
+/// The objects of `kind` as they were at `rv` (replayed from the change log).
+fn objects_at(s: &Inner, kind: Kind, rv: u64) -> BTreeMap<String, Value> {
+    let mut objects = BTreeMap::new();
+    for (_, _, event, obj) in s.log.iter().filter(|(v, k, _, _)| *k == kind && *v <= rv) {
+        if *event == "DELETED" {
+            objects.remove(&key_of(obj));
+        } else {
+            objects.insert(key_of(obj), obj.clone());
+        }
+    }
+    objects
+}
+
+async fn list_response(shared: &Shared, q: &HashMap<String, String>, kind: Kind) -> Response {
+    loop {
+        let released = shared.released.notified();
+        if !shared.inner.lock().unwrap().held.contains(&kind) {
+            break;
+        }
+        released.await;
+    }
+    let s = shared.inner.lock().unwrap();
+    let rv_param = q.get("resourceVersion").map(String::as_str).unwrap_or("");
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let exact = q.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
+    // A continue token carries the resourceVersion of the first page and the last key sent.
+    let (at, after) = match q.get("continue") {
+        Some(token) => {
+            let Some((rv, key)) = token
+                .split_once(':')
+                .and_then(|(rv, key)| Some((rv.parse::<u64>().ok()?, key)))
+            else {
+                return status_response(400, "BadRequest", "invalid continue token");
+            };
+            if rv < s.compacted_below {
+                return expired("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.".into());
+            }
+            (rv, Some(key.to_string()))
+        }
+        None => match rv_param.parse::<u64>() {
+            Ok(rv) if exact && rv < s.compacted_below => {
+                return expired(format!(
+                    "too old resource version: {rv} ({})",
+                    s.compacted_below
+                ));
+            }
+            Ok(rv) if exact => (rv, None),
+            _ => (s.rv, None),
+        },
+    };
+    // resourceVersion=0 is served from the watch cache, which ignores limit (see the top).
+    let paginate = limit > 0 && rv_param != "0";
+    let objects = objects_at(&s, kind, at);
+    let mut items: Vec<Value> = objects
+        .iter()
+        .filter(|(key, _)| after.as_ref().is_none_or(|a| *key > a))
+        .map(|(_, o)| o.clone())
+        .collect();
+    let mut metadata = json!({"resourceVersion": at.to_string()});
+    if paginate && items.len() > limit {
+        let remaining = items.len() - limit;
+        items.truncate(limit);
+        let last = key_of(items.last().unwrap());
+        metadata["continue"] = json!(format!("{at}:{last}"));
+        metadata["remainingItemCount"] = json!(remaining);
+    }
+    shared.lists_served.fetch_add(1, Ordering::Relaxed);
+    let body = json!({
+        "apiVersion": kind.api_version(),
+        "kind": format!("{}List", kind.name()),
+        "metadata": metadata,
+        "items": items,
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind: Kind) -> Response {
     let from: u64 = q
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
-    let timeout = Duration::from_secs(
+    let asked = Duration::from_secs(
         q.get("timeoutSeconds")
             .and_then(|v| v.parse().ok())
-            .unwrap_or(300),
+            .unwrap_or(1800),
     );
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    let too_old = {
+    let (too_old, timeout) = {
         let s = shared.inner.lock().unwrap();
-        from < s.compacted_below
+        (
+            from < s.compacted_below,
+            s.watch_cap.map_or(asked, |cap| cap.min(asked)),
+        )
     };
     if too_old {
+        // As the watch cache does: HTTP 200, then one ERROR event with a 410 Status.
         shared.gone_sent.fetch_add(1, Ordering::Relaxed);
-        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": format!("too old resource version: {from}"), "reason": "Expired", "code": 410}});
+        let gone = json!({"type": "ERROR", "object": status_object(410, "Expired", &format!("too old resource version: {from}"))});
         let _ = tx.send(line(&gone)).await;
     } else {
         let mut dropped = shared.drop_tx.subscribe();
@@ -289,7 +552,10 @@ async fn handle(
                 // Flags and events under one lock: nothing slips out after the API "went down".
                 let (events, rv): (Vec<Value>, u64) = {
                     let s = shared.inner.lock().unwrap();
-                    if s.unavailable {
+                    if s.unavailable
+                        || s.forbidden.contains(&kind)
+                        || s.watch_forbidden.contains(&kind)
+                    {
                         return;
                     }
                     if s.paused {
@@ -337,4 +603,91 @@ async fn handle(
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+// Helpers for tests of the Kubernetes source.
+
+pub fn seed(api: &FakeApi) {
+    api.apply(Kind::Namespace, "metadata: {name: x, labels: {team: a}}");
+    api.apply(Kind::Namespace, "metadata: {name: y}");
+    api.apply(
+        Kind::Pod,
+        "metadata: {name: a, namespace: x, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\nstatus: {phase: Running, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}",
+    );
+    api.apply(
+        Kind::NetworkPolicy,
+        "metadata: {name: deny, namespace: x}\nspec: {podSelector: {}}",
+    );
+}
+
+/// Waits until the store's snapshot satisfies `ok`.
+pub async fn until(
+    store: &Arc<ClusterStore>,
+    what: &str,
+    ok: impl Fn(&ClusterSnapshot) -> bool,
+) -> ClusterSnapshot {
+    until_within(store, what, Duration::from_secs(10), ok).await
+}
+
+pub async fn until_within(
+    store: &Arc<ClusterStore>,
+    what: &str,
+    limit: Duration,
+    ok: impl Fn(&ClusterSnapshot) -> bool,
+) -> ClusterSnapshot {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some((_, s)) = store.snapshot()
+            && ok(&s)
+        {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), store.changed()).await;
+    }
+}
+
+/// Waits until a watch of `kind` is open (a list completes before its watch starts).
+pub async fn watching(api: &FakeApi, kind: Kind) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while api.requests_of(kind, true).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no watch of {kind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn pod_keys(s: &ClusterSnapshot) -> Vec<String> {
+    s.pods.iter().map(|p| p.key()).collect()
+}
+
+/// Metrics as after a successful first sync, so readiness depends on the API alone.
+pub fn synced_metrics() -> Arc<Metrics> {
+    let metrics = Metrics::new(Duration::from_secs(120));
+    metrics.sync_succeeded(SyncMode::Full, Duration::ZERO, &SyncReport::default(), &[]);
+    assert!(metrics.ready());
+    metrics
+}
+
+/// The value of one metric line (`name{labels}`) in a /metrics rendering.
+pub fn metric(metrics: &Metrics, series: &str) -> Option<f64> {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until `metrics` is ready (a kind counts as readable once its watch has held after a
+/// list).
+pub async fn ready_within(metrics: &Metrics, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Err(why) = metrics.readiness() {
+        assert!(tokio::time::Instant::now() < deadline, "not ready: {why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
