@@ -3,6 +3,7 @@
 
 use crate::agent;
 use crate::dataplane::{self, BackendChoice, Dataplane, SyncMode, render};
+use crate::instance_lock::{self, InstanceLock};
 use crate::kube_source;
 use crate::manifests;
 use crate::metrics::{self, Metrics};
@@ -173,12 +174,18 @@ pub fn run(cli: Cli) -> Result<()> {
                     anyhow::anyhow!("--metrics-bind-address {addr:?} is not an address like 0.0.0.0:9847 (or \"off\")")
                 })?),
             };
+            raise_open_file_limit();
+            // A one-shot sync refuses at once; the agent waits (see below).
+            let lock_taken = if once {
+                Some(instance_lock::try_acquire()?.map_err(|holder| {
+                    anyhow::anyhow!("{holder}: a second writer would fight it; stop it first")
+                })?)
+            } else {
+                None
+            };
             let mut tables = dataplane::detect_backend(backend)?;
             tables.lock_wait = xtables_wait;
             tracing::info!(backend = %tables.backend, node = node_name, "starting");
-            dataplane::probe_kernel(&tables)?;
-            agent::check_bridge_netfilter();
-            let mut dataplane = Dataplane::new(tables);
             let options = agent::WatchOptions {
                 poll_interval,
                 debounce: sync_debounce,
@@ -216,6 +223,18 @@ pub fn run(cli: Cli) -> Result<()> {
                         }
                     });
                 }
+                // Held until the process exits. Waiting rather than exiting lets a rolling update
+                // overlap without a crash loop, and keeps a second deployment visible (not ready)
+                // instead of fighting the first.
+                let Some(_lock) = (match lock_taken {
+                    Some(lock) => Some(lock),
+                    None => wait_for_instance_lock(&metrics).await?,
+                }) else {
+                    return Ok(());
+                };
+                dataplane::probe_kernel(&tables)?;
+                agent::check_bridge_netfilter();
+                let mut dataplane = Dataplane::new(tables);
                 match (manifests, once) {
                     (Some(dir), true) => {
                         let mut cache = Default::default();
@@ -284,17 +303,72 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Cleanup { backend } => match backend {
-            BackendChoice::Auto => dataplane::cleanup(),
-            one => {
-                let tables = dataplane::detect_backend(one)?;
-                dataplane::remove_rules(&tables)?;
-                dataplane::destroy_unused_sets()
+        Command::Cleanup { backend } => {
+            let _lock = instance_lock::try_acquire()?.map_err(|holder| {
+                anyhow::anyhow!(
+                    "{holder}: stop the agent before cleaning up, or it would fight the cleanup"
+                )
+            })?;
+            match backend {
+                BackendChoice::Auto => dataplane::cleanup(),
+                one => {
+                    let tables = dataplane::detect_backend(one)?;
+                    dataplane::remove_rules(&tables)?;
+                    dataplane::destroy_unused_sets()
+                }
             }
-        },
+        }
         Command::Version => {
             println!("kube-netpol-iptables {}", env!("CARGO_PKG_VERSION"));
             Ok(())
+        }
+    }
+}
+
+/// Waits until no other instance runs in this network namespace, not ready meanwhile. `None`
+/// if told to stop while waiting.
+async fn wait_for_instance_lock(metrics: &Metrics) -> Result<Option<InstanceLock>> {
+    let mut logged = false;
+    loop {
+        match instance_lock::try_acquire()? {
+            Ok(lock) => {
+                metrics.set_waiting(None);
+                if logged {
+                    tracing::info!("the other instance is gone: took over the node lock");
+                }
+                return Ok(Some(lock));
+            }
+            Err(holder) => {
+                if !logged {
+                    tracing::warn!(
+                        "{holder}: waiting for it to exit; until then this instance writes nothing and is not ready"
+                    );
+                    logged = true;
+                }
+                metrics.set_waiting(Some(format!("{holder}; waiting for it to exit")));
+                metrics.heartbeat();
+                if agent::STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go programs (kube-proxy, kubelet) do
+/// at start: the default soft limit of 1024 is easily reached by a node's worth of work.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

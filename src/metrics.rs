@@ -13,9 +13,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 
 /// The default for `--metrics-bind-address`. Clear of kube-proxy (10249, 10256), kubelet
 /// (10248, 10250, 10255), node-exporter (9100) and kube-network-policies (9080).
@@ -43,6 +49,8 @@ pub struct Metrics {
     heartbeat: AtomicI64,
     /// How long the loop may be silent before /healthz fails.
     stall_limit: Duration,
+    /// Why the agent is not ready although nothing failed (e.g. waiting for the node lock).
+    waiting: Mutex<Option<String>>,
 }
 
 fn now_secs() -> f64 {
@@ -130,7 +138,20 @@ impl Metrics {
             failing: AtomicBool::new(false),
             heartbeat: AtomicI64::new(now_secs() as i64),
             stall_limit,
+            waiting: Mutex::new(None),
         })
+    }
+
+    /// Not ready, for the reason given, until cleared with `None`.
+    pub fn set_waiting(&self, reason: Option<String>) {
+        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    fn waiting(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn heartbeat(&self) {
@@ -235,7 +256,11 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         .route(
             "/readyz",
             get(move || async move {
-                status(m3.ready(), "no successful sync yet, or the last one failed")
+                match m3.waiting() {
+                    Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+                    None => status(m3.ready(), "no successful sync yet, or the last one failed")
+                        .into_response(),
+                }
             }),
         )
 }
@@ -248,13 +273,139 @@ fn status(ok: bool, why_not: &'static str) -> impl IntoResponse {
     }
 }
 
+/// Most connections served at once. More wait in the kernel's accept queue, where they cost the
+/// agent no file descriptor: idle clients cannot take the descriptors a sync needs.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that moves no byte for this long (an idle keep-alive, a stalled request or a
+/// client not reading its response) is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection lives longer than this, however slowly it trickles bytes.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
 /// Serves the endpoints until the process ends. Binding fails loudly (a port clash is a
 /// deployment error the operator must see).
 pub async fn serve(bind: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(bind)
+    let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-bind-address {bind}: {e}"))?;
     tracing::info!(%bind, "serving /metrics, /healthz and /readyz");
+    let listener = LimitedListener {
+        inner: listener,
+        permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    };
     axum::serve(listener, router(metrics)).await?;
     Ok(())
+}
+
+/// Accepts a connection only while fewer than `MAX_CONNECTIONS` are open, and times them out.
+struct LimitedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = TimedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TimedStream, SocketAddr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let now = Instant::now();
+        (
+            TimedStream {
+                stream,
+                _permit: permit,
+                closes_at: now + MAX_CONNECTION_AGE,
+                timer: Box::pin(tokio::time::sleep_until(now + IDLE_TIMEOUT)),
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that fails with `TimedOut` once it has moved no byte for `IDLE_TIMEOUT`, or has
+/// been open for `MAX_CONNECTION_AGE` and waits for its peer. Holds its connection slot.
+struct TimedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    closes_at: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl TimedStream {
+    fn progressed(&mut self) {
+        let deadline = (Instant::now() + IDLE_TIMEOUT).min(self.closes_at);
+        self.timer.as_mut().reset(deadline);
+    }
+
+    /// Called when the peer keeps us waiting: an error once the deadline has passed.
+    fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "metrics connection idle or too old",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for TimedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Pending => self.waiting(cx),
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.progressed();
+                }
+                Poll::Ready(Ok(()))
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for TimedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Pending => self.waiting(cx),
+            Poll::Ready(Ok(n)) => {
+                self.progressed();
+                Poll::Ready(Ok(n))
+            }
+            ready => ready,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Pending => self.waiting(cx),
+            ready => ready,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.stream).poll_shutdown(cx) {
+            Poll::Pending => self.waiting(cx),
+            ready => ready,
+        }
+    }
 }
