@@ -20,7 +20,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 /// The default for `--metrics-bind-address`. Clear of kube-proxy (10249, 10256), kubelet
@@ -273,8 +272,9 @@ fn status(ok: bool, why_not: &'static str) -> impl IntoResponse {
     }
 }
 
-/// Most connections served at once. More wait in the kernel's accept queue, where they cost the
-/// agent no file descriptor: idle clients cannot take the descriptors a sync needs.
+/// Most connections kept open at once. A new connection beyond it closes the one that has been
+/// quiet longest, so idle or trickling clients can neither take the file descriptors a sync needs
+/// nor keep the kubelet's probes out.
 pub const MAX_CONNECTIONS: usize = 64;
 /// A connection that moves no byte for this long (an idle keep-alive, a stalled request or a
 /// client not reading its response) is closed.
@@ -291,16 +291,64 @@ pub async fn serve(bind: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
     tracing::info!(%bind, "serving /metrics, /healthz and /readyz");
     let listener = LimitedListener {
         inner: listener,
-        permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        open: Arc::new(OpenConnections {
+            since: Instant::now(),
+            slots: Mutex::new(Vec::new()),
+        }),
     };
     axum::serve(listener, router(metrics)).await?;
     Ok(())
 }
 
-/// Accepts a connection only while fewer than `MAX_CONNECTIONS` are open, and times them out.
+/// Keeps at most `MAX_CONNECTIONS` connections open and times them out.
 struct LimitedListener {
     inner: TcpListener,
-    permits: Arc<Semaphore>,
+    open: Arc<OpenConnections>,
+}
+
+struct OpenConnections {
+    since: Instant,
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+/// One open connection, as the listener sees it.
+struct Slot {
+    /// When it last moved a byte, in milliseconds after `OpenConnections::since`.
+    last_active: AtomicU64,
+    /// Closed to make room for a newer connection.
+    evicted: AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl OpenConnections {
+    fn now(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64
+    }
+
+    /// Registers a new connection, evicting the quietest one when all slots are taken.
+    fn admit(&self) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.len() >= MAX_CONNECTIONS
+            && let Some(quietest) =
+                (0..slots.len()).min_by_key(|i| slots[*i].last_active.load(Ordering::Relaxed))
+        {
+            let slot = slots.swap_remove(quietest);
+            slot.evicted.store(true, Ordering::Relaxed);
+            slot.waker.wake();
+        }
+        let slot = Arc::new(Slot {
+            last_active: AtomicU64::new(self.now()),
+            evicted: AtomicBool::new(false),
+            waker: Default::default(),
+        });
+        slots.push(slot.clone());
+        slot
+    }
+
+    fn release(&self, slot: &Arc<Slot>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|s| !Arc::ptr_eq(s, slot));
+    }
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -308,18 +356,13 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (TimedStream, SocketAddr) {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
         let now = Instant::now();
         (
             TimedStream {
                 stream,
-                _permit: permit,
+                slot: self.open.admit(),
+                open: self.open.clone(),
                 closes_at: now + MAX_CONNECTION_AGE,
                 timer: Box::pin(tokio::time::sleep_until(now + IDLE_TIMEOUT)),
             },
@@ -332,30 +375,42 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// A connection that fails with `TimedOut` once it has moved no byte for `IDLE_TIMEOUT`, or has
-/// been open for `MAX_CONNECTION_AGE` and waits for its peer. Holds its connection slot.
+/// A connection that fails with `TimedOut` once it has moved no byte for `IDLE_TIMEOUT`, has been
+/// open for `MAX_CONNECTION_AGE`, or was evicted, whenever it waits for its peer.
 struct TimedStream {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    slot: Arc<Slot>,
+    open: Arc<OpenConnections>,
     closes_at: Instant,
     timer: Pin<Box<Sleep>>,
+}
+
+impl Drop for TimedStream {
+    fn drop(&mut self) {
+        self.open.release(&self.slot);
+    }
 }
 
 impl TimedStream {
     fn progressed(&mut self) {
         let deadline = (Instant::now() + IDLE_TIMEOUT).min(self.closes_at);
         self.timer.as_mut().reset(deadline);
+        self.slot
+            .last_active
+            .store(self.open.now(), Ordering::Relaxed);
     }
 
-    /// Called when the peer keeps us waiting: an error once the deadline has passed.
+    /// Called when the peer keeps us waiting: an error once the connection should close.
     fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "metrics connection idle or too old",
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
+        self.slot.waker.register(cx.waker());
+        let why = if self.slot.evicted.load(Ordering::Relaxed) {
+            "metrics connection closed to make room for a newer one"
+        } else if self.timer.as_mut().poll(cx).is_ready() {
+            "metrics connection idle or too old"
+        } else {
+            return Poll::Pending;
+        };
+        Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)))
     }
 }
 
