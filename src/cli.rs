@@ -176,13 +176,12 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             raise_open_file_limit();
             // A one-shot sync refuses at once; the agent waits (see below).
-            let lock_taken = if once {
-                Some(instance_lock::try_acquire()?.map_err(|holder| {
+            let mut lock_attempt = instance_lock::try_acquire()?;
+            if once {
+                lock_attempt = Ok(lock_attempt.map_err(|holder| {
                     anyhow::anyhow!("{holder}: a second writer would fight it; stop it first")
-                })?)
-            } else {
-                None
-            };
+                })?);
+            }
             let mut tables = dataplane::detect_backend(backend)?;
             tables.lock_wait = xtables_wait;
             tracing::info!(backend = %tables.backend, node = node_name, "starting");
@@ -216,9 +215,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 });
                 if let (Some(bind), false) = (bind, once) {
                     let m = metrics.clone();
+                    // Two agents with the same port: the port clash is the first thing to fail.
+                    let holder = lock_attempt.as_ref().err().cloned();
                     tokio::spawn(async move {
                         if let Err(e) = metrics::serve(bind, m).await {
-                            tracing::error!("{e:#}");
+                            match holder {
+                                Some(holder) => tracing::error!(
+                                    "{e:#}; {holder}: two agents on one node would fight, exiting"
+                                ),
+                                None => tracing::error!("{e:#}"),
+                            }
                             std::process::exit(1);
                         }
                     });
@@ -226,9 +232,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 // Held until the process exits. Waiting rather than exiting lets a rolling update
                 // overlap without a crash loop, and keeps a second deployment visible (not ready)
                 // instead of fighting the first.
-                let Some(_lock) = (match lock_taken {
-                    Some(lock) => Some(lock),
-                    None => wait_for_instance_lock(&metrics).await?,
+                let Some(_lock) = (match lock_attempt {
+                    Ok(lock) => Some(lock),
+                    Err(_) => wait_for_instance_lock(&metrics).await?,
                 }) else {
                     return Ok(());
                 };
