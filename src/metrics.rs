@@ -294,6 +294,7 @@ pub async fn serve(bind: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
         open: Arc::new(OpenConnections {
             since: Instant::now(),
             slots: Mutex::new(Vec::new()),
+            closed: tokio::sync::Notify::new(),
         }),
     };
     axum::serve(listener, router(metrics)).await?;
@@ -308,8 +309,15 @@ struct LimitedListener {
 
 struct OpenConnections {
     since: Instant,
+    /// Every connection not yet dropped, evicted ones included (they still hold a descriptor).
     slots: Mutex<Vec<Arc<Slot>>>,
+    /// Signalled when a connection is dropped.
+    closed: tokio::sync::Notify,
 }
+
+/// Evicted connections still closing: the listener waits for them rather than exceed
+/// `MAX_CONNECTIONS` by more than this.
+const CLOSING_AT_MOST: usize = 16;
 
 /// One open connection, as the listener sees it.
 struct Slot {
@@ -328,13 +336,15 @@ impl OpenConnections {
     /// Registers a new connection, evicting the quietest one when all slots are taken.
     fn admit(&self) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if slots.len() >= MAX_CONNECTIONS
-            && let Some(quietest) =
-                (0..slots.len()).min_by_key(|i| slots[*i].last_active.load(Ordering::Relaxed))
+        let serving = |s: &&Arc<Slot>| !s.evicted.load(Ordering::Relaxed);
+        if slots.iter().filter(serving).count() >= MAX_CONNECTIONS
+            && let Some(quietest) = slots
+                .iter()
+                .filter(serving)
+                .min_by_key(|s| s.last_active.load(Ordering::Relaxed))
         {
-            let slot = slots.swap_remove(quietest);
-            slot.evicted.store(true, Ordering::Relaxed);
-            slot.waker.wake();
+            quietest.evicted.store(true, Ordering::Relaxed);
+            quietest.waker.wake();
         }
         let slot = Arc::new(Slot {
             last_active: AtomicU64::new(self.now()),
@@ -348,6 +358,11 @@ impl OpenConnections {
     fn release(&self, slot: &Arc<Slot>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|s| !Arc::ptr_eq(s, slot));
+        self.closed.notify_one();
+    }
+
+    fn count(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -356,6 +371,13 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (TimedStream, SocketAddr) {
+        loop {
+            let closed = self.open.closed.notified();
+            if self.open.count() < MAX_CONNECTIONS + CLOSING_AT_MOST {
+                break;
+            }
+            closed.await;
+        }
         let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
         let now = Instant::now();
         (

@@ -355,7 +355,7 @@ fn idle_metrics_connections_starve_neither_syncs_nor_probes() {
             .filter_map(|_| {
                 TcpStream::connect_timeout(
                     &"127.0.0.1:9847".parse().unwrap(),
-                    Duration::from_secs(1),
+                    Duration::from_secs(5),
                 )
                 .ok()
             })
