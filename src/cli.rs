@@ -32,7 +32,8 @@ pub enum Command {
         #[arg(long, env = "KNI_MANIFESTS", conflicts_with = "kubeconfig")]
         manifests: Option<PathBuf>,
         /// Largest manifest file read, in bytes; a larger file fails the load (the last good state
-        /// stays) instead of exhausting the agent's memory.
+        /// stays). Parsing needs up to about 50 times a file's size in memory; a ConfigMap holds
+        /// at most 1 MiB.
         #[arg(long, env = "KNI_MAX_MANIFEST_BYTES", default_value_t = manifests::DEFAULT_MAX_FILE_BYTES,
               value_parser = clap::value_parser!(u64).range(1..))]
         max_manifest_bytes: u64,
@@ -78,7 +79,8 @@ pub enum Command {
         #[arg(long, env = "KNI_MANIFESTS")]
         manifests: PathBuf,
         /// Largest manifest file read, in bytes; a larger file fails the load (the last good state
-        /// stays) instead of exhausting the agent's memory.
+        /// stays). Parsing needs up to about 50 times a file's size in memory; a ConfigMap holds
+        /// at most 1 MiB.
         #[arg(long, env = "KNI_MAX_MANIFEST_BYTES", default_value_t = manifests::DEFAULT_MAX_FILE_BYTES,
               value_parser = clap::value_parser!(u64).range(1..))]
         max_manifest_bytes: u64,

@@ -397,3 +397,27 @@ fn idle_metrics_connections_starve_neither_syncs_nor_probes() {
     }
     assert_eq!(http_get(&node_ns, "/healthz").map(|(c, _)| c), Some(200));
 }
+
+/// `--max-manifest-bytes` reaches the loader (through `render`, which needs no root).
+#[test]
+fn the_manifest_size_limit_is_a_flag() {
+    let dir = std::env::temp_dir().join(format!("kni-size-flag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), DENY_X).unwrap();
+    let render = |limit: &str| {
+        Command::new(BIN)
+            .args(["render", "--manifests", dir.to_str().unwrap()])
+            .args(["--node-name", "n", "--max-manifest-bytes", limit])
+            .output()
+            .unwrap()
+    };
+    let out = render("100");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("a.yaml") && stderr.contains("limit of 100 bytes"),
+        "{stderr}"
+    );
+    assert!(render(&DENY_X.len().to_string()).status.success());
+    assert!(!render("0").status.success(), "zero is not a limit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
