@@ -150,15 +150,18 @@ pub fn check_bridge_netfilter() {
     }
 }
 
-/// What identifies the directory's content for change detection: names, sizes and times.
-fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, SystemTime)>> {
+/// What identifies the directory's content for change detection: names, sizes, times and inodes
+/// (a ConfigMap update swaps in new files, which may have the old size and time). `None` while
+/// an entry cannot be read, so its repair counts as a change.
+fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, SystemTime, u64)>> {
+    use std::os::unix::fs::MetadataExt;
     let files = manifests::manifest_files(dir).ok()?;
     Some(
         files
             .into_iter()
             .filter_map(|f| {
                 let meta = std::fs::metadata(&f).ok()?;
-                Some((f, meta.len(), meta.modified().ok()?))
+                Some((f, meta.len(), meta.modified().ok()?, meta.ino()))
             })
             .collect(),
     )

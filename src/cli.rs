@@ -3,6 +3,7 @@
 
 use crate::agent;
 use crate::dataplane::{self, BackendChoice, Dataplane, SyncMode, render};
+use crate::instance_lock::{self, InstanceLock};
 use crate::kube_source;
 use crate::manifests;
 use crate::metrics::{self, Metrics};
@@ -30,6 +31,12 @@ pub enum Command {
         /// to enforce instead of watching the Kubernetes API.
         #[arg(long, env = "KNI_MANIFESTS", conflicts_with = "kubeconfig")]
         manifests: Option<PathBuf>,
+        /// Largest manifest file read, in bytes; a larger file fails the load (the last good state
+        /// stays). Parsing needs up to about 50 times a file's size in memory; a ConfigMap holds
+        /// at most 1 MiB.
+        #[arg(long, env = "KNI_MAX_MANIFEST_BYTES", default_value_t = manifests::DEFAULT_MAX_FILE_BYTES,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_manifest_bytes: u64,
         /// kubeconfig file for the Kubernetes API; default: in-cluster configuration.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
@@ -45,28 +52,39 @@ pub enum Command {
         /// Address for /metrics, /healthz and /readyz; "off" disables them.
         #[arg(long, env = "KNI_METRICS_BIND_ADDRESS", default_value = metrics::DEFAULT_BIND)]
         metrics_bind_address: String,
-        /// How often to check the manifests directory for changes (Kubernetes mode wakes on watch
-        /// events instead).
-        #[arg(long, env = "KNI_POLL_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+        /// How often to check the manifests directory for changes (at most 1h; Kubernetes mode
+        /// wakes on watch events instead).
+        #[arg(long, env = "KNI_POLL_INTERVAL", default_value = "200ms",
+              value_parser = |s: &str| parse_duration_at_most(s, MAX_POLL_INTERVAL))]
         poll_interval: Duration,
-        /// A burst of changes becomes one sync once the source has been quiet this long.
-        #[arg(long, env = "KNI_SYNC_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
+        /// A burst of changes becomes one sync once the source has been quiet this long (at most 1h).
+        #[arg(long, env = "KNI_SYNC_DEBOUNCE", default_value = "100ms",
+              value_parser = |s: &str| parse_duration_at_most(s, MAX_SYNC_DEBOUNCE))]
         sync_debounce: Duration,
-        /// Upper bound on how long a change may wait for the burst to end.
-        #[arg(long, env = "KNI_SYNC_MAX_DELAY", default_value = "1s", value_parser = parse_duration)]
+        /// Upper bound on how long a change may wait for the burst to end (at most 1h).
+        #[arg(long, env = "KNI_SYNC_MAX_DELAY", default_value = "1s",
+              value_parser = |s: &str| parse_duration_at_most(s, MAX_SYNC_MAX_DELAY))]
         sync_max_delay: Duration,
-        /// How often to read the kernel back and repair anything that differs (drift).
-        #[arg(long, env = "KNI_RESYNC_PERIOD", default_value = "5m", value_parser = parse_duration)]
+        /// How often to read the kernel back and repair anything that differs (drift; at most 24h).
+        #[arg(long, env = "KNI_RESYNC_PERIOD", default_value = "5m",
+              value_parser = |s: &str| parse_duration_at_most(s, MAX_RESYNC_PERIOD))]
         resync_period: Duration,
         /// How long to wait for the xtables lock (held by kube-proxy, the CNI, …) before a write
-        /// fails and is retried.
-        #[arg(long, env = "KNI_XTABLES_WAIT", default_value = "10s", value_parser = parse_duration)]
+        /// fails and is retried (at most 1h).
+        #[arg(long, env = "KNI_XTABLES_WAIT", default_value = "10s",
+              value_parser = |s: &str| parse_duration_at_most(s, MAX_XTABLES_WAIT))]
         xtables_wait: Duration,
     },
     /// Print the ipset and iptables-restore text `run` would write to a fresh node; touches nothing.
     Render {
         #[arg(long, env = "KNI_MANIFESTS")]
         manifests: PathBuf,
+        /// Largest manifest file read, in bytes; a larger file fails the load (the last good state
+        /// stays). Parsing needs up to about 50 times a file's size in memory; a ConfigMap holds
+        /// at most 1 MiB.
+        #[arg(long, env = "KNI_MAX_MANIFEST_BYTES", default_value_t = manifests::DEFAULT_MAX_FILE_BYTES,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_manifest_bytes: u64,
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
     },
@@ -80,31 +98,62 @@ pub enum Command {
     Version,
 }
 
-/// Durations like `200ms`, `30s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// The largest value each duration flag accepts: beyond these a value is a typo, and near
+/// `u64::MAX` seconds the arithmetic on it (deadlines, `resync * 2`) would overflow.
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MAX_SYNC_DEBOUNCE: Duration = Duration::from_secs(3600);
+pub const MAX_SYNC_MAX_DELAY: Duration = Duration::from_secs(3600);
+pub const MAX_RESYNC_PERIOD: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_XTABLES_WAIT: Duration = Duration::from_secs(3600);
+
+/// Durations like `200ms`, `30s`, `5m`, `1h`, greater than zero and at most `max`.
+pub fn parse_duration_at_most(s: &str, max: Duration) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 200ms, 30s or 5m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+    let too_long = || format!("{s:?} is longer than the maximum of {}", show(max));
+    let n: u64 = match num.parse() {
+        Ok(n) => n,
+        // Only digits, and still not a u64: far too long.
+        Err(_) if !num.is_empty() => return Err(too_long()),
+        Err(_) => return Err(format!("{s:?} is not a duration like 200ms, 30s or 5m")),
+    };
+    let per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" | "" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
+    let d = n
+        .checked_mul(per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(too_long)?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
+    if d > max {
+        return Err(too_long());
+    }
     Ok(d)
+}
+
+/// `1h`, `30s`, `200ms`: the largest unit that shows `d` exactly.
+fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
             manifests,
+            max_manifest_bytes,
             kubeconfig,
             node_name,
             once,
@@ -116,6 +165,7 @@ pub fn run(cli: Cli) -> Result<()> {
             resync_period,
             xtables_wait,
         } => {
+            manifests::set_max_file_bytes(max_manifest_bytes);
             let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
                 bail!(
                     "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
@@ -127,13 +177,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     anyhow::anyhow!("--metrics-bind-address {addr:?} is not an address like 0.0.0.0:9847 (or \"off\")")
                 })?),
             };
+            raise_open_file_limit();
+            // A one-shot sync refuses at once; the agent waits (see below).
+            let mut lock_attempt = instance_lock::try_acquire()?;
+            if once {
+                lock_attempt = Ok(lock_attempt.map_err(|holder| {
+                    anyhow::anyhow!("{holder}: a second writer would fight it; stop it first")
+                })?);
+            }
             let mut tables = dataplane::detect_backend(backend)?;
             tables.lock_wait = xtables_wait;
             tracing::info!(backend = %tables.backend, node = node_name, "starting");
-            dataplane::probe_kernel(&tables)?;
-            agent::check_bridge_netfilter();
-            dataplane::other_engines::report();
-            let mut dataplane = Dataplane::new(tables);
             let options = agent::WatchOptions {
                 poll_interval,
                 debounce: sync_debounce,
@@ -164,13 +218,33 @@ pub fn run(cli: Cli) -> Result<()> {
                 });
                 if let (Some(bind), false) = (bind, once) {
                     let m = metrics.clone();
+                    // Two agents with the same port: the port clash is the first thing to fail.
+                    let holder = lock_attempt.as_ref().err().cloned();
                     tokio::spawn(async move {
                         if let Err(e) = metrics::serve(bind, m).await {
-                            tracing::error!("{e:#}");
+                            match holder {
+                                Some(holder) => tracing::error!(
+                                    "{e:#}; {holder}: two agents on one node would fight, exiting"
+                                ),
+                                None => tracing::error!("{e:#}"),
+                            }
                             std::process::exit(1);
                         }
                     });
                 }
+                // Held until the process exits. Waiting rather than exiting lets a rolling update
+                // overlap without a crash loop, and keeps a second deployment visible (not ready)
+                // instead of fighting the first.
+                let Some(_lock) = (match lock_attempt {
+                    Ok(lock) => Some(lock),
+                    Err(_) => wait_for_instance_lock(&metrics).await?,
+                }) else {
+                    return Ok(());
+                };
+                dataplane::probe_kernel(&tables)?;
+                agent::check_bridge_netfilter();
+                dataplane::other_engines::report();
+                let mut dataplane = Dataplane::new(tables);
                 match (manifests, once) {
                     (Some(dir), true) => {
                         let mut cache = Default::default();
@@ -229,26 +303,82 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Render {
             manifests,
+            max_manifest_bytes,
             node_name,
         } => {
-            let snapshot = manifests::load_dir(&manifests)?;
+            let snapshot = manifests::load_dir_with_limit(&manifests, max_manifest_bytes)?;
             print!(
                 "{}",
                 render::render_fresh(&agent::desired_states(&snapshot, &node_name))
             );
             Ok(())
         }
-        Command::Cleanup { backend } => match backend {
-            BackendChoice::Auto => dataplane::cleanup(),
-            one => {
-                let tables = dataplane::detect_backend(one)?;
-                dataplane::remove_rules(&tables)?;
-                dataplane::destroy_unused_sets()
+        Command::Cleanup { backend } => {
+            let _lock = instance_lock::try_acquire()?.map_err(|holder| {
+                anyhow::anyhow!(
+                    "{holder}: stop the agent before cleaning up, or it would fight the cleanup"
+                )
+            })?;
+            match backend {
+                BackendChoice::Auto => dataplane::cleanup(),
+                one => {
+                    let tables = dataplane::detect_backend(one)?;
+                    dataplane::remove_rules(&tables)?;
+                    dataplane::destroy_unused_sets()
+                }
             }
-        },
+        }
         Command::Version => {
             println!("kube-netpol-iptables {}", env!("CARGO_PKG_VERSION"));
             Ok(())
+        }
+    }
+}
+
+/// Waits until no other instance runs in this network namespace, not ready meanwhile. `None`
+/// if told to stop while waiting.
+async fn wait_for_instance_lock(metrics: &Metrics) -> Result<Option<InstanceLock>> {
+    let mut logged = false;
+    loop {
+        match instance_lock::try_acquire()? {
+            Ok(lock) => {
+                metrics.set_waiting(None);
+                if logged {
+                    tracing::info!("the other instance is gone: took over the node lock");
+                }
+                return Ok(Some(lock));
+            }
+            Err(holder) => {
+                if !logged {
+                    tracing::warn!(
+                        "{holder}: waiting for it to exit; until then this instance writes nothing and is not ready"
+                    );
+                    logged = true;
+                }
+                metrics.set_waiting(Some(format!("{holder}; waiting for it to exit")));
+                metrics.heartbeat();
+                if agent::STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go programs (kube-proxy, kubelet) do
+/// at start: the default soft limit of 1024 is easily reached by a node's worth of work.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }
@@ -259,10 +389,72 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
+        let hour = Duration::from_secs(3600);
+        let parse = |s| parse_duration_at_most(s, hour);
+        assert_eq!(parse("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse("1h"), Ok(hour));
+        assert!(parse("0s").is_err());
+        assert!(parse("5 parsecs").is_err());
+        assert!(parse("").is_err());
+        let err = parse("61m").unwrap_err();
+        assert!(err.contains("maximum of 1h"), "{err}");
+    }
+
+    /// Every duration flag, through the real parser: absurd values are refused with the limit
+    /// (they used to panic, or wrap around to a small value), and the limit itself is accepted.
+    #[test]
+    fn duration_flags_are_bounded() {
+        let flags = [
+            ("--poll-interval", "1h"),
+            ("--sync-debounce", "1h"),
+            ("--sync-max-delay", "1h"),
+            ("--resync-period", "24h"),
+            ("--xtables-wait", "1h"),
+        ];
+        let parse = |flag: &str, value: &str| {
+            Cli::try_parse_from(["k", "run", "--node-name", "n", flag, value])
+        };
+        for (flag, max) in flags {
+            let Command::Run {
+                poll_interval,
+                sync_debounce,
+                sync_max_delay,
+                resync_period,
+                xtables_wait,
+                ..
+            } = parse(flag, max).unwrap().command
+            else {
+                panic!("not run");
+            };
+            let got = match flag {
+                "--poll-interval" => poll_interval,
+                "--sync-debounce" => sync_debounce,
+                "--sync-max-delay" => sync_max_delay,
+                "--resync-period" => resync_period,
+                _ => xtables_wait,
+            };
+            assert_eq!(
+                Ok(got),
+                parse_duration_at_most(max, Duration::MAX),
+                "{flag}"
+            );
+            for absurd in [
+                "9223372036854775808s",
+                "18446744073709551615s",
+                "18446744073709551616ms",
+                "307445734561825861m",
+                "5124095576030431h",
+                "25h",
+                "90000s",
+            ] {
+                let err = parse(flag, absurd).unwrap_err().to_string();
+                assert!(
+                    err.contains(flag) && err.contains(&format!("maximum of {max}")),
+                    "{flag} {absurd}: {err}"
+                );
+            }
+        }
     }
 
     #[test]

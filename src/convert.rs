@@ -152,25 +152,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, InvalidField> {
     let name = required_name(&pod.metadata, false)?;
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
-    let mut ips = Vec::new();
-    let listed: Vec<&str> = match status.and_then(|s| s.pod_ips.as_ref()) {
-        Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.as_str()).collect(),
-        _ => status
-            .and_then(|s| s.pod_ip.as_deref())
-            .into_iter()
-            .collect(),
-    };
-    for (i, text) in listed.into_iter().enumerate() {
-        let ip: IpAddr = text.parse().map_err(|_| {
-            invalid(
-                format!("status.podIPs[{i}]"),
-                format!("{text:?} is not an IP address"),
-            )
-        })?;
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
+    let ips = pod_ips(status)?;
     let mut ports = Vec::new();
     for (ci, container) in spec
         .map(|s| s.containers.as_slice())
@@ -202,6 +184,115 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, InvalidField> {
             .unwrap_or(PodPhase::Pending),
         ports,
     })
+}
+
+/// The pod's addresses as the API server stores them, checked so a pod cannot claim addresses that
+/// would make its policies act on the node's own traffic.
+///
+/// As in the API server: `podIP` wins over `podIPs` when the two disagree (the v1 → internal
+/// conversion), `podIPs` holds at most one address per family and no duplicate (validatePodIPs),
+/// and IPv4 may carry leading zeros (netutils.ParseIPSloppy: `010.001.002.003` is 10.1.2.3).
+/// Beyond the API server, addresses no pod can have are refused: unspecified, loopback,
+/// multicast, broadcast and link-local ones (a pod "at" 127.0.0.1 with an egress policy would
+/// otherwise cut the node's own loopback traffic).
+fn pod_ips(status: Option<&core::PodStatus>) -> Result<Vec<IpAddr>, InvalidField> {
+    let pod_ip = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .filter(|ip| !ip.is_empty());
+    let pod_ips: Vec<&str> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|list| list.iter().map(|p| p.ip.as_str()).collect())
+        .unwrap_or_default();
+    let (listed, field) = match (pod_ip, pod_ips.first()) {
+        (Some(single), Some(first)) if single != *first => (vec![single], "status.podIP"),
+        (Some(single), None) => (vec![single], "status.podIP"),
+        _ => (pod_ips, "status.podIPs"),
+    };
+    if listed.len() > 2 {
+        return Err(invalid(
+            field,
+            format!(
+                "{} addresses: a pod has at most one IP per family",
+                listed.len()
+            ),
+        ));
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for (i, text) in listed.into_iter().enumerate() {
+        let path = if field == "status.podIP" {
+            field.to_string()
+        } else {
+            format!("{field}[{i}]")
+        };
+        let ip = parse_ip_sloppy(text)
+            .ok_or_else(|| invalid(&path, format!("{text:?} is not an IP address")))?;
+        if let Some(why) = unusable_pod_ip(ip) {
+            return Err(invalid(
+                &path,
+                format!("{text:?} is {why}, not a pod address"),
+            ));
+        }
+        if ips.contains(&ip) {
+            return Err(invalid(&path, format!("duplicate address {text:?}")));
+        }
+        if ips.iter().any(|other| other.is_ipv4() == ip.is_ipv4()) {
+            return Err(invalid(
+                &path,
+                "a pod has at most one IP per family".to_string(),
+            ));
+        }
+        ips.push(ip);
+    }
+    Ok(ips)
+}
+
+/// Parses an address as Kubernetes' netutils.ParseIPSloppy does: Go's net.ParseIP, but IPv4
+/// numbers (alone or as the tail of an IPv6 address) may have leading zeros, read as decimal.
+/// IPv4-mapped IPv6 addresses are IPv4, as Go treats them.
+pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    let (head, quad) = match text.rfind(':') {
+        Some(colon) => text.split_at(colon + 1),
+        None => ("", text),
+    };
+    let parts: Vec<&str> = quad.split('.').collect();
+    if parts.len() != 4
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let stripped: Vec<&str> = parts
+        .iter()
+        .map(|p| {
+            let t = p.trim_start_matches('0');
+            if t.is_empty() { "0" } else { t }
+        })
+        .collect();
+    format!("{head}{}", stripped.join("."))
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+/// Why `ip` cannot be a pod's address, if it cannot.
+fn unusable_pod_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("unspecified"),
+        IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("in 0.0.0.0/8 (this host on this network)"),
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        _ => None,
+    }
 }
 
 pub fn policy(policy: &net::NetworkPolicy) -> Result<Policy, InvalidField> {
@@ -655,12 +746,85 @@ mod tests {
         );
         let bad: core::Pod =
             serde_yaml_ng::from_str("metadata: {name: b}\nstatus: {podIP: 10.0.0.300}").unwrap();
-        assert!(
-            pod(&bad)
-                .unwrap_err()
-                .to_string()
-                .contains("status.podIPs[0]")
+        assert!(pod(&bad).unwrap_err().to_string().contains("status.podIP:"));
+    }
+
+    fn pod_with_status(status: &str) -> Result<Pod, InvalidField> {
+        pod(&serde_yaml_ng::from_str(&format!("metadata: {{name: p}}\nstatus: {status}")).unwrap())
+    }
+
+    #[test]
+    fn pod_addresses_are_parsed_like_the_api_server() {
+        let ips = |status: &str| pod_with_status(status).unwrap().ips;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // netutils.ParseIPSloppy: leading zeros are decimal, not octal, also in an IPv6 tail.
+        assert_eq!(ips("{podIP: 010.001.002.003}"), vec![ip("10.1.2.3")]);
+        assert_eq!(ips("{podIPs: [{ip: 010.0.0.0010}]}"), vec![ip("10.0.0.10")]);
+        assert_eq!(
+            ips("{podIPs: [{ip: '::ffff:010.1.2.3'}]}"),
+            vec![ip("10.1.2.3")]
         );
+        assert_eq!(
+            ips("{podIPs: [{ip: 'fd00::10.1.2.3'}]}"),
+            vec![ip("fd00::a01:203")]
+        );
+        // podIP wins when podIPs[0] disagrees (the API server's v1 conversion).
+        assert_eq!(
+            ips("{podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.2}, {ip: 'fd00::2'}]}"),
+            vec![ip("10.0.0.1")]
+        );
+        assert_eq!(
+            ips("{podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}"),
+            vec![ip("10.0.0.1"), ip("fd00::1")]
+        );
+        assert!(ips("{podIP: ''}").is_empty());
+        for bad in [
+            "10.0.0.256",
+            "1.2.3",
+            "10.0.0.1/32",
+            "fe80::1%eth0",
+            "0x0a.0.0.1",
+            "+1.2.3.4",
+        ] {
+            let err = pod_with_status(&format!("{{podIPs: [{{ip: '{bad}'}}]}}")).unwrap_err();
+            assert_eq!(err.path, "status.podIPs[0]", "{bad}");
+        }
+    }
+
+    #[test]
+    fn pods_claiming_impossible_addresses_are_invalid() {
+        for (addr, why) in [
+            ("127.0.0.1", "loopback"),
+            ("127.1.2.3", "loopback"),
+            ("::1", "loopback"),
+            ("0.0.0.0", "unspecified"),
+            ("0.1.2.3", "0.0.0.0/8"),
+            ("::", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("169.254.1.1", "link-local"),
+            ("fe80::1", "link-local"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("0127.0.0.01", "loopback"),
+        ] {
+            let err = pod_with_status(&format!("{{podIPs: [{{ip: '{addr}'}}]}}")).unwrap_err();
+            assert_eq!(err.path, "status.podIPs[0]", "{addr}");
+            assert!(err.message.contains(why), "{addr}: {err}");
+            let err = pod_with_status(&format!("{{podIP: '{addr}'}}")).unwrap_err();
+            assert_eq!(err.path, "status.podIP", "{addr}");
+        }
+        // At most one address per family, no duplicates, at most two in all.
+        let err = pod_with_status("{podIPs: [{ip: 10.0.0.1}, {ip: 10.0.0.2}]}").unwrap_err();
+        assert_eq!(err.path, "status.podIPs[1]");
+        assert!(err.message.contains("one IP per family"), "{err}");
+        let err = pod_with_status("{podIPs: [{ip: 'fd00::1'}, {ip: 'fd00::1'}]}").unwrap_err();
+        assert!(err.message.contains("duplicate"), "{err}");
+        let many: Vec<String> = (1..=300)
+            .map(|i| format!("{{ip: 10.0.{}.{}}}", i / 256, i % 256))
+            .collect();
+        let err = pod_with_status(&format!("{{podIPs: [{}]}}", many.join(", "))).unwrap_err();
+        assert!(err.message.contains("300 addresses"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod compile;
 pub mod convert;
 pub mod dataplane;
 pub mod fuzzing;
+pub mod instance_lock;
 pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
