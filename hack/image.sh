@@ -197,11 +197,14 @@ build_containerfile() {
   podman build --label "org.opencontainers.image.version=$VERSION" -t "$IMAGE" -f Containerfile . >&2
 }
 
-# Whether the Containerfile's runtime base can be pulled (or is here): a quick, bounded probe.
+# Whether the Containerfile's base images are here or can be pulled: a quick, bounded probe (a
+# pull of the small runtime base) decides, so an offline machine does not wait for retries.
 registry_reachable() {
-  local runtime_base
-  runtime_base=$(awk 'toupper($1) == "FROM" { img = $2 } END { print img }' Containerfile)
-  podman image exists "$runtime_base" && return 0
+  local images image runtime_base missing=0
+  images=$(awk 'toupper($1) == "FROM" { print $2 }' Containerfile)
+  for image in $images; do podman image exists "$image" || missing=1; done
+  [ "$missing" = 0 ] && return 0
+  runtime_base=$(echo "$images" | tail -n 1)
   log "probing the registry: podman pull $runtime_base (at most 30 s)"
   timeout 30 podman pull -q "$runtime_base" >/dev/null 2>&1
 }
