@@ -11,9 +11,10 @@
 #   KNI_IMAGE_REFRESH_BASE=1                     rebuild the cached offline base (security updates)
 #
 # Podman runs with a private containers.conf (target/image/containers.conf, through
-# CONTAINERS_CONF): runc instead of crun (crun fails on mixed cgroup v1/v2 layouts), and container
-# ulimits no higher than this shell's hard limits (podman's defaults fail in setrlimit where the
-# caller cannot raise them). The system's files are left alone. Use the same file to run the image:
+# CONTAINERS_CONF): runc instead of crun (crun refuses hybrid cgroup v1/v2 layouts), and modest
+# container ulimits no higher than this shell's hard limits (podman's defaults fail in setrlimit
+# where the caller cannot raise them). The system's files are left alone. Missing tools (podman,
+# buildah, debootstrap, runc) are installed with apt. Use the same file to run the image:
 #   CONTAINERS_CONF=target/image/containers.conf podman run --rm localhost/kube-netpol-iptables:<version> version
 set -euo pipefail
 shopt -s inherit_errexit

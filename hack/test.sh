@@ -13,14 +13,14 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
-echo "== cargo test"
-if [ "$(id -u)" -ne 0 ]; then
-  echo "*** not root: the end-to-end tests will be SKIPPED (run: sudo hack/test.sh) ***" >&2
-fi
 if [ "${KNI_IMAGE_TEST:-}" = 1 ]; then
   # tests/e2e_image.rs runs the image in a lab namespace; without KNI_IMAGE_TEST it says SKIPPED.
   echo "== container image (hack/image.sh)"
   hack/image.sh
+fi
+echo "== cargo test"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "*** not root: the end-to-end tests will be SKIPPED (run: sudo hack/test.sh) ***" >&2
 fi
 echo "== benchmark smoke run (a small case of benches/sync.rs)"
 cargo test --bench sync "$@"
