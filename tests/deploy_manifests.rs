@@ -302,7 +302,8 @@ fn bindings_name_the_service_accounts_that_run_the_agent() {
     for (_, d) in all_docs() {
         match d {
             Doc::Binding(b) => {
-                assert_eq!(b.role_ref.name, "kube-netpol-iptables");
+                // Each deployment binds a role of its own name: deleting one never breaks the other.
+                assert_eq!(b.role_ref.name, b.metadata.name.clone().unwrap());
                 for s in b.subjects.unwrap() {
                     subjects.insert((s.namespace.unwrap(), s.name));
                 }
@@ -620,7 +621,7 @@ fn flannel_kustomization_renders_one_engine_beside_kube_flannel() {
     let subjects: Vec<(String, String)> = docs
         .iter()
         .filter_map(|d| match d {
-            Doc::Binding(b) if b.role_ref.name == "kube-netpol-iptables" => Some(b),
+            Doc::Binding(b) if b.role_ref.name == "kube-netpol-iptables-flannel" => Some(b),
             _ => None,
         })
         .flat_map(|b| b.subjects.clone().unwrap())
@@ -633,7 +634,11 @@ fn flannel_kustomization_renders_one_engine_beside_kube_flannel() {
     let roles: Vec<&ClusterRole> = docs
         .iter()
         .filter_map(|d| match d {
-            Doc::Role(r) if r.metadata.name.as_deref() == Some("kube-netpol-iptables") => Some(r),
+            Doc::Role(r)
+                if r.metadata.name.as_deref() == Some("kube-netpol-iptables-flannel") =>
+            {
+                Some(r)
+            }
             _ => None,
         })
         .collect();

@@ -53,8 +53,12 @@ fn logs_other_engines_tables_present_on_the_node() {
     ]);
     let log = start_log(&lab);
     assert!(
-        !log.contains("NetworkPolicy engine"),
+        !log.contains("of another NetworkPolicy engine"),
         "reported an engine where there is none:\n{log}"
+    );
+    assert!(
+        log.contains("this agent is the only NetworkPolicy engine here"),
+        "says plainly that no other engine was found:\n{log}"
     );
 
     sh(&[
@@ -90,6 +94,7 @@ fn logs_other_engines_tables_present_on_the_node() {
         assert!(line.contains("enforces nothing"), "{line}");
     }
     assert!(!log.contains("filter-of-someone"), "{log}");
+    assert!(!log.contains("the only NetworkPolicy engine"), "{log}");
 
     sh(&[
         "ip",
@@ -115,7 +120,8 @@ fn logs_other_engines_tables_present_on_the_node() {
     ]);
     let log = start_log(&lab);
     assert!(
-        !log.contains("NetworkPolicy engine"),
+        !log.contains("of another NetworkPolicy engine")
+            && log.contains("this agent is the only NetworkPolicy engine here"),
         "reported a table that is gone:\n{log}"
     );
 }

@@ -163,8 +163,8 @@ pub fn report() {
     let tables = match list_tables() {
         Ok(t) => t,
         Err(e) => {
-            tracing::debug!(
-                "could not check for other NetworkPolicy engines' nftables tables: {e:#}"
+            tracing::info!(
+                "could not check for another NetworkPolicy engine's nftables table (kube-network-policies, kindnet-network-policies): {e:#}"
             );
             return;
         }
@@ -174,8 +174,10 @@ pub fn report() {
         .unwrap_or_default();
     let findings = assess(&tables, &queues);
     if findings.is_empty() {
-        tracing::debug!(
-            "no other NetworkPolicy engine's nftables table (kube-network-policies, kindnet-network-policies) on this node"
+        // Said at info: on WSL2 with kind's default CNI this line is how a user sees that kindnetd's
+        // table did not load and this agent is the only enforcer.
+        tracing::info!(
+            "no other NetworkPolicy engine's nftables table (kube-network-policies, kindnet-network-policies) on this node: this agent is the only NetworkPolicy engine here"
         );
     }
     for f in findings {
