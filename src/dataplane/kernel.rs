@@ -54,7 +54,7 @@ pub fn parse_iptables_save(text: &str) -> KernelTable {
                     .rules
                     .entry(chain.to_string())
                     .or_default()
-                    .push(spec.to_string());
+                    .push(canonical_addresses(spec));
             } else if let Some(builtin) = BUILTIN_CHAINS.iter().find(|b| **b == chain) {
                 let pos = positions.entry(builtin).or_insert(0);
                 *pos += 1;
@@ -73,6 +73,26 @@ pub fn parse_iptables_save(text: &str) -> KernelTable {
         }
     }
     table
+}
+
+/// `spec` with its IPv6 addresses (`-s`, `-d`) in the form we render them. iptables prints an
+/// IPv4-compatible address as `::10.0.0.1`, Rust as `::a00:1`: compared as text, such a rule would
+/// differ on every read and be rewritten by every full sync.
+fn canonical_addresses(spec: &str) -> String {
+    if !spec.contains(':') {
+        return spec.to_string();
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut address_next = false;
+    for word in spec.split(' ') {
+        let canonical = address_next
+            .then(|| word.parse::<IpNet>().ok())
+            .flatten()
+            .map(|net| net.to_string());
+        address_next = matches!(word, "-s" | "-d");
+        out.push(canonical.unwrap_or_else(|| word.to_string()));
+    }
+    out.join(" ")
 }
 
 /// Our sets, from `ipset save`.
@@ -276,7 +296,13 @@ impl View {
             for chain in got.chains.iter().filter(|c| !want.chains.contains(c)) {
                 out.push(format!("{family} chain {chain} exists but is not wanted"));
             }
-            if got.jumps != want.jumps {
+            // iptables-save lists built-in chains in its own order (INPUT, FORWARD, OUTPUT).
+            let by_chain = |jumps: &[Jump]| {
+                let mut sorted = jumps.to_vec();
+                sorted.sort_by(|a, b| a.builtin.cmp(&b.builtin));
+                sorted
+            };
+            if by_chain(&got.jumps) != by_chain(&want.jumps) {
                 out.push(format!(
                     "{family} jumps from built-in chains differ: {:?}",
                     got.jumps
@@ -304,6 +330,53 @@ mod tests {
         );
         assert_eq!(t.jumps[1].position, 3);
         assert_eq!(t.rules["KNI-FORWARD"].len(), 1);
+    }
+
+    #[test]
+    fn an_untouched_table_shows_no_drift() {
+        // What we believe we wrote: hooks in our order, rules in Rust's address spelling.
+        let jump = |builtin: &str, chain: &str| Jump {
+            builtin: builtin.into(),
+            position: 1,
+            spec: format!("-m comment --comment kube-netpol-iptables -j {chain}"),
+        };
+        let mut want = KernelTable {
+            chains: vec!["KNI-FORWARD".into(), "KNI-INPUT".into(), "KNI-OUTPUT".into()],
+            jumps: vec![
+                jump("FORWARD", "KNI-FORWARD"),
+                jump("INPUT", "KNI-INPUT"),
+                jump("OUTPUT", "KNI-OUTPUT"),
+            ],
+            ..Default::default()
+        };
+        let compatible: IpNet = "::10.0.0.1/128".parse().unwrap();
+        let mapped: IpNet = "::ffff:10.0.0.2/128".parse().unwrap();
+        want.rules.insert(
+            "KNI-FORWARD".into(),
+            vec![
+                format!("-s {compatible} -j KNI-PODE-1"),
+                format!("-d {mapped} -j KNI-PODI-2"),
+            ],
+        );
+        let believed = View {
+            tables: [(Family::V6, want)].into(),
+            ..Default::default()
+        };
+        // What iptables-save prints for it.
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KNI-FORWARD - [0:0]\n:KNI-INPUT - [0:0]\n:KNI-OUTPUT - [0:0]\n-A INPUT -m comment --comment kube-netpol-iptables -j KNI-INPUT\n-A FORWARD -m comment --comment kube-netpol-iptables -j KNI-FORWARD\n-A OUTPUT -m comment --comment kube-netpol-iptables -j KNI-OUTPUT\n-A KNI-FORWARD -s ::10.0.0.1/128 -j KNI-PODE-1\n-A KNI-FORWARD -d ::ffff:10.0.0.2/128 -j KNI-PODI-2\nCOMMIT\n";
+        let actual = View {
+            tables: [(Family::V6, parse_iptables_save(save))].into(),
+            ..Default::default()
+        };
+        assert_eq!(believed.drift_from(&actual), Vec::<String>::new());
+        assert_eq!(
+            super::super::render::render_iptables(
+                &believed.tables[&Family::V6],
+                &actual.tables[&Family::V6]
+            ),
+            None,
+            "nothing to write"
+        );
     }
 
     #[test]
