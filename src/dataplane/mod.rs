@@ -125,6 +125,11 @@ impl Tables {
 
     pub fn restore(&self, family: Family, text: &str) -> Result<()> {
         let bin = &self.restore[family_index(family)];
+        // iptables-nft serialises through nf_tables transactions and never takes the xtables
+        // lock; holding it here would only block kube-proxy and the CNI for the whole write.
+        if self.backend == Backend::Nft {
+            return run_tool(bin, &["--noflush"], Some(text)).map(drop);
+        }
         if self.restore_waits {
             let wait = self.lock_wait.as_secs().max(1).to_string();
             run_tool(bin, &["--noflush", "--wait", &wait], Some(text)).map(drop)
@@ -239,24 +244,25 @@ impl Drop for XtablesLock {
 
 /// Runs a tool, feeding `stdin` if given. On failure the error names the command and, when the
 /// tool reports a line number, quotes that line of our input.
+///
+/// Input goes through a private unlinked file (O_TMPFILE, mode 0600), written completely before
+/// the tool starts, never through a pipe: if the agent is killed mid-write, a pipe hands the tool
+/// everything up to the cut and then EOF, and `ipset restore` applies that last cut line (an
+/// address shortened to another address, or a bare `flush`). A file the tool already holds open
+/// stays whole whatever happens to us.
 fn run_tool(bin: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let shown = format!("{} {}", bin.display(), args.join(" "));
-    let mut child = Command::new(bin)
+    let input = match stdin {
+        Some(text) => Stdio::from(complete_input_file(text.as_bytes())?),
+        None => Stdio::null(),
+    };
+    let child = Command::new(bin)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(input)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {shown}"))?;
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin is piped");
-        // A tool that dies early closes the pipe; its exit status tells why.
-        let _ = pipe.write_all(text.as_bytes());
-    }
     let out = child
         .wait_with_output()
         .with_context(|| format!("waiting for {shown}"))?;
@@ -288,6 +294,16 @@ fn failing_line_number(stderr: &str) -> Option<usize> {
             .then(|| w[1].trim_end_matches([':', ',']).parse().ok())
             .flatten()
     })
+}
+
+/// An anonymous file holding `bytes`, positioned at its start.
+fn complete_input_file(bytes: &[u8]) -> Result<std::fs::File> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = tempfile::tempfile().context("cannot create a temporary file for a batch")?;
+    file.write_all(bytes)
+        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+        .context("cannot write a batch to its temporary file")?;
+    Ok(file)
 }
 
 fn ipset_bin() -> Result<PathBuf> {
