@@ -5,8 +5,12 @@
 //! then the rules of each family are replaced in one atomic restore, and sets that no rule uses
 //! any more are destroyed last.
 
+mod ipset;
 pub mod kernel;
 pub mod render;
+
+use ipset::{destroy_sets, ipset_restore, ipset_save};
+pub use ipset::destroy_unused_sets;
 
 use crate::state::{DesiredState, Family};
 use anyhow::{Context, Result, anyhow, bail};
@@ -78,7 +82,7 @@ fn family_index(family: Family) -> usize {
     }
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
@@ -120,7 +124,30 @@ impl Tables {
     }
 
     pub fn save(&self, family: Family) -> Result<String> {
-        run_tool(&self.save[family_index(family)], &["-t", "filter"], None)
+        self.save_table(family, "filter")
+    }
+
+    /// `iptables-save -t TABLE`, or nothing when the backend has no such table: asking legacy
+    /// iptables for a table creates it, and once any legacy table exists every `iptables-nft`
+    /// call on the node warns "iptables-legacy tables present".
+    fn save_table(&self, family: Family, table: &str) -> Result<String> {
+        if !self.has_table(family, table) {
+            return Ok(String::new());
+        }
+        run_tool(&self.save[family_index(family)], &["-t", table], None)
+    }
+
+    /// Whether the table exists. Legacy tables are listed by the kernel per network namespace;
+    /// nft tables are only listed, never created, by iptables-nft-save.
+    fn has_table(&self, family: Family, table: &str) -> bool {
+        if self.backend == Backend::Nft {
+            return true;
+        }
+        let names = match family {
+            Family::V4 => "/proc/net/ip_tables_names",
+            Family::V6 => "/proc/net/ip6_tables_names",
+        };
+        std::fs::read_to_string(names).is_ok_and(|t| t.lines().any(|l| l.trim() == table))
     }
 
     pub fn restore(&self, family: Family, text: &str) -> Result<()> {
@@ -153,7 +180,7 @@ impl Tables {
     /// iptables-wrapper looks for first).
     fn has_kubelet_canary(&self) -> bool {
         Family::ALL.iter().any(|f| {
-            run_tool(&self.save[family_index(*f)], &["-t", "mangle"], None)
+            self.save_table(*f, "mangle")
                 .map(|t| {
                     t.lines().any(|l| {
                         l.starts_with(":KUBE-IPTABLES-HINT")
@@ -250,7 +277,7 @@ impl Drop for XtablesLock {
 /// everything up to the cut and then EOF, and `ipset restore` applies that last cut line (an
 /// address shortened to another address, or a bare `flush`). A file the tool already holds open
 /// stays whole whatever happens to us.
-fn run_tool(bin: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
+pub(crate) fn run_tool(bin: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let shown = format!("{} {}", bin.display(), args.join(" "));
     let input = match stdin {
         Some(text) => Stdio::from(complete_input_file(text.as_bytes())?),
@@ -304,26 +331,6 @@ fn complete_input_file(bytes: &[u8]) -> Result<std::fs::File> {
         .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
         .context("cannot write a batch to its temporary file")?;
     Ok(file)
-}
-
-fn ipset_bin() -> Result<PathBuf> {
-    find_in_path("ipset")
-        .ok_or_else(|| anyhow!("ipset is not installed (install the ipset package)"))
-}
-
-fn ipset_save() -> Result<kernel::KernelSets> {
-    Ok(kernel::parse_ipset_save(&run_tool(
-        &ipset_bin()?,
-        &["save"],
-        None,
-    )?))
-}
-
-fn ipset_restore(text: &str) -> Result<()> {
-    if text.is_empty() {
-        return Ok(());
-    }
-    run_tool(&ipset_bin()?, &["-exist", "restore"], Some(text)).map(drop)
 }
 
 /// What one sync wrote.
@@ -462,36 +469,6 @@ impl Dataplane {
         self.undestroyed = destroy_sets(&stale);
         Ok(report)
     }
-}
-
-/// Destroys `names` and returns those that could not be: something else (another firewall's rule)
-/// still uses them. That is not an error for the sync: our rules no longer point at them, and
-/// later syncs try again.
-fn destroy_sets(names: &BTreeSet<String>) -> BTreeSet<String> {
-    if names.is_empty() {
-        return BTreeSet::new();
-    }
-    let batch: String = names.iter().map(|n| format!("destroy {n}\n")).collect();
-    if ipset_restore(&batch).is_ok() {
-        return BTreeSet::new();
-    }
-    // One at a time, to destroy all that can be and learn which cannot.
-    let mut left = BTreeSet::new();
-    for name in names {
-        if let Err(e) = ipset_restore(&format!("destroy {name}\n")) {
-            let gone = ipset_save()
-                .map(|s| !s.sets.contains_key(name))
-                .unwrap_or(false);
-            if !gone {
-                tracing::warn!(
-                    set = name.as_str(),
-                    "cannot destroy a set we no longer use (will retry on the next sync): {e:#}"
-                );
-                left.insert(name.clone());
-            }
-        }
-    }
-    left
 }
 
 /// A kernel feature the agent relies on, how to test for it, and the module that provides it.
@@ -692,18 +669,6 @@ pub fn cleanup() -> Result<()> {
     }
     // Sets go last: no rule of ours references them any more.
     destroy_unused_sets()
-}
-
-/// Destroys every set of ours. Fails (naming the set) if a rule still uses one, e.g. in a
-/// backend that was not cleaned.
-pub fn destroy_unused_sets() -> Result<()> {
-    let sets = ipset_save()?;
-    let destroy = render::render_ipset_destroy(std::iter::empty(), &sets);
-    ipset_restore(&destroy)?;
-    if !destroy.is_empty() {
-        tracing::info!(sets = sets.sets.len(), "destroyed our sets");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
