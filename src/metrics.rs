@@ -34,6 +34,7 @@ pub struct Metrics {
     set_members: Gauge,
     write_errors: Counter,
     drift_repairs: Counter,
+    retained_chains: Gauge,
     invalid_objects: MetricFamily<Labels, Gauge>,
     /// A full sync has succeeded since start.
     synced_once: AtomicBool,
@@ -108,6 +109,11 @@ impl Metrics {
             "Differences between the kernel and what the agent wrote, found and repaired by full syncs",
             drift_repairs.clone(),
         );
+        let retained_chains = gauge(
+            &mut registry,
+            "retained_chains",
+            "Chains the agent no longer uses but keeps, emptied, because another tool's rule jumps to them",
+        );
         let invalid_objects = MetricFamily::<Labels, Gauge>::default();
         registry.register(
             "invalid_objects",
@@ -125,6 +131,7 @@ impl Metrics {
             set_members,
             write_errors,
             drift_repairs,
+            retained_chains,
             invalid_objects,
             synced_once: AtomicBool::new(false),
             failing: AtomicBool::new(false),
@@ -171,6 +178,7 @@ impl Metrics {
         self.set_members
             .set(desired.iter().map(|(_, s)| s.member_count() as i64).sum());
         self.drift_repairs.inc_by(report.repairs.len() as u64);
+        self.retained_chains.set(report.retained_chains as i64);
         self.failing.store(false, Ordering::Relaxed);
         self.synced_once.store(true, Ordering::Relaxed);
     }

@@ -368,3 +368,69 @@ fn resyncs_of_an_untouched_kernel_write_nothing() {
         assert!(!lab.tcp("z/a", "x/a", 80));
     }
 }
+
+#[test]
+fn a_chain_someone_else_jumps_to_is_kept_empty_and_never_blocks_a_sync() {
+    if skip_unless_root("a_chain_someone_else_jumps_to_is_kept_empty_and_never_blocks_a_sync") {
+        return;
+    }
+    for backend in ["legacy", "nft"] {
+        let lab = Lab::new(1, |_, _| 0);
+        let ipt = format!("iptables-{backend}");
+        lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+        let mut agent = lab.spawn_agent(backend, &["--resync-period", "3s"]);
+        wait_until("first sync", Duration::from_secs(10), || {
+            lab.our_state(backend).contains(":KNI-POLI-")
+        });
+        let chain = lab
+            .our_state(backend)
+            .lines()
+            .find_map(|l| l.strip_prefix(":KNI-POLI-"))
+            .map(|rest| format!("KNI-POLI-{}", rest.split_whitespace().next().unwrap()))
+            .unwrap();
+        // Another tool's chain jumps to our policy chain.
+        lab.node_cmd(0, &[&ipt, "-N", "FOREIGN"]);
+        lab.node_cmd(0, &[&ipt, "-A", "FOREIGN", "-j", &chain]);
+        assert!(lab.tcp("y/a", "x/a", 80));
+
+        // The policy goes (its chain is no longer used) and another one comes.
+        lab.write_cluster_manifests(&[DENY_X]);
+        wait_until("the new policy is in force", Duration::from_secs(10), || {
+            !lab.tcp("y/a", "x/a", 80)
+        });
+        let save = lab.node_cmd(0, &[&format!("{ipt}-save"), "-t", "filter"]);
+        let rules: Vec<&str> = save
+            .lines()
+            .filter(|l| l.starts_with(&format!("-A {chain} ")))
+            .collect();
+        assert_eq!(
+            rules,
+            [format!(
+                "-A {chain} -m comment --comment \"kube-netpol-iptables: retired, still referenced\""
+            )],
+            "{backend}: kept, with nothing in it that could allow a packet"
+        );
+        let node = lab.nodes[0].netns.clone();
+        wait_until("reported in metrics", Duration::from_secs(10), || {
+            lab::http_get(&node, "/metrics")
+                .is_some_and(|(_, m)| m.contains("kni_retained_chains 1"))
+        });
+        let log = lab.agent_log();
+        assert_eq!(
+            log.matches("is still the target of someone else's rule").count(),
+            1,
+            "{backend}: warned once, however many syncs: {log}"
+        );
+        assert!(!log.contains("repaired drift"), "{backend}: {log}");
+
+        // Once released, a later sync deletes it.
+        lab.node_cmd(0, &[&ipt, "-F", "FOREIGN"]);
+        wait_until("deleted once released", Duration::from_secs(10), || {
+            !lab.our_state(backend).contains(&chain)
+        });
+        lab.node_cmd(0, &[&ipt, "-X", "FOREIGN"]);
+        assert!(!lab.tcp("y/a", "x/a", 80));
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+}

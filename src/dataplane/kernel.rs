@@ -5,7 +5,7 @@ use crate::model::Protocol;
 use crate::names;
 use crate::state::{DesiredState, Family, Members, SetKind, SetMember};
 use ipnet::IpNet;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 const BUILTIN_CHAINS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
@@ -19,6 +19,9 @@ pub struct KernelTable {
     pub jumps: Vec<Jump>,
     /// Our chains' rules, as iptables-save prints them (without `-A CHAIN`).
     pub rules: BTreeMap<String, Vec<String>>,
+    /// Our chains that a rule in someone else's (non built-in) chain jumps to: the kernel refuses
+    /// to delete them while that rule exists.
+    pub referenced: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,13 +58,19 @@ pub fn parse_iptables_save(text: &str) -> KernelTable {
                     .entry(chain.to_string())
                     .or_default()
                     .push(canonical_addresses(spec));
-            } else if let Some(builtin) = BUILTIN_CHAINS.iter().find(|b| **b == chain) {
-                let pos = positions.entry(builtin).or_insert(0);
-                *pos += 1;
+            } else {
                 let target = spec
                     .split_whitespace()
                     .skip_while(|w| *w != "-j" && *w != "-g")
                     .nth(1);
+                let Some(builtin) = BUILTIN_CHAINS.iter().find(|b| **b == chain) else {
+                    if let Some(ours) = target.filter(|t| names::is_owned(t)) {
+                        table.referenced.insert(ours.to_string());
+                    }
+                    continue;
+                };
+                let pos = positions.entry(builtin).or_insert(0);
+                *pos += 1;
                 if target.is_some_and(names::is_owned) {
                     table.jumps.push(Jump {
                         builtin: chain.to_string(),
@@ -242,6 +251,7 @@ impl View {
                         )
                     })
                     .collect(),
+                referenced: BTreeSet::new(),
             };
             view.tables.insert(*family, table);
         }

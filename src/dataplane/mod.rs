@@ -340,6 +340,8 @@ pub struct SyncReport {
     pub iptables_lines: usize,
     /// Differences between the kernel and what we had written, found by a full sync.
     pub repairs: Vec<String>,
+    /// Chains of ours kept (emptied) because someone else's rule still jumps to them.
+    pub retained_chains: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,6 +361,8 @@ pub struct Dataplane {
     applied: Option<kernel::View>,
     /// Sets we no longer use that could not be destroyed yet (still referenced by someone else).
     undestroyed: BTreeSet<String>,
+    /// Chains we no longer use, kept empty because someone else's rule jumps to them.
+    retained: BTreeSet<(Family, String)>,
 }
 
 impl Dataplane {
@@ -367,7 +371,29 @@ impl Dataplane {
             tables,
             applied: None,
             undestroyed: BTreeSet::new(),
+            retained: BTreeSet::new(),
         }
+    }
+
+    /// Warns once per chain we had to keep, and forgets those that are gone. Only a full sync
+    /// sees references, so an incremental one keeps the list as it is.
+    fn note_retained(
+        &mut self,
+        seen: BTreeSet<(Family, String)>,
+        full: bool,
+        report: &mut SyncReport,
+    ) {
+        if full {
+            for (family, chain) in seen.difference(&self.retained) {
+                tracing::warn!(
+                    %family,
+                    chain = chain.as_str(),
+                    "a chain we no longer use is still the target of someone else's rule: kept empty (it allows nothing) until that rule goes"
+                );
+            }
+            self.retained = seen;
+        }
+        report.retained_chains = self.retained.len();
     }
 
     fn read_kernel(&self) -> Result<kernel::View> {
@@ -395,7 +421,14 @@ impl Dataplane {
     ) -> Result<SyncReport> {
         // Rendered once: diffed against the kernel now, remembered as what we wrote afterwards.
         let want = kernel::View::of_desired(desired);
-        let result = self.sync_inner(desired, &want, mode);
+        let incremental = mode == SyncMode::Incremental && self.applied.is_some();
+        let mut result = self.sync_inner(desired, &want, mode);
+        if incremental && let Err(e) = &result {
+            // What we remember does not show what others did since (e.g. a rule of theirs that
+            // now jumps to a chain we are deleting): read the kernel and try once more.
+            tracing::info!("incremental write failed, retrying with a full sync: {e:#}");
+            result = self.sync_inner(desired, &want, SyncMode::Full);
+        }
         self.applied = result.is_ok().then_some(want);
         result
     }
@@ -418,7 +451,13 @@ impl Dataplane {
                     report.repairs = believed
                         .drift_from(&actual)
                         .into_iter()
-                        .filter(|d| !self.undestroyed.iter().any(|n| d.contains(n.as_str())))
+                        .filter(|d| {
+                            !self
+                                .undestroyed
+                                .iter()
+                                .chain(self.retained.iter().map(|(_, c)| c))
+                                .any(|n| d.contains(n.as_str()))
+                        })
                         .collect();
                 }
                 actual
@@ -431,8 +470,16 @@ impl Dataplane {
         report.ipset_lines += update.lines().count();
 
         let empty = kernel::KernelTable::default();
+        let mut retained = BTreeSet::new();
         for (family, _) in desired {
             let have = view.tables.get(family).unwrap_or(&empty);
+            retained.extend(
+                have.chains
+                    .iter()
+                    .filter(|c| !want.tables[family].chains.contains(c))
+                    .filter(|c| have.referenced.contains(*c))
+                    .map(|c| (*family, c.clone())),
+            );
             if let Some(text) = render::render_iptables(&want.tables[family], have) {
                 self.tables
                     .restore(*family, &text)
@@ -440,6 +487,8 @@ impl Dataplane {
                 report.iptables_lines += text.lines().count();
             }
         }
+
+        self.note_retained(retained, full, &mut report);
 
         // Our rules belong in one backend only. Leftovers in the other (from a run with another
         // --backend, or before the host switched) would judge packets twice and keep sets in use.

@@ -12,6 +12,10 @@ pub const SET_MAXELEM: u32 = 1_048_576;
 
 pub const HOOK_COMMENT: &str = "kube-netpol-iptables";
 
+/// The only rule of a chain we no longer use but cannot delete yet (someone else's rule jumps to
+/// it): it matches everything and does nothing, so the chain marks nothing.
+pub const RETIRED_RULE: &str = "-m comment --comment \"kube-netpol-iptables: retired, still referenced\"";
+
 /// `ipset restore` text that creates missing sets and brings members of existing ones in line,
 /// in place. Sets of ours that are no longer wanted are left for [`render_ipset_destroy`], after
 /// the rules that used them are gone.
@@ -111,12 +115,21 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
         .iter()
         .filter(|c| !want.chains.contains(c))
         .collect();
+    // A stale chain someone else's rule still jumps to cannot be deleted: it is emptied instead
+    // (it then marks nothing, so allows nothing) and deleted by a later sync once released.
+    let (retained, deleted): (Vec<&String>, Vec<&String>) =
+        stale.into_iter().partition(|c| have.referenced.contains(*c));
+    let retired = vec![RETIRED_RULE.to_string()];
+    let retained: Vec<&String> = retained
+        .into_iter()
+        .filter(|c| have.rules.get(*c) != Some(&retired))
+        .collect();
     let hooks = render_hooks(&want.jumps, have);
-    if changed.is_empty() && stale.is_empty() && hooks.is_empty() {
+    if changed.is_empty() && retained.is_empty() && deleted.is_empty() && hooks.is_empty() {
         return None;
     }
     let mut out = String::from("*filter\n");
-    for chain in changed.iter().map(|(c, _)| *c).chain(stale.iter().copied()) {
+    for chain in changed.iter().map(|(c, _)| *c).chain(retained.iter().copied()).chain(deleted.iter().copied()) {
         writeln!(out, ":{chain} - [0:0]").unwrap();
     }
     for (chain, rules) in &changed {
@@ -124,8 +137,11 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
             writeln!(out, "-A {chain} {rule}").unwrap();
         }
     }
+    for chain in retained {
+        writeln!(out, "-A {chain} {RETIRED_RULE}").unwrap();
+    }
     out.push_str(&hooks);
-    for chain in stale {
+    for chain in deleted {
         writeln!(out, "-X {chain}").unwrap();
     }
     out.push_str("COMMIT\n");
@@ -145,7 +161,12 @@ pub fn render_iptables_removal(kernel: &KernelTable) -> Option<String> {
         writeln!(out, "-D {} {}", jump.builtin, jump.spec).unwrap();
     }
     for chain in &kernel.chains {
-        writeln!(out, "-X {chain}").unwrap();
+        if kernel.referenced.contains(chain) {
+            // Someone else's rule jumps here: emptied, deleted by a later cleanup.
+            writeln!(out, "-A {chain} {RETIRED_RULE}").unwrap();
+        } else {
+            writeln!(out, "-X {chain}").unwrap();
+        }
     }
     out.push_str("COMMIT\n");
     Some(out)
