@@ -434,3 +434,53 @@ fn a_chain_someone_else_jumps_to_is_kept_empty_and_never_blocks_a_sync() {
         let _ = agent.wait();
     }
 }
+
+#[test]
+fn a_flushed_chain_or_a_removed_jump_is_repaired_within_seconds() {
+    if skip_unless_root("a_flushed_chain_or_a_removed_jump_is_repaired_within_seconds") {
+        return;
+    }
+    for backend in ["legacy", "nft"] {
+        let lab = Lab::new(1, |_, _| 0);
+        let ipt = format!("iptables-{backend}");
+        lab.write_cluster_manifests(&[DENY_X]);
+        // Full resyncs are far away: only the canary check can notice.
+        let mut agent = lab.spawn_agent(backend, &["--resync-period", "1h"]);
+        wait_until("first sync", Duration::from_secs(10), || {
+            lab.our_state(backend).contains(":KNI-FORWARD")
+        });
+        assert!(!lab.tcp("y/a", "x/a", 80));
+        let damage: [&[&str]; 2] = [
+            &["-F", "KNI-FORWARD"],
+            &[
+                "-D",
+                "FORWARD",
+                "-m",
+                "comment",
+                "--comment",
+                "kube-netpol-iptables",
+                "-j",
+                "KNI-FORWARD",
+            ],
+        ];
+        for args in damage {
+            let mut cmd = vec![ipt.as_str()];
+            cmd.extend_from_slice(args);
+            lab.node_cmd(0, &cmd);
+            let took = wait_until(
+                &format!("{backend}: denied again after {args:?}"),
+                Duration::from_secs(10),
+                || !lab.tcp("y/a", "x/a", 80),
+            );
+            eprintln!("{backend}: {args:?} repaired within {took:?}");
+        }
+        let log = lab.agent_log();
+        assert_eq!(
+            log.matches("our rules were changed by someone else").count(),
+            2,
+            "{backend}: {log}"
+        );
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+}

@@ -5,6 +5,7 @@
 //! then the rules of each family are replaced in one atomic restore, and sets that no rule uses
 //! any more are destroyed last.
 
+mod canary;
 mod ipset;
 pub mod kernel;
 pub mod render;
@@ -127,6 +128,11 @@ impl Tables {
         self.save_table(family, "filter")
     }
 
+    /// `iptables` (or `ip6tables`) of this backend, for listing single chains.
+    fn list_tool(&self, family: Family) -> Option<PathBuf> {
+        list_tool_of(&self.save[family_index(family)])
+    }
+
     /// `iptables-save -t TABLE`, or nothing when the backend has no such table: asking legacy
     /// iptables for a table creates it, and once any legacy table exists every `iptables-nft`
     /// call on the node warns "iptables-legacy tables present".
@@ -190,6 +196,12 @@ impl Tables {
                 .unwrap_or(false)
         })
     }
+}
+
+/// `…/iptables-nft` for `…/iptables-nft-save`.
+fn list_tool_of(save: &Path) -> Option<PathBuf> {
+    let name = save.file_name()?.to_str()?.strip_suffix("-save")?;
+    Some(save.with_file_name(name))
 }
 
 /// Picks the backend the host uses, the way kube-proxy's iptables-wrapper does: the one where
