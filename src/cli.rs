@@ -237,12 +237,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cleanup { backend } => match backend {
-            BackendChoice::Auto => dataplane::cleanup(),
-            one => {
-                let tables = dataplane::detect_backend(one)?;
-                dataplane::remove_rules(&tables)?;
-                dataplane::destroy_unused_sets()
-            }
+            BackendChoice::Auto => dataplane::cleanup(None),
+            one => dataplane::cleanup(Some(&dataplane::detect_backend(one)?)),
         },
         Command::Version => {
             println!("kube-netpol-iptables {}", env!("CARGO_PKG_VERSION"));

@@ -484,3 +484,122 @@ fn a_flushed_chain_or_a_removed_jump_is_repaired_within_seconds() {
         let _ = agent.wait();
     }
 }
+
+/// `iptables-save -t filter` lines and `ipset save` lines that mention `what`.
+fn mentions(lab: &Lab, backend: &str, what: &str) -> Vec<String> {
+    let mut out: Vec<String> = lab
+        .node_cmd(0, &[&format!("iptables-{backend}-save"), "-t", "filter"])
+        .lines()
+        .filter(|l| l.contains(what))
+        .map(|l| l.split(" [").next().unwrap().to_string())
+        .collect();
+    out.extend(
+        lab.node_cmd(0, &["ipset", "save"])
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(|l| l.split(" hashsize").next().unwrap().to_string()),
+    );
+    out
+}
+
+#[test]
+fn objects_under_our_prefix_that_we_did_not_create_are_left_alone() {
+    if skip_unless_root("objects_under_our_prefix_that_we_did_not_create_are_left_alone") {
+        return;
+    }
+    for backend in ["legacy", "nft"] {
+        let lab = Lab::new(1, |_, _| 0);
+        let ipt = format!("iptables-{backend}");
+        // Another tool's chain, its jump and its set, all named like ours.
+        for args in [
+            vec!["-N", "KNI-custom"],
+            vec!["-A", "KNI-custom", "-s", "192.0.2.7/32", "-j", "DROP"],
+            vec!["-A", "FORWARD", "-j", "KNI-custom"],
+        ] {
+            let mut cmd = vec![ipt.as_str()];
+            cmd.extend(args);
+            lab.node_cmd(0, &cmd);
+        }
+        ipset_restore(&lab, "create KNI-foo hash:ip\nadd KNI-foo 192.0.2.8\n");
+        let foreign = || [mentions(&lab, backend, "KNI-custom"), mentions(&lab, backend, "KNI-foo")];
+        let before = foreign();
+        assert_eq!(before[0].len(), 3, "{before:?}");
+
+        // Syncs of two different states (the first one's objects become stale), a running agent's
+        // resyncs, and both kinds of cleanup.
+        lab.write_cluster_manifests(&[DENY_X]);
+        let log = succeeded(&lab.once(backend, &[], &[]));
+        assert!(log.contains("KNI-custom") && log.contains("KNI-foo"), "warned: {log}");
+        assert!(!lab.tcp("y/a", "x/a", 80));
+        assert_eq!(foreign(), before);
+        lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+        let mut agent = lab.spawn_agent(backend, &["--resync-period", "1s"]);
+        wait_until("the new state", Duration::from_secs(10), || {
+            lab.tcp("y/a", "x/a", 80)
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = agent.kill();
+        let _ = agent.wait();
+        let log = lab.agent_log();
+        assert_eq!(
+            log.matches("this agent did not create").count(),
+            2,
+            "{backend}: one warning per object, however many resyncs: {log}"
+        );
+        assert!(!lab.tcp("z/a", "x/a", 80));
+        assert_eq!(foreign(), before);
+        for args in [&["cleanup", "--backend", backend][..], &["cleanup"]] {
+            succeeded(&lab.agent(0, args));
+            assert_eq!(foreign(), before, "{backend}: {args:?}");
+        }
+        assert_eq!(
+            lab.our_state(backend)
+                .lines()
+                .filter(|l| !l.contains("KNI-custom") && !l.contains("KNI-foo"))
+                .collect::<Vec<_>>(),
+            Vec::<&str>::new(),
+            "{backend}: cleanup removed everything of ours"
+        );
+    }
+}
+
+#[test]
+fn sets_of_an_earlier_release_without_a_registry_are_adopted() {
+    if skip_unless_root("sets_of_an_earlier_release_without_a_registry_are_adopted") {
+        return;
+    }
+    let lab = Lab::new(1, |_, _| 0);
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+    succeeded(&lab.once("nft", &[], &[]));
+    // What an earlier release left: the same sets and rules, no registry.
+    lab.node_cmd(0, &["ipset", "destroy", "KNI-SETS"]);
+    let old_sets: Vec<String> = lab
+        .node_cmd(0, &["ipset", "list", "-n"])
+        .lines()
+        .filter(|l| l.starts_with("KNI-"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!old_sets.is_empty());
+    assert!(lab.tcp("y/a", "x/a", 80));
+    // The upgrade's first sync: still the same state, nothing opens or closes.
+    let log = succeeded(&lab.once("nft", &[], &[]));
+    assert!(!log.contains("did not create"), "{log}");
+    assert!(lab.tcp("y/a", "x/a", 80));
+    assert!(!lab.tcp("z/a", "x/a", 80));
+    let registered = lab.node_cmd(0, &["ipset", "save", "KNI-SETS"]);
+    for set in &old_sets {
+        assert!(
+            registered.contains(&format!("add KNI-SETS {set}")),
+            "{set} adopted: {registered}"
+        );
+    }
+    // And what it adopted is replaced like anything of ours.
+    lab.write_cluster_manifests(&[DENY_X]);
+    succeeded(&lab.once("nft", &[], &[]));
+    assert!(!lab.tcp("y/a", "x/a", 80));
+    let now = lab.node_cmd(0, &["ipset", "list", "-n"]);
+    assert!(
+        old_sets.iter().all(|s| !now.lines().any(|l| l == s)),
+        "stale adopted sets are destroyed: {now}"
+    );
+}

@@ -22,23 +22,86 @@ fn set_names() -> Result<Vec<String>> {
         .collect())
 }
 
-/// Our sets with their members. Only our sets are read: a foreign blocklist of millions of
-/// entries would otherwise be copied and parsed on every full sync. One `ipset` process lists
-/// them all (`list NAME` lines in a restore batch, printed in save format).
-pub fn ipset_save() -> Result<kernel::KernelSets> {
-    let ours: Vec<String> = set_names()?
+/// Our registry of sets: a `list:set` holding every set this agent created. Our prefix alone does
+/// not make a set ours (another tool may use it); membership here does, survives restarts, and is
+/// read with one small command. A set in a `list:set` cannot be destroyed until it is taken out,
+/// which every batch does right before a `destroy` (see [`with_registry`]).
+pub const REGISTRY: &str = "KNI-SETS";
+const REGISTRY_SIZE: u32 = 1 << 20;
+
+/// Our sets as ipset lists them: those in the registry, plus `used` (sets our own rules match on,
+/// which earlier releases created without a registry) that exist but are not registered yet,
+/// which are registered now. Also returns the other sets with our prefix (foreign).
+pub fn ipset_save(used: &BTreeSet<String>) -> Result<(kernel::KernelSets, Vec<String>)> {
+    let all = set_names()?;
+    let registered: BTreeSet<String> = if all.iter().any(|n| n == REGISTRY) {
+        run_tool(&ipset_bin()?, &["-o", "save", "list", REGISTRY], None)?
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("add {REGISTRY} ")))
+            .map(|n| n.trim().to_string())
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let (ours, foreign): (Vec<String>, Vec<String>) = all
         .into_iter()
-        .filter(|n| names::is_owned(n))
+        .filter(|n| names::is_owned(n) && n != REGISTRY)
+        .partition(|n| registered.contains(n) || used.contains(n));
+    let adopt: String = ours
+        .iter()
+        .filter(|n| !registered.contains(*n))
+        .map(|n| format!("add {REGISTRY} {n}\n"))
         .collect();
-    if ours.is_empty() {
-        return Ok(kernel::KernelSets::default());
+    if !adopt.is_empty() {
+        ipset_restore(&adopt)?;
+        tracing::info!(
+            sets = adopt.lines().count(),
+            "registered sets our rules use that an earlier release created"
+        );
     }
+    if ours.is_empty() {
+        return Ok((kernel::KernelSets::default(), foreign));
+    }
+    // Only our sets are read: a foreign blocklist of millions of entries would otherwise be
+    // copied and parsed on every full sync. One process lists them all.
     let batch: String = ours.iter().map(|n| format!("list {n}\n")).collect();
-    Ok(kernel::parse_ipset_save(&run_tool(
+    let sets = kernel::parse_ipset_save(&run_tool(
         &ipset_bin()?,
         &["-o", "save", "restore"],
         Some(&batch),
-    )?))
+    )?);
+    Ok((sets, foreign))
+}
+
+/// `batch` with registry bookkeeping: the registry is created when a set is, every created set is
+/// registered right after its `create`, and taken out right before its `destroy`.
+fn with_registry(batch: &str) -> String {
+    let mut out = String::with_capacity(batch.len() + 64);
+    for line in batch.lines() {
+        let mut words = line.split_whitespace();
+        let (command, name) = (words.next(), words.next().unwrap_or_default());
+        if name == REGISTRY {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        match command {
+            Some("create") => {
+                if !out.contains(&format!("create {REGISTRY} ")) {
+                    out.push_str(&format!(
+                        "create {REGISTRY} list:set size {REGISTRY_SIZE}\n"
+                    ));
+                }
+                out.push_str(&format!("{line}\nadd {REGISTRY} {name}\n"));
+            }
+            Some("destroy") => out.push_str(&format!("del {REGISTRY} {name}\n{line}\n")),
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Commands that act on every set when their name is missing (`flush`, `destroy`) or that must
@@ -69,7 +132,8 @@ pub fn ipset_restore(text: &str) -> Result<()> {
         return Ok(());
     }
     check_batch(text)?;
-    run_tool(&ipset_bin()?, &["-exist", "restore"], Some(text)).map(drop)
+    let text = with_registry(text);
+    run_tool(&ipset_bin()?, &["-exist", "restore"], Some(&text)).map(drop)
 }
 
 /// Destroys `names` and returns those that could not be: something else (another firewall's rule)
@@ -91,6 +155,8 @@ pub fn destroy_sets(names: &BTreeSet<String>) -> BTreeSet<String> {
                 .map(|all| !all.contains(name))
                 .unwrap_or(false);
             if !gone {
+                // Taken out of the registry just before the failed destroy: still ours.
+                let _ = ipset_restore(&format!("add {REGISTRY} {name}\n"));
                 tracing::warn!(
                     set = name.as_str(),
                     "cannot destroy a set we no longer use (will retry on the next sync): {e:#}"
@@ -104,14 +170,27 @@ pub fn destroy_sets(names: &BTreeSet<String>) -> BTreeSet<String> {
 
 /// Destroys every set of ours. Fails (naming the set) if a rule still uses one, e.g. in a
 /// backend that was not cleaned.
-pub fn destroy_unused_sets() -> Result<()> {
-    let sets = ipset_save()?;
+pub fn destroy_unused_sets(used: &BTreeSet<String>) -> Result<()> {
+    let (sets, foreign) = ipset_save(used)?;
+    warn_foreign_sets(&foreign);
     let destroy = render::render_ipset_destroy(std::iter::empty(), &sets);
     ipset_restore(&destroy)?;
     if !destroy.is_empty() {
         tracing::info!(sets = sets.sets.len(), "destroyed our sets");
     }
+    if set_names()?.iter().any(|n| n == REGISTRY) {
+        ipset_restore(&format!("destroy {REGISTRY}\n"))?;
+    }
     Ok(())
+}
+
+pub fn warn_foreign_sets<'a>(names: impl IntoIterator<Item = &'a String>) {
+    for name in names {
+        tracing::warn!(
+            set = name.as_str(),
+            "a set with our prefix that this agent did not create: left alone"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ pub mod kernel;
 pub mod render;
 
 use ipset::{destroy_sets, ipset_restore, ipset_save};
-pub use ipset::destroy_unused_sets;
+use ipset::{destroy_unused_sets, warn_foreign_sets};
 
 use crate::state::{DesiredState, Family};
 use anyhow::{Context, Result, anyhow, bail};
@@ -375,6 +375,8 @@ pub struct Dataplane {
     undestroyed: BTreeSet<String>,
     /// Chains we no longer use, kept empty because someone else's rule jumps to them.
     retained: BTreeSet<(Family, String)>,
+    /// Objects under our prefix that are not ours, already warned about.
+    warned_foreign: BTreeSet<String>,
 }
 
 impl Dataplane {
@@ -384,6 +386,7 @@ impl Dataplane {
             applied: None,
             undestroyed: BTreeSet::new(),
             retained: BTreeSet::new(),
+            warned_foreign: BTreeSet::new(),
         }
     }
 
@@ -408,17 +411,28 @@ impl Dataplane {
         report.retained_chains = self.retained.len();
     }
 
-    fn read_kernel(&self) -> Result<kernel::View> {
-        let mut view = kernel::View {
-            sets: ipset_save()?,
-            ..Default::default()
-        };
+    /// Reads our part of the kernel: the filter tables first, then our sets (the registry's,
+    /// and those our rules use). Objects under our prefix that are not ours are warned about once.
+    fn read_kernel(&mut self) -> Result<kernel::View> {
+        let mut view = kernel::View::default();
+        let mut used = BTreeSet::new();
         for family in Family::ALL {
-            view.tables.insert(
-                family,
-                kernel::parse_iptables_save(&self.tables.save(family)?),
-            );
+            let table = kernel::parse_iptables_save(&self.tables.save(family)?);
+            used.extend(table.sets_used.iter().cloned());
+            let new: Vec<&String> = table
+                .foreign
+                .iter()
+                .filter(|c| !self.warned_foreign.contains(&format!("{family} {c}")))
+                .collect();
+            warn_foreign_chains(family, new.iter().copied());
+            self.warned_foreign
+                .extend(table.foreign.iter().map(|c| format!("{family} {c}")));
+            view.tables.insert(family, table);
         }
+        let (sets, foreign) = ipset_save(&used)?;
+        warn_foreign_sets(foreign.iter().filter(|s| !self.warned_foreign.contains(*s)));
+        self.warned_foreign.extend(foreign);
+        view.sets = sets;
         Ok(view)
     }
 
@@ -698,9 +712,17 @@ fn probe_set(f: &Feature) -> &'static str {
 /// Removes our chains and jumps from one backend (both families). Sets are left alone: the other
 /// backend's rules may use them.
 pub fn remove_rules(tables: &Tables) -> Result<bool> {
+    remove_rules_noting(tables, &mut BTreeSet::new())
+}
+
+/// `remove_rules`, adding the sets the removed rules used to `used`. Chains under our prefix
+/// that are not ours are named in a warning and left alone.
+fn remove_rules_noting(tables: &Tables, used: &mut BTreeSet<String>) -> Result<bool> {
     let mut removed = false;
     for family in Family::ALL {
         let table = kernel::parse_iptables_save(&tables.save(family)?);
+        warn_foreign_chains(family, &table.foreign);
+        used.extend(table.sets_used.iter().cloned());
         if let Some(text) = render::render_iptables_removal(&table) {
             tables.restore(family, &text).with_context(|| {
                 format!(
@@ -714,22 +736,33 @@ pub fn remove_rules(tables: &Tables) -> Result<bool> {
     Ok(removed)
 }
 
-/// Removes every chain, jump and set the agent owns, on every installed backend.
-pub fn cleanup() -> Result<()> {
-    let mut found_any = false;
-    for backend in Backend::ALL {
-        if let Some(tables) = Tables::find(backend) {
-            found_any = true;
-            if remove_rules(&tables)? {
-                tracing::info!(%backend, "removed our chains and jumps");
-            }
-        }
+fn warn_foreign_chains<'a>(family: Family, chains: impl IntoIterator<Item = &'a String>) {
+    for chain in chains {
+        tracing::warn!(
+            %family,
+            chain = chain.as_str(),
+            "a chain with our prefix that this agent did not create (no hook of ours leads to it): left alone"
+        );
     }
-    if !found_any {
+}
+
+/// Removes every chain, jump and set the agent owns, on every installed backend (or one).
+pub fn cleanup(only: Option<&Tables>) -> Result<()> {
+    let mut used = BTreeSet::new();
+    let found: Vec<Tables> = match only {
+        Some(tables) => vec![tables.clone()],
+        None => Backend::ALL.iter().filter_map(|b| Tables::find(*b)).collect(),
+    };
+    if found.is_empty() {
         bail!("no iptables found: install iptables");
     }
+    for tables in &found {
+        if remove_rules_noting(tables, &mut used)? {
+            tracing::info!(backend = %tables.backend, "removed our chains and jumps");
+        }
+    }
     // Sets go last: no rule of ours references them any more.
-    destroy_unused_sets()
+    destroy_unused_sets(&used)
 }
 
 #[cfg(test)]
