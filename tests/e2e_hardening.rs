@@ -33,11 +33,18 @@ fn shim(lab: &Lab, name: &str, script: &str) -> (PathBuf, String) {
 /// The agent on node 1 with extra environment and arguments (not waited for).
 fn agent_command(lab: &Lab, backend: &str, env: &[(&str, &str)], extra: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &lab.nodes[0].netns, BIN, "run", "--manifests"])
-        .arg(lab.manifests_dir())
-        .args(["--node-name", "node1", "--backend", backend])
-        .args(extra)
-        .stdin(Stdio::null());
+    cmd.args([
+        "netns",
+        "exec",
+        &lab.nodes[0].netns,
+        BIN,
+        "run",
+        "--manifests",
+    ])
+    .arg(lab.manifests_dir())
+    .args(["--node-name", "node1", "--backend", backend])
+    .args(extra)
+    .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -76,9 +83,15 @@ fn remote_y_pods(count: usize, short: usize) -> (Vec<String>, Vec<String>) {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: r{i}, namespace: y}}\nspec: {{nodeName: far}}\nstatus: {{phase: Running, podIPs: [{{ip: {ip}}}]}}"
         )
     };
-    let mut ips: Vec<String> = (0..short).map(|i| format!("10.122.1.{}", 100 + i)).collect();
+    let mut ips: Vec<String> = (0..short)
+        .map(|i| format!("10.122.1.{}", 100 + i))
+        .collect();
     ips.extend((0..count).map(|i| format!("10.123.{}.{}", 100 + i / 100, 100 + i % 100)));
-    let pods = ips.iter().enumerate().map(|(i, ip)| pod(i, ip.clone())).collect();
+    let pods = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| pod(i, ip.clone()))
+        .collect();
     (pods, ips)
 }
 
@@ -88,7 +101,7 @@ fn our_members(lab: &Lab) -> Vec<(String, String)> {
         .lines()
         .filter_map(|l| l.strip_prefix("add "))
         .filter_map(|l| l.split_once(' '))
-        .filter(|(set, _)| set.starts_with("KNI-"))
+        .filter(|(set, _)| set.starts_with("KNI-") && *set != "KNI-SETS")
         .map(|(s, m)| (s.to_string(), m.to_string()))
         .collect()
 }
@@ -107,7 +120,7 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
         &lab,
         "ipset",
         &format!(
-            "#!/bin/bash\nif [ \"$*\" = \"-exist restore\" ]; then\n  IFS= read -r first\n  case \"$first\" in\n    \"create KNI-4P-\"*) touch {m}/started; sleep 2; {{ printf '%s\\n' \"$first\"; cat; }} | tee {m}/input | /usr/sbin/ipset \"$@\"; rc=$?; touch {m}/done; exit $rc;;\n  esac\n  {{ printf '%s\\n' \"$first\"; cat; }} | /usr/sbin/ipset \"$@\"; exit $?\nfi\nexec /usr/sbin/ipset \"$@\"\n",
+            "#!/bin/bash\nif [ \"$*\" = \"-exist restore\" ]; then\n  IFS= read -r first\n  case \"$first\" in\n    \"create KNI-SETS \"*|\"create KNI-4P-\"*) touch {m}/started; sleep 2; {{ printf '%s\\n' \"$first\"; cat; }} | tee {m}/input | /usr/sbin/ipset \"$@\"; rc=$?; touch {m}/done; exit $rc;;\n  esac\n  {{ printf '%s\\n' \"$first\"; cat; }} | /usr/sbin/ipset \"$@\"; exit $?\nfi\nexec /usr/sbin/ipset \"$@\"\n",
             m = marks.display()
         ),
     );
@@ -125,9 +138,11 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        wait_until("the agent starts its set write", Duration::from_secs(20), || {
-            marks.join("started").exists()
-        });
+        wait_until(
+            "the agent starts its set write",
+            Duration::from_secs(20),
+            || marks.join("started").exists(),
+        );
         agent.kill().unwrap();
         agent.wait().unwrap();
         wait_until("ipset finishes", Duration::from_secs(20), || {
@@ -142,8 +157,18 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
             input.len()
         );
         let mut wanted: Vec<String> = ips.clone();
-        wanted.extend(lab.pods.iter().filter(|p| p.namespace == "y").map(|p| p.v4.to_string()));
-        wanted.extend(lab.pods.iter().filter(|p| p.namespace == "y").map(|p| p.v6.to_string()));
+        wanted.extend(
+            lab.pods
+                .iter()
+                .filter(|p| p.namespace == "y")
+                .map(|p| p.v4.to_string()),
+        );
+        wanted.extend(
+            lab.pods
+                .iter()
+                .filter(|p| p.namespace == "y")
+                .map(|p| p.v6.to_string()),
+        );
         for (set, member) in our_members(&lab) {
             assert!(
                 wanted.contains(&member),
@@ -274,7 +299,11 @@ fn the_nft_backend_never_creates_legacy_tables() {
         return;
     }
     let lab = Lab::new(1, |_, _| 0);
-    assert_eq!(legacy_tables(&lab), "", "a fresh namespace has no legacy tables");
+    assert_eq!(
+        legacy_tables(&lab),
+        "",
+        "a fresh namespace has no legacy tables"
+    );
     lab.write_cluster_manifests(&[DENY_X]);
     // Probe and full syncs with nft chosen and detected, then both kinds of cleanup.
     succeeded(&lab.once("nft", &[], &[]));
@@ -287,7 +316,14 @@ fn the_nft_backend_never_creates_legacy_tables() {
     assert!(lab.tcp("y/a", "x/a", 80));
     assert_eq!(legacy_tables(&lab), "", "no legacy table was created");
     let out = Command::new("ip")
-        .args(["netns", "exec", &lab.nodes[0].netns, "iptables-nft", "-L", "-n"])
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[0].netns,
+            "iptables-nft",
+            "-L",
+            "-n",
+        ])
         .output()
         .unwrap();
     let all = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
@@ -341,7 +377,11 @@ fn resyncs_of_an_untouched_kernel_write_nothing() {
         // Full syncs by fresh processes and by one running agent's periodic resync.
         for _ in 0..2 {
             let log = succeeded(&lab.once(backend, &[], &[]));
-            assert_eq!(writes_and_repairs(&log), (vec![(0, 0)], 0), "{backend}: {log}");
+            assert_eq!(
+                writes_and_repairs(&log),
+                (vec![(0, 0)], 0),
+                "{backend}: {log}"
+            );
         }
         let log_path = lab.manifests_dir().with_extension("agent.log");
         let mut agent = agent_command(
@@ -395,9 +435,11 @@ fn a_chain_someone_else_jumps_to_is_kept_empty_and_never_blocks_a_sync() {
 
         // The policy goes (its chain is no longer used) and another one comes.
         lab.write_cluster_manifests(&[DENY_X]);
-        wait_until("the new policy is in force", Duration::from_secs(10), || {
-            !lab.tcp("y/a", "x/a", 80)
-        });
+        wait_until(
+            "the new policy is in force",
+            Duration::from_secs(10),
+            || !lab.tcp("y/a", "x/a", 80),
+        );
         let save = lab.node_cmd(0, &[&format!("{ipt}-save"), "-t", "filter"]);
         let rules: Vec<&str> = save
             .lines()
@@ -417,7 +459,8 @@ fn a_chain_someone_else_jumps_to_is_kept_empty_and_never_blocks_a_sync() {
         });
         let log = lab.agent_log();
         assert_eq!(
-            log.matches("is still the target of someone else's rule").count(),
+            log.matches("is still the target of someone else's rule")
+                .count(),
             1,
             "{backend}: warned once, however many syncs: {log}"
         );
@@ -476,7 +519,8 @@ fn a_flushed_chain_or_a_removed_jump_is_repaired_within_seconds() {
         }
         let log = lab.agent_log();
         assert_eq!(
-            log.matches("our rules were changed by someone else").count(),
+            log.matches("our rules were changed by someone else")
+                .count(),
             2,
             "{backend}: {log}"
         );
@@ -521,7 +565,12 @@ fn objects_under_our_prefix_that_we_did_not_create_are_left_alone() {
             lab.node_cmd(0, &cmd);
         }
         ipset_restore(&lab, "create KNI-foo hash:ip\nadd KNI-foo 192.0.2.8\n");
-        let foreign = || [mentions(&lab, backend, "KNI-custom"), mentions(&lab, backend, "KNI-foo")];
+        let foreign = || {
+            [
+                mentions(&lab, backend, "KNI-custom"),
+                mentions(&lab, backend, "KNI-foo"),
+            ]
+        };
         let before = foreign();
         assert_eq!(before[0].len(), 3, "{before:?}");
 
@@ -529,7 +578,10 @@ fn objects_under_our_prefix_that_we_did_not_create_are_left_alone() {
         // resyncs, and both kinds of cleanup.
         lab.write_cluster_manifests(&[DENY_X]);
         let log = succeeded(&lab.once(backend, &[], &[]));
-        assert!(log.contains("KNI-custom") && log.contains("KNI-foo"), "warned: {log}");
+        assert!(
+            log.contains("KNI-custom") && log.contains("KNI-foo"),
+            "warned: {log}"
+        );
         assert!(!lab.tcp("y/a", "x/a", 80));
         assert_eq!(foreign(), before);
         lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);

@@ -28,6 +28,8 @@ fn set_names() -> Result<Vec<String>> {
 /// which every batch does right before a `destroy` (see [`with_registry`]).
 pub const REGISTRY: &str = "KNI-SETS";
 const REGISTRY_SIZE: u32 = 1 << 20;
+/// Names of the kernel feature probe's scratch objects.
+pub const PROBE_PREFIX: &str = "KNI-PROBE-";
 
 /// Our sets as ipset lists them: those in the registry, plus `used` (sets our own rules match on,
 /// which earlier releases created without a registry) that exist but are not registered yet,
@@ -45,7 +47,7 @@ pub fn ipset_save(used: &BTreeSet<String>) -> Result<(kernel::KernelSets, Vec<St
     };
     let (ours, foreign): (Vec<String>, Vec<String>) = all
         .into_iter()
-        .filter(|n| names::is_owned(n) && n != REGISTRY)
+        .filter(|n| names::is_owned(n) && n != REGISTRY && !n.starts_with(PROBE_PREFIX))
         .partition(|n| registered.contains(n) || used.contains(n));
     let adopt: String = ours
         .iter()
@@ -77,21 +79,27 @@ pub fn ipset_save(used: &BTreeSet<String>) -> Result<(kernel::KernelSets, Vec<St
 /// registered right after its `create`, and taken out right before its `destroy`.
 fn with_registry(batch: &str) -> String {
     let mut out = String::with_capacity(batch.len() + 64);
+    let mut registry_created = false;
     for line in batch.lines() {
         let mut words = line.split_whitespace();
         let (command, name) = (words.next(), words.next().unwrap_or_default());
-        if name == REGISTRY {
+        // The kernel feature probe's scratch sets live for a moment and are not registered.
+        if (command == Some("create") || name == REGISTRY && command == Some("add"))
+            && !name.starts_with(PROBE_PREFIX)
+            && !registry_created
+        {
+            registry_created = true;
+            out.push_str(&format!(
+                "create {REGISTRY} list:set size {REGISTRY_SIZE}\n"
+            ));
+        }
+        if name == REGISTRY || name.starts_with(PROBE_PREFIX) {
             out.push_str(line);
             out.push('\n');
             continue;
         }
         match command {
             Some("create") => {
-                if !out.contains(&format!("create {REGISTRY} ")) {
-                    out.push_str(&format!(
-                        "create {REGISTRY} list:set size {REGISTRY_SIZE}\n"
-                    ));
-                }
                 out.push_str(&format!("{line}\nadd {REGISTRY} {name}\n"));
             }
             Some("destroy") => out.push_str(&format!("del {REGISTRY} {name}\n{line}\n")),
@@ -151,9 +159,7 @@ pub fn destroy_sets(names: &BTreeSet<String>) -> BTreeSet<String> {
     let mut left = BTreeSet::new();
     for name in names {
         if let Err(e) = ipset_restore(&format!("destroy {name}\n")) {
-            let gone = set_names()
-                .map(|all| !all.contains(name))
-                .unwrap_or(false);
+            let gone = set_names().map(|all| !all.contains(name)).unwrap_or(false);
             if !gone {
                 // Taken out of the registry just before the failed destroy: still ours.
                 let _ = ipset_restore(&format!("add {REGISTRY} {name}\n"));
@@ -226,7 +232,10 @@ mod tests {
         let destroy = render::render_ipset_destroy([&desired], &kernel);
         for command in ["create", "add", "del", "flush", "swap", "destroy"] {
             assert!(
-                update.lines().chain(destroy.lines()).any(|l| l.starts_with(command)),
+                update
+                    .lines()
+                    .chain(destroy.lines())
+                    .any(|l| l.starts_with(command)),
                 "the test covers {command}:\n{update}{destroy}"
             );
         }
@@ -254,9 +263,28 @@ mod tests {
     }
 
     #[test]
+    fn created_sets_are_registered_and_taken_out_before_destroy() {
+        assert_eq!(
+            with_registry(
+                "create KNI-4P-1 hash:net family inet\nadd KNI-4P-1 10.0.0.1\ncreate KNI-4P-2 hash:net family inet\ndestroy KNI-4P-3\ncreate KNI-PROBE-NET4 hash:net\ndestroy KNI-PROBE-NET4\n"
+            ),
+            format!(
+                "create {REGISTRY} list:set size {REGISTRY_SIZE}\ncreate KNI-4P-1 hash:net family inet\nadd {REGISTRY} KNI-4P-1\nadd KNI-4P-1 10.0.0.1\ncreate KNI-4P-2 hash:net family inet\nadd {REGISTRY} KNI-4P-2\ndel {REGISTRY} KNI-4P-3\ndestroy KNI-4P-3\ncreate KNI-PROBE-NET4 hash:net\ndestroy KNI-PROBE-NET4\n"
+            )
+        );
+    }
+
+    #[test]
     fn a_command_without_its_set_name_is_refused() {
         assert!(check_batch("create KNI-4P-1 hash:net family inet\nadd KNI-4P-1 10.0.0.1\nflush KNI-4P-1-T\nswap KNI-4P-1-T KNI-4P-1\ndestroy KNI-4P-1-T\n").is_ok());
-        for bad in ["flush", "destroy\n", "flush \n", "add KNI-4P-1 1.2.3.4\ndestroy", "destroy other-set", "flus KNI-4P-1"] {
+        for bad in [
+            "flush",
+            "destroy\n",
+            "flush \n",
+            "add KNI-4P-1 1.2.3.4\ndestroy",
+            "destroy other-set",
+            "flus KNI-4P-1",
+        ] {
             assert!(check_batch(bad).is_err(), "{bad:?}");
         }
     }

@@ -99,9 +99,13 @@ pub fn parse_iptables_save(text: &str) -> KernelTable {
         .iter()
         .filter_map(|j| jump_target(&j.spec).map(str::to_owned))
         .chain(
-            [names::FORWARD_CHAIN, names::INPUT_CHAIN, names::OUTPUT_CHAIN]
-                .iter()
-                .map(|c| c.to_string()),
+            [
+                names::FORWARD_CHAIN,
+                names::INPUT_CHAIN,
+                names::OUTPUT_CHAIN,
+            ]
+            .iter()
+            .map(|c| c.to_string()),
         )
         .chain(
             prefixed
@@ -457,7 +461,11 @@ mod tests {
             spec: format!("-m comment --comment kube-netpol-iptables -j {chain}"),
         };
         let mut want = KernelTable {
-            chains: vec!["KNI-FORWARD".into(), "KNI-INPUT".into(), "KNI-OUTPUT".into()],
+            chains: vec![
+                "KNI-FORWARD".into(),
+                "KNI-INPUT".into(),
+                "KNI-OUTPUT".into(),
+            ],
             jumps: vec![
                 jump("FORWARD", "KNI-FORWARD"),
                 jump("INPUT", "KNI-INPUT"),

@@ -751,7 +751,10 @@ pub fn cleanup(only: Option<&Tables>) -> Result<()> {
     let mut used = BTreeSet::new();
     let found: Vec<Tables> = match only {
         Some(tables) => vec![tables.clone()],
-        None => Backend::ALL.iter().filter_map(|b| Tables::find(*b)).collect(),
+        None => Backend::ALL
+            .iter()
+            .filter_map(|b| Tables::find(*b))
+            .collect(),
     };
     if found.is_empty() {
         bail!("no iptables found: install iptables");

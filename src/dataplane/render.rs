@@ -14,7 +14,8 @@ pub const HOOK_COMMENT: &str = "kube-netpol-iptables";
 
 /// The only rule of a chain we no longer use but cannot delete yet (someone else's rule jumps to
 /// it): it matches everything and does nothing, so the chain marks nothing.
-pub const RETIRED_RULE: &str = "-m comment --comment \"kube-netpol-iptables: retired, still referenced\"";
+pub const RETIRED_RULE: &str =
+    "-m comment --comment \"kube-netpol-iptables: retired, still referenced\"";
 
 /// `ipset restore` text that creates missing sets and brings members of existing ones in line,
 /// in place. Sets of ours that are no longer wanted are left for [`render_ipset_destroy`], after
@@ -117,8 +118,9 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
         .collect();
     // A stale chain someone else's rule still jumps to cannot be deleted: it is emptied instead
     // (it then marks nothing, so allows nothing) and deleted by a later sync once released.
-    let (retained, deleted): (Vec<&String>, Vec<&String>) =
-        stale.into_iter().partition(|c| have.referenced.contains(*c));
+    let (retained, deleted): (Vec<&String>, Vec<&String>) = stale
+        .into_iter()
+        .partition(|c| have.referenced.contains(*c));
     let retired = vec![RETIRED_RULE.to_string()];
     let retained: Vec<&String> = retained
         .into_iter()
@@ -129,7 +131,12 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
         return None;
     }
     let mut out = String::from("*filter\n");
-    for chain in changed.iter().map(|(c, _)| *c).chain(retained.iter().copied()).chain(deleted.iter().copied()) {
+    for chain in changed
+        .iter()
+        .map(|(c, _)| *c)
+        .chain(retained.iter().copied())
+        .chain(deleted.iter().copied())
+    {
         writeln!(out, ":{chain} - [0:0]").unwrap();
     }
     for (chain, rules) in &changed {
