@@ -237,8 +237,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cleanup { backend } => match backend {
-            BackendChoice::Auto => dataplane::cleanup(None),
-            one => dataplane::cleanup(Some(&dataplane::detect_backend(one)?)),
+            BackendChoice::Auto => dataplane::cleanup(),
+            one => dataplane::cleanup_backend(&dataplane::detect_backend(one)?),
         },
         Command::Version => {
             println!("kube-netpol-iptables {}", env!("CARGO_PKG_VERSION"));

@@ -6,7 +6,7 @@
 //! (`iptables -S KNI-FORWARD`, one rule per local pod).
 
 use super::{Dataplane, kernel, run_tool};
-use std::path::PathBuf;
+use std::path::Path;
 
 impl Dataplane {
     /// What is wrong with our hooks and dispatch chains compared with what we last wrote, or
@@ -56,7 +56,7 @@ impl Dataplane {
 }
 
 /// `iptables -S ARGS` (waiting at most a second for the xtables lock where the backend uses it).
-fn list(bin: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
+fn list(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
     let mut all = vec!["-w", "1", "-S"];
     all.extend_from_slice(args);
     run_tool(bin, &all, None)

@@ -746,8 +746,17 @@ fn warn_foreign_chains<'a>(family: Family, chains: impl IntoIterator<Item = &'a 
     }
 }
 
-/// Removes every chain, jump and set the agent owns, on every installed backend (or one).
-pub fn cleanup(only: Option<&Tables>) -> Result<()> {
+/// Removes every chain, jump and set the agent owns, on every installed backend.
+pub fn cleanup() -> Result<()> {
+    cleanup_on(None)
+}
+
+/// Removes our chains and jumps from one backend, then every set the agent owns.
+pub fn cleanup_backend(tables: &Tables) -> Result<()> {
+    cleanup_on(Some(tables))
+}
+
+fn cleanup_on(only: Option<&Tables>) -> Result<()> {
     let mut used = BTreeSet::new();
     let found: Vec<Tables> = match only {
         Some(tables) => vec![tables.clone()],
