@@ -712,16 +712,18 @@ fn probe_set(f: &Feature) -> &'static str {
 /// Removes our chains and jumps from one backend (both families). Sets are left alone: the other
 /// backend's rules may use them.
 pub fn remove_rules(tables: &Tables) -> Result<bool> {
-    remove_rules_noting(tables, &mut BTreeSet::new())
+    remove_rules_noting(tables, &mut BTreeSet::new(), false)
 }
 
 /// `remove_rules`, adding the sets the removed rules used to `used`. Chains under our prefix
-/// that are not ours are named in a warning and left alone.
-fn remove_rules_noting(tables: &Tables, used: &mut BTreeSet<String>) -> Result<bool> {
+/// that are not ours are left alone (and named in a warning if `warn`).
+fn remove_rules_noting(tables: &Tables, used: &mut BTreeSet<String>, warn: bool) -> Result<bool> {
     let mut removed = false;
     for family in Family::ALL {
         let table = kernel::parse_iptables_save(&tables.save(family)?);
-        warn_foreign_chains(family, &table.foreign);
+        if warn {
+            warn_foreign_chains(family, &table.foreign);
+        }
         used.extend(table.sets_used.iter().cloned());
         if let Some(text) = render::render_iptables_removal(&table) {
             tables.restore(family, &text).with_context(|| {
@@ -769,7 +771,7 @@ fn cleanup_on(only: Option<&Tables>) -> Result<()> {
         bail!("no iptables found: install iptables");
     }
     for tables in &found {
-        if remove_rules_noting(tables, &mut used)? {
+        if remove_rules_noting(tables, &mut used, true)? {
             tracing::info!(backend = %tables.backend, "removed our chains and jumps");
         }
     }
