@@ -655,3 +655,28 @@ fn sets_of_an_earlier_release_without_a_registry_are_adopted() {
         "stale adopted sets are destroyed: {now}"
     );
 }
+
+#[test]
+fn a_kernel_without_list_set_is_named_at_start() {
+    if skip_unless_root("a_kernel_without_list_set_is_named_at_start") {
+        return;
+    }
+    let lab = Lab::new(1, |_, _| 0);
+    lab.write_cluster_manifests(&[DENY_X]);
+    // An ipset whose kernel lacks list:set, the type of our registry.
+    let (shim_dir, path) = shim(
+        &lab,
+        "ipset",
+        "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *list:set*) echo 'ipset v7.17: Kernel error received: set type not supported' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/ipset \"$@\"\n",
+    );
+    let out = lab.once("nft", &[("PATH", path)], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("ipset type list:set") && stderr.contains("ip_set_list_set"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hash:net"), "only what is missing: {stderr}");
+    assert_eq!(lab.our_state("nft"), "", "nothing is programmed");
+    let _ = std::fs::remove_dir_all(shim_dir);
+}

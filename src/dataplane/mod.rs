@@ -580,6 +580,12 @@ const FEATURES: &[Feature] = &[
         set: Some(("hash:ip,port", "inet")),
     },
     Feature {
+        what: "ipset type list:set (the agent's registry of its sets)",
+        module: "ip_set_list_set",
+        rule: None,
+        set: Some(("list:set", "")),
+    },
+    Feature {
         what: "the set match",
         module: "xt_set",
         rule: Some("-m set --match-set KNI-PROBE-NET4 src -j RETURN"),
@@ -630,8 +636,14 @@ pub fn probe_kernel(tables: &Tables) -> Result<()> {
     let sets: Vec<(&Feature, String)> = FEATURES
         .iter()
         .filter_map(|f| {
-            f.set
-                .map(|(ty, family)| (f, format!("create {} {ty} family {family}\n", probe_set(f))))
+            f.set.map(|(ty, family)| {
+                // A list:set holds sets of any family and takes no `family`.
+                let family = match family {
+                    "" => String::new(),
+                    f => format!(" family {f}"),
+                };
+                (f, format!("create {} {ty}{family}\n", probe_set(f)))
+            })
         })
         .collect();
     let destroy_sets = || {
@@ -705,6 +717,7 @@ fn probe_set(f: &Feature) -> &'static str {
     match f.set {
         Some((_, "inet6")) => PROBE_SET_V6,
         Some(("hash:net", _)) => PROBE_SET_V4,
+        Some(("list:set", _)) => "KNI-PROBE-LIST",
         _ => "KNI-PROBE-IPPORT",
     }
 }
