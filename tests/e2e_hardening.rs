@@ -676,7 +676,10 @@ fn a_kernel_without_list_set_is_named_at_start() {
         stderr.contains("ipset type list:set") && stderr.contains("ip_set_list_set"),
         "{stderr}"
     );
-    assert!(!stderr.contains("hash:net"), "only what is missing: {stderr}");
+    assert!(
+        !stderr.contains("hash:net"),
+        "only what is missing: {stderr}"
+    );
     assert_eq!(lab.our_state("nft"), "", "nothing is programmed");
     let _ = std::fs::remove_dir_all(shim_dir);
 }
