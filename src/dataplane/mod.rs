@@ -412,10 +412,17 @@ impl Dataplane {
     }
 
     /// Reads our part of the kernel: the filter tables first, then our sets (the registry's,
-    /// and those our rules use). Objects under our prefix that are not ours are warned about once.
-    fn read_kernel(&mut self) -> Result<kernel::View> {
+    /// those our rules use, and those named exactly as a set we want, or its scratch copy: we
+    /// cannot program the name without taking it over, and nobody else derives it). Objects under
+    /// our prefix that are not ours are warned about once.
+    fn read_kernel(&mut self, want: &kernel::View) -> Result<kernel::View> {
         let mut view = kernel::View::default();
-        let mut used = BTreeSet::new();
+        let mut used: BTreeSet<String> = want
+            .sets
+            .sets
+            .keys()
+            .flat_map(|n| [n.clone(), crate::names::temporary_set(n)])
+            .collect();
         for family in Family::ALL {
             let table = kernel::parse_iptables_save(&self.tables.save(family)?);
             used.extend(table.sets_used.iter().cloned());
@@ -471,7 +478,7 @@ impl Dataplane {
         let view = match (self.applied.take(), full) {
             (Some(applied), false) => applied,
             (believed, _) => {
-                let actual = self.read_kernel()?;
+                let actual = self.read_kernel(want)?;
                 if let Some(believed) = &believed {
                     // Sets we could not destroy yet are known leftovers, not drift.
                     report.repairs = believed
