@@ -193,6 +193,10 @@ fn stopping() -> bool {
     stop
 }
 
+/// How often the loops check that our hooks and dispatch chains are intact between full syncs
+/// (see `Dataplane::hooks_damaged`); damage triggers a full sync at once.
+const CANARY_INTERVAL: Duration = Duration::from_secs(3);
+
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -204,6 +208,7 @@ struct Schedule {
     last_full: Option<Instant>,
     retry_at: Option<Instant>,
     backoff: Duration,
+    last_canary: Instant,
 }
 
 impl Schedule {
@@ -213,6 +218,22 @@ impl Schedule {
             last_full: None,
             retry_at: None,
             backoff: INITIAL_BACKOFF,
+            last_canary: Instant::now(),
+        }
+    }
+
+    /// Runs `damaged` every `CANARY_INTERVAL` and schedules a full sync when it finds damage.
+    fn check_canary(&mut self, now: Instant, damaged: impl FnOnce() -> Option<String>) {
+        if now - self.last_canary < CANARY_INTERVAL || self.retry_at.is_some() {
+            return;
+        }
+        self.last_canary = now;
+        if let Some(what) = damaged() {
+            tracing::warn!(
+                damage = what.as_str(),
+                "our rules were changed by someone else: repairing with a full sync now"
+            );
+            self.retry_at = Some(now);
         }
     }
 
@@ -301,6 +322,7 @@ pub fn watch_dir(
             last_seen = seen;
             schedule.changed(now);
         }
+        schedule.check_canary(now, || dataplane.hooks_damaged());
         if let Some(mode) = schedule.due(now, options) {
             let result = sync_from_dir(dataplane, &mut cache, dir, node, mode, metrics);
             schedule.done(now, mode, &result);
@@ -348,6 +370,8 @@ pub async fn watch_cluster(
                     schedule.changed(now);
                 }
                 last_generation = Some(generation);
+                // A few short processes; this loop runs on `block_on`'s own thread, not a worker.
+                schedule.check_canary(now, || dataplane.hooks_damaged());
                 if let Some(mode) = schedule.due(now, &options)
                     && let Some((generation, snapshot)) = store.snapshot()
                 {

@@ -321,11 +321,7 @@ pub fn run(cli: Cli) -> Result<()> {
             })?;
             match backend {
                 BackendChoice::Auto => dataplane::cleanup(),
-                one => {
-                    let tables = dataplane::detect_backend(one)?;
-                    dataplane::remove_rules(&tables)?;
-                    dataplane::destroy_unused_sets()
-                }
+                one => dataplane::cleanup_backend(&dataplane::detect_backend(one)?),
             }
         }
         Command::Version => {

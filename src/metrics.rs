@@ -40,6 +40,7 @@ pub struct Metrics {
     set_members: Gauge,
     write_errors: Counter,
     drift_repairs: Counter,
+    retained_chains: Gauge,
     invalid_objects: MetricFamily<Labels, Gauge>,
     failed_closed_rules: Gauge,
     /// Policy rules that could not be programmed and allow nothing, one line each (for /readyz).
@@ -123,6 +124,11 @@ impl Metrics {
             "Differences between the kernel and what the agent wrote, found and repaired by full syncs",
             drift_repairs.clone(),
         );
+        let retained_chains = gauge(
+            &mut registry,
+            "retained_chains",
+            "Chains the agent no longer uses but keeps, emptied, because another tool's rule jumps to them",
+        );
         let invalid_objects = MetricFamily::<Labels, Gauge>::default();
         registry.register(
             "invalid_objects",
@@ -158,6 +164,7 @@ impl Metrics {
             set_members,
             write_errors,
             drift_repairs,
+            retained_chains,
             invalid_objects,
             failed_closed_rules,
             failed_closed: Mutex::new(Vec::new()),
@@ -222,6 +229,7 @@ impl Metrics {
         self.set_members
             .set(desired.iter().map(|(_, s)| s.member_count() as i64).sum());
         self.drift_repairs.inc_by(report.repairs.len() as u64);
+        self.retained_chains.set(report.retained_chains as i64);
         self.failing.store(false, Ordering::Relaxed);
         self.synced_once.store(true, Ordering::Relaxed);
     }

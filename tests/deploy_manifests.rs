@@ -634,9 +634,7 @@ fn flannel_kustomization_renders_one_engine_beside_kube_flannel() {
     let roles: Vec<&ClusterRole> = docs
         .iter()
         .filter_map(|d| match d {
-            Doc::Role(r)
-                if r.metadata.name.as_deref() == Some("kube-netpol-iptables-flannel") =>
-            {
+            Doc::Role(r) if r.metadata.name.as_deref() == Some("kube-netpol-iptables-flannel") => {
                 Some(r)
             }
             _ => None,

@@ -1,11 +1,13 @@
 //! What the kernel holds of ours, parsed from `iptables-save -t filter` and `ipset save` (pure).
 
-use super::render::{hook_spec, maxelem_fits, maxelem_for, render_rule};
+use super::render::{
+    HOOK_COMMENT, RETIRED_RULE, hook_spec, maxelem_fits, maxelem_for, render_rule,
+};
 use crate::model::Protocol;
 use crate::names;
 use crate::state::{DesiredState, Family, Members, SetKind, SetMember};
 use ipnet::IpNet;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 const BUILTIN_CHAINS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
@@ -19,6 +21,13 @@ pub struct KernelTable {
     pub jumps: Vec<Jump>,
     /// Our chains' rules, as iptables-save prints them (without `-A CHAIN`).
     pub rules: BTreeMap<String, Vec<String>>,
+    /// Our chains that someone else's rule jumps to: the kernel refuses to delete them while that
+    /// rule exists.
+    pub referenced: BTreeSet<String>,
+    /// Sets our chains' rules match on (what makes a set ours, besides our registry).
+    pub sets_used: BTreeSet<String>,
+    /// Chains with our prefix that are not ours: never touched, warned about.
+    pub foreign: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,10 +39,20 @@ pub struct Jump {
     pub spec: String,
 }
 
+/// Our part of a filter table. Our prefix alone does not make a chain ours (another tool may use
+/// it too): ours are the chains our hooks (the built-in chains' jumps carrying our comment) lead to,
+/// through jumps in chains of ours, plus our fixed dispatch chains and chains we retired (see
+/// [`RETIRED_RULE`]). That holds across restarts and for what earlier releases created, whose
+/// hooks carry the same comment. Everything else under our prefix is listed in `foreign`.
 pub fn parse_iptables_save(text: &str) -> KernelTable {
     let mut table = KernelTable::default();
     let mut in_filter = false;
     let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
+    // Chains with our prefix and their rules, before we know which are ours.
+    let mut prefixed: Vec<String> = Vec::new();
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // (chain, target) of every other rule that jumps to a name with our prefix.
+    let mut jumps_in: Vec<(&str, &str)> = Vec::new();
     for line in text.lines() {
         if let Some(t) = line.strip_prefix('*') {
             in_filter = t.trim() == "filter";
@@ -45,34 +64,136 @@ pub fn parse_iptables_save(text: &str) -> KernelTable {
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split_whitespace().next().unwrap_or_default();
             if names::is_owned(name) {
-                table.chains.push(name.to_string());
+                prefixed.push(name.to_string());
             }
         } else if let Some(rest) = line.strip_prefix("-A ") {
             let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
             if names::is_owned(chain) {
-                table
-                    .rules
+                rules
                     .entry(chain.to_string())
                     .or_default()
-                    .push(spec.to_string());
-            } else if let Some(builtin) = BUILTIN_CHAINS.iter().find(|b| **b == chain) {
+                    .push(canonical_addresses(spec));
+                continue;
+            }
+            let target = jump_target(spec).filter(|t| names::is_owned(t));
+            let builtin = BUILTIN_CHAINS.iter().find(|b| **b == chain);
+            if let Some(builtin) = builtin {
                 let pos = positions.entry(builtin).or_insert(0);
                 *pos += 1;
-                let target = spec
-                    .split_whitespace()
-                    .skip_while(|w| *w != "-j" && *w != "-g")
-                    .nth(1);
-                if target.is_some_and(names::is_owned) {
+                if target.is_some() && is_our_hook(spec) {
                     table.jumps.push(Jump {
                         builtin: chain.to_string(),
                         position: *pos,
                         spec: spec.to_string(),
                     });
+                    continue;
                 }
+            }
+            if let Some(target) = target {
+                jumps_in.push((chain, target));
             }
         }
     }
+    // Ours: reachable from our hooks and fixed chains, and retired chains.
+    let retired = [RETIRED_RULE.to_string()];
+    let mut todo: Vec<String> = table
+        .jumps
+        .iter()
+        .filter_map(|j| jump_target(&j.spec).map(str::to_owned))
+        .chain(
+            [
+                names::FORWARD_CHAIN,
+                names::INPUT_CHAIN,
+                names::OUTPUT_CHAIN,
+            ]
+            .iter()
+            .map(|c| c.to_string()),
+        )
+        .chain(
+            prefixed
+                .iter()
+                .filter(|c| rules.get(*c).is_some_and(|r| r[..] == retired[..]))
+                .cloned(),
+        )
+        .collect();
+    let mut ours: BTreeSet<String> = BTreeSet::new();
+    while let Some(chain) = todo.pop() {
+        if !prefixed.contains(&chain) || !ours.insert(chain.clone()) {
+            continue;
+        }
+        for rule in rules.get(&chain).into_iter().flatten() {
+            if let Some(t) = jump_target(rule).filter(|t| names::is_owned(t)) {
+                todo.push(t.to_string());
+            }
+        }
+    }
+    for chain in prefixed {
+        if ours.contains(&chain) {
+            if let Some(r) = rules.remove(&chain) {
+                for rule in &r {
+                    table.sets_used.extend(match_sets(rule).map(str::to_owned));
+                }
+                table.rules.insert(chain.clone(), r);
+            }
+            table.chains.push(chain);
+        } else {
+            for rule in rules.get(&chain).into_iter().flatten() {
+                if let Some(t) = jump_target(rule).filter(|t| ours.contains(*t)) {
+                    table.referenced.insert(t.to_string());
+                }
+            }
+            table.foreign.push(chain);
+        }
+    }
+    for (_, target) in jumps_in {
+        if ours.contains(target) {
+            table.referenced.insert(target.to_string());
+        }
+    }
     table
+}
+
+/// The chain a rule jumps or goes to.
+fn jump_target(spec: &str) -> Option<&str> {
+    spec.split_whitespace()
+        .skip_while(|w| *w != "-j" && *w != "-g")
+        .nth(1)
+}
+
+/// Whether a built-in chain's rule is one of our hooks (they all carry our comment).
+fn is_our_hook(spec: &str) -> bool {
+    spec.starts_with(&format!("-m comment --comment {HOOK_COMMENT} "))
+}
+
+/// The sets a rule matches on.
+fn match_sets(spec: &str) -> impl Iterator<Item = &str> {
+    let words: Vec<&str> = spec.split_whitespace().collect();
+    let sets: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "--match-set")
+        .map(|w| w[1])
+        .collect();
+    sets.into_iter()
+}
+
+/// `spec` with its IPv6 addresses (`-s`, `-d`) in the form we render them. iptables prints an
+/// IPv4-compatible address as `::10.0.0.1`, Rust as `::a00:1`: compared as text, such a rule would
+/// differ on every read and be rewritten by every full sync.
+fn canonical_addresses(spec: &str) -> String {
+    if !spec.contains(':') {
+        return spec.to_string();
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut address_next = false;
+    for word in spec.split(' ') {
+        let canonical = address_next
+            .then(|| word.parse::<IpNet>().ok())
+            .flatten()
+            .map(|net| net.to_string());
+        address_next = matches!(word, "-s" | "-d");
+        out.push(canonical.unwrap_or_else(|| word.to_string()));
+    }
+    out.join(" ")
 }
 
 /// Our sets, from `ipset save`.
@@ -222,6 +343,7 @@ impl View {
                         )
                     })
                     .collect(),
+                ..Default::default()
             };
             view.tables.insert(*family, table);
         }
@@ -276,7 +398,13 @@ impl View {
             for chain in got.chains.iter().filter(|c| !want.chains.contains(c)) {
                 out.push(format!("{family} chain {chain} exists but is not wanted"));
             }
-            if got.jumps != want.jumps {
+            // iptables-save lists built-in chains in its own order (INPUT, FORWARD, OUTPUT).
+            let by_chain = |jumps: &[Jump]| {
+                let mut sorted = jumps.to_vec();
+                sorted.sort_by(|a, b| a.builtin.cmp(&b.builtin));
+                sorted
+            };
+            if by_chain(&got.jumps) != by_chain(&want.jumps) {
                 out.push(format!(
                     "{family} jumps from built-in chains differ: {:?}",
                     got.jumps
@@ -296,14 +424,85 @@ mod tests {
         let save = "# Generated\n*nat\n:KNI-NOT-FILTER - [0:0]\n-A PREROUTING -j KNI-NOT-FILTER\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:KNI-FORWARD - [0:0]\n:KUBE-FORWARD - [0:0]\n-A FORWARD -j KUBE-FORWARD\n-A FORWARD -m comment --comment kube-netpol-iptables -j KNI-FORWARD\n-A FORWARD -j KNI-OLD\n-A KNI-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n-A KUBE-FORWARD -j ACCEPT\nCOMMIT\n";
         let t = parse_iptables_save(save);
         assert_eq!(t.chains, vec!["KNI-FORWARD".to_string()]);
-        assert_eq!(t.jumps.len(), 2);
+        // `-j KNI-OLD` lacks our comment: not a hook of ours.
+        assert_eq!(t.jumps.len(), 1);
         assert_eq!(t.jumps[0].position, 2);
         assert_eq!(
             t.jumps[0].spec,
             "-m comment --comment kube-netpol-iptables -j KNI-FORWARD"
         );
-        assert_eq!(t.jumps[1].position, 3);
         assert_eq!(t.rules["KNI-FORWARD"].len(), 1);
+    }
+
+    #[test]
+    fn ours_is_what_our_hooks_lead_to_and_what_we_retired() {
+        let save = format!(
+            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:FOREIGN - [0:0]\n:KNI-FORWARD - [0:0]\n:KNI-PODI-1 - [0:0]\n:KNI-POLI-1 - [0:0]\n:KNI-POLI-OLD - [0:0]\n:KNI-custom - [0:0]\n:KNI-custom-2 - [0:0]\n-A FORWARD -j KNI-custom\n-A FORWARD -m comment --comment kube-netpol-iptables -j KNI-FORWARD\n-A FOREIGN -j KNI-POLI-1\n-A KNI-FORWARD -d 10.0.0.1/32 -j KNI-PODI-1\n-A KNI-PODI-1 -j KNI-POLI-1\n-A KNI-POLI-1 -m set --match-set KNI-4P-1 src -j MARK --set-xmark 0x400000/0x400000\n-A KNI-POLI-OLD {RETIRED_RULE}\n-A KNI-custom -j KNI-custom-2\n-A KNI-custom-2 -j KNI-PODI-1\nCOMMIT\n"
+        );
+        let t = parse_iptables_save(&save);
+        assert_eq!(
+            t.chains,
+            ["KNI-FORWARD", "KNI-PODI-1", "KNI-POLI-1", "KNI-POLI-OLD"]
+        );
+        assert_eq!(t.foreign, ["KNI-custom", "KNI-custom-2"]);
+        assert_eq!(t.jumps.len(), 1);
+        assert_eq!(
+            t.referenced,
+            ["KNI-PODI-1".to_string(), "KNI-POLI-1".to_string()].into()
+        );
+        assert_eq!(t.sets_used, ["KNI-4P-1".to_string()].into());
+        assert!(!t.rules.contains_key("KNI-custom"));
+    }
+
+    #[test]
+    fn an_untouched_table_shows_no_drift() {
+        // What we believe we wrote: hooks in our order, rules in Rust's address spelling.
+        let jump = |builtin: &str, chain: &str| Jump {
+            builtin: builtin.into(),
+            position: 1,
+            spec: format!("-m comment --comment kube-netpol-iptables -j {chain}"),
+        };
+        let mut want = KernelTable {
+            chains: vec![
+                "KNI-FORWARD".into(),
+                "KNI-INPUT".into(),
+                "KNI-OUTPUT".into(),
+            ],
+            jumps: vec![
+                jump("FORWARD", "KNI-FORWARD"),
+                jump("INPUT", "KNI-INPUT"),
+                jump("OUTPUT", "KNI-OUTPUT"),
+            ],
+            ..Default::default()
+        };
+        let compatible: IpNet = "::10.0.0.1/128".parse().unwrap();
+        let mapped: IpNet = "::ffff:10.0.0.2/128".parse().unwrap();
+        want.rules.insert(
+            "KNI-FORWARD".into(),
+            vec![
+                format!("-s {compatible} -j KNI-PODE-1"),
+                format!("-d {mapped} -j KNI-PODI-2"),
+            ],
+        );
+        let believed = View {
+            tables: [(Family::V6, want)].into(),
+            ..Default::default()
+        };
+        // What iptables-save prints for it.
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KNI-FORWARD - [0:0]\n:KNI-INPUT - [0:0]\n:KNI-OUTPUT - [0:0]\n-A INPUT -m comment --comment kube-netpol-iptables -j KNI-INPUT\n-A FORWARD -m comment --comment kube-netpol-iptables -j KNI-FORWARD\n-A OUTPUT -m comment --comment kube-netpol-iptables -j KNI-OUTPUT\n-A KNI-FORWARD -s ::10.0.0.1/128 -j KNI-PODE-1\n-A KNI-FORWARD -d ::ffff:10.0.0.2/128 -j KNI-PODI-2\nCOMMIT\n";
+        let actual = View {
+            tables: [(Family::V6, parse_iptables_save(save))].into(),
+            ..Default::default()
+        };
+        assert_eq!(believed.drift_from(&actual), Vec::<String>::new());
+        assert_eq!(
+            super::super::render::render_iptables(
+                &believed.tables[&Family::V6],
+                &actual.tables[&Family::V6]
+            ),
+            None,
+            "nothing to write"
+        );
     }
 
     #[test]

@@ -5,9 +5,14 @@
 //! then the rules of each family are replaced in one atomic restore, and sets that no rule uses
 //! any more are destroyed last.
 
+mod canary;
+mod ipset;
 pub mod kernel;
 pub mod other_engines;
 pub mod render;
+
+use ipset::{destroy_sets, ipset_restore, ipset_save};
+use ipset::{destroy_unused_sets, warn_foreign_sets};
 
 use crate::state::{DesiredState, Family};
 use anyhow::{Context, Result, anyhow, bail};
@@ -79,7 +84,7 @@ fn family_index(family: Family) -> usize {
     }
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
@@ -121,11 +126,44 @@ impl Tables {
     }
 
     pub fn save(&self, family: Family) -> Result<String> {
-        run_tool(&self.save[family_index(family)], &["-t", "filter"], None)
+        self.save_table(family, "filter")
+    }
+
+    /// `iptables` (or `ip6tables`) of this backend, for listing single chains.
+    fn list_tool(&self, family: Family) -> Option<PathBuf> {
+        list_tool_of(&self.save[family_index(family)])
+    }
+
+    /// `iptables-save -t TABLE`, or nothing when the backend has no such table: asking legacy
+    /// iptables for a table creates it, and once any legacy table exists every `iptables-nft`
+    /// call on the node warns "iptables-legacy tables present".
+    fn save_table(&self, family: Family, table: &str) -> Result<String> {
+        if !self.has_table(family, table) {
+            return Ok(String::new());
+        }
+        run_tool(&self.save[family_index(family)], &["-t", table], None)
+    }
+
+    /// Whether the table exists. Legacy tables are listed by the kernel per network namespace;
+    /// nft tables are only listed, never created, by iptables-nft-save.
+    fn has_table(&self, family: Family, table: &str) -> bool {
+        if self.backend == Backend::Nft {
+            return true;
+        }
+        let names = match family {
+            Family::V4 => "/proc/net/ip_tables_names",
+            Family::V6 => "/proc/net/ip6_tables_names",
+        };
+        std::fs::read_to_string(names).is_ok_and(|t| t.lines().any(|l| l.trim() == table))
     }
 
     pub fn restore(&self, family: Family, text: &str) -> Result<()> {
         let bin = &self.restore[family_index(family)];
+        // iptables-nft serialises through nf_tables transactions and never takes the xtables
+        // lock; holding it here would only block kube-proxy and the CNI for the whole write.
+        if self.backend == Backend::Nft {
+            return run_tool(bin, &["--noflush"], Some(text)).map(drop);
+        }
         if self.restore_waits {
             let wait = self.lock_wait.as_secs().max(1).to_string();
             run_tool(bin, &["--noflush", "--wait", &wait], Some(text)).map(drop)
@@ -149,7 +187,7 @@ impl Tables {
     /// iptables-wrapper looks for first).
     fn has_kubelet_canary(&self) -> bool {
         Family::ALL.iter().any(|f| {
-            run_tool(&self.save[family_index(*f)], &["-t", "mangle"], None)
+            self.save_table(*f, "mangle")
                 .map(|t| {
                     t.lines().any(|l| {
                         l.starts_with(":KUBE-IPTABLES-HINT")
@@ -159,6 +197,12 @@ impl Tables {
                 .unwrap_or(false)
         })
     }
+}
+
+/// `…/iptables-nft` for `…/iptables-nft-save`.
+fn list_tool_of(save: &Path) -> Option<PathBuf> {
+    let name = save.file_name()?.to_str()?.strip_suffix("-save")?;
+    Some(save.with_file_name(name))
 }
 
 /// Picks the backend the host uses, the way kube-proxy's iptables-wrapper does: the one where
@@ -240,24 +284,25 @@ impl Drop for XtablesLock {
 
 /// Runs a tool, feeding `stdin` if given. On failure the error names the command and, when the
 /// tool reports a line number, quotes that line of our input.
-fn run_tool(bin: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
+///
+/// Input goes through a private unlinked file (O_TMPFILE, mode 0600), written completely before
+/// the tool starts, never through a pipe: if the agent is killed mid-write, a pipe hands the tool
+/// everything up to the cut and then EOF, and `ipset restore` applies that last cut line (an
+/// address shortened to another address, or a bare `flush`). A file the tool already holds open
+/// stays whole whatever happens to us.
+pub(crate) fn run_tool(bin: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let shown = format!("{} {}", bin.display(), args.join(" "));
-    let mut child = Command::new(bin)
+    let input = match stdin {
+        Some(text) => Stdio::from(complete_input_file(text.as_bytes())?),
+        None => Stdio::null(),
+    };
+    let child = Command::new(bin)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(input)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {shown}"))?;
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin is piped");
-        // A tool that dies early closes the pipe; its exit status tells why.
-        let _ = pipe.write_all(text.as_bytes());
-    }
     let out = child
         .wait_with_output()
         .with_context(|| format!("waiting for {shown}"))?;
@@ -291,24 +336,14 @@ fn failing_line_number(stderr: &str) -> Option<usize> {
     })
 }
 
-fn ipset_bin() -> Result<PathBuf> {
-    find_in_path("ipset")
-        .ok_or_else(|| anyhow!("ipset is not installed (install the ipset package)"))
-}
-
-fn ipset_save() -> Result<kernel::KernelSets> {
-    Ok(kernel::parse_ipset_save(&run_tool(
-        &ipset_bin()?,
-        &["save"],
-        None,
-    )?))
-}
-
-fn ipset_restore(text: &str) -> Result<()> {
-    if text.is_empty() {
-        return Ok(());
-    }
-    run_tool(&ipset_bin()?, &["-exist", "restore"], Some(text)).map(drop)
+/// An anonymous file holding `bytes`, positioned at its start.
+fn complete_input_file(bytes: &[u8]) -> Result<std::fs::File> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = tempfile::tempfile().context("cannot create a temporary file for a batch")?;
+    file.write_all(bytes)
+        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+        .context("cannot write a batch to its temporary file")?;
+    Ok(file)
 }
 
 /// What one sync wrote.
@@ -318,6 +353,8 @@ pub struct SyncReport {
     pub iptables_lines: usize,
     /// Differences between the kernel and what we had written, found by a full sync.
     pub repairs: Vec<String>,
+    /// Chains of ours kept (emptied) because someone else's rule still jumps to them.
+    pub retained_chains: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,6 +374,10 @@ pub struct Dataplane {
     applied: Option<kernel::View>,
     /// Sets we no longer use that could not be destroyed yet (still referenced by someone else).
     undestroyed: BTreeSet<String>,
+    /// Chains we no longer use, kept empty because someone else's rule jumps to them.
+    retained: BTreeSet<(Family, String)>,
+    /// Objects under our prefix that are not ours, already warned about.
+    warned_foreign: BTreeSet<String>,
 }
 
 impl Dataplane {
@@ -345,20 +386,61 @@ impl Dataplane {
             tables,
             applied: None,
             undestroyed: BTreeSet::new(),
+            retained: BTreeSet::new(),
+            warned_foreign: BTreeSet::new(),
         }
     }
 
-    fn read_kernel(&self) -> Result<kernel::View> {
-        let mut view = kernel::View {
-            sets: ipset_save()?,
-            ..Default::default()
-        };
-        for family in Family::ALL {
-            view.tables.insert(
-                family,
-                kernel::parse_iptables_save(&self.tables.save(family)?),
-            );
+    /// Warns once per chain we had to keep, and forgets those that are gone. Only a full sync
+    /// sees references, so an incremental one keeps the list as it is.
+    fn note_retained(
+        &mut self,
+        seen: BTreeSet<(Family, String)>,
+        full: bool,
+        report: &mut SyncReport,
+    ) {
+        if full {
+            for (family, chain) in seen.difference(&self.retained) {
+                tracing::warn!(
+                    %family,
+                    chain = chain.as_str(),
+                    "a chain we no longer use is still the target of someone else's rule: kept empty (it allows nothing) until that rule goes"
+                );
+            }
+            self.retained = seen;
         }
+        report.retained_chains = self.retained.len();
+    }
+
+    /// Reads our part of the kernel: the filter tables first, then our sets (the registry's,
+    /// those our rules use, and those named exactly as a set we want, or its scratch copy: we
+    /// cannot program the name without taking it over, and nobody else derives it). Objects under
+    /// our prefix that are not ours are warned about once.
+    fn read_kernel(&mut self, want: &kernel::View) -> Result<kernel::View> {
+        let mut view = kernel::View::default();
+        let mut used: BTreeSet<String> = want
+            .sets
+            .sets
+            .keys()
+            .flat_map(|n| [n.clone(), crate::names::temporary_set(n)])
+            .collect();
+        for family in Family::ALL {
+            let table = kernel::parse_iptables_save(&self.tables.save(family)?);
+            used.extend(table.sets_used.iter().cloned());
+            let new: Vec<&String> = table
+                .foreign
+                .iter()
+                .filter(|c| !self.warned_foreign.contains(&format!("{family} {c}")))
+                .collect();
+            warn_foreign_chains(family, new.iter().copied());
+            self.warned_foreign
+                .extend(table.foreign.iter().map(|c| format!("{family} {c}")));
+            view.tables.insert(family, table);
+        }
+        let (sets, foreign) = ipset_save(&used)?;
+        warn_foreign_sets(foreign.iter().filter(|s| !self.warned_foreign.contains(*s)));
+        self.warned_foreign.extend(foreign);
+        view.sets = sets;
         Ok(view)
     }
 
@@ -373,7 +455,14 @@ impl Dataplane {
     ) -> Result<SyncReport> {
         // Rendered once: diffed against the kernel now, remembered as what we wrote afterwards.
         let mut want = kernel::View::of_desired(desired);
-        let result = self.sync_inner(desired, &mut want, mode);
+        let incremental = mode == SyncMode::Incremental && self.applied.is_some();
+        let mut result = self.sync_inner(desired, &mut want, mode);
+        if incremental && let Err(e) = &result {
+            // What we remember does not show what others did since (e.g. a rule of theirs that
+            // now jumps to a chain we are deleting): read the kernel and try once more.
+            tracing::info!("incremental write failed, retrying with a full sync: {e:#}");
+            result = self.sync_inner(desired, &mut want, SyncMode::Full);
+        }
         self.applied = result.is_ok().then_some(want);
         result
     }
@@ -390,13 +479,19 @@ impl Dataplane {
         let view = match (self.applied.take(), full) {
             (Some(applied), false) => applied,
             (believed, _) => {
-                let actual = self.read_kernel()?;
+                let actual = self.read_kernel(want)?;
                 if let Some(believed) = &believed {
                     // Sets we could not destroy yet are known leftovers, not drift.
                     report.repairs = believed
                         .drift_from(&actual)
                         .into_iter()
-                        .filter(|d| !self.undestroyed.iter().any(|n| d.contains(n.as_str())))
+                        .filter(|d| {
+                            !self
+                                .undestroyed
+                                .iter()
+                                .chain(self.retained.iter().map(|(_, c)| c))
+                                .any(|n| d.contains(n.as_str()))
+                        })
                         .collect();
                 }
                 actual
@@ -411,8 +506,16 @@ impl Dataplane {
         render::keep_kernel_set_sizes(&mut want.sets, &view.sets);
 
         let empty = kernel::KernelTable::default();
+        let mut retained = BTreeSet::new();
         for (family, _) in desired {
             let have = view.tables.get(family).unwrap_or(&empty);
+            retained.extend(
+                have.chains
+                    .iter()
+                    .filter(|c| !want.tables[family].chains.contains(c))
+                    .filter(|c| have.referenced.contains(*c))
+                    .map(|c| (*family, c.clone())),
+            );
             if let Some(text) = render::render_iptables(&want.tables[family], have) {
                 self.tables
                     .restore(*family, &text)
@@ -420,6 +523,8 @@ impl Dataplane {
                 report.iptables_lines += text.lines().count();
             }
         }
+
+        self.note_retained(retained, full, &mut report);
 
         // Our rules belong in one backend only. Leftovers in the other (from a run with another
         // --backend, or before the host switched) would judge packets twice and keep sets in use.
@@ -449,36 +554,6 @@ impl Dataplane {
         self.undestroyed = destroy_sets(&stale);
         Ok(report)
     }
-}
-
-/// Destroys `names` and returns those that could not be: something else (another firewall's rule)
-/// still uses them. That is not an error for the sync: our rules no longer point at them, and
-/// later syncs try again.
-fn destroy_sets(names: &BTreeSet<String>) -> BTreeSet<String> {
-    if names.is_empty() {
-        return BTreeSet::new();
-    }
-    let batch: String = names.iter().map(|n| format!("destroy {n}\n")).collect();
-    if ipset_restore(&batch).is_ok() {
-        return BTreeSet::new();
-    }
-    // One at a time, to destroy all that can be and learn which cannot.
-    let mut left = BTreeSet::new();
-    for name in names {
-        if let Err(e) = ipset_restore(&format!("destroy {name}\n")) {
-            let gone = ipset_save()
-                .map(|s| !s.sets.contains_key(name))
-                .unwrap_or(false);
-            if !gone {
-                tracing::warn!(
-                    set = name.as_str(),
-                    "cannot destroy a set we no longer use (will retry on the next sync): {e:#}"
-                );
-                left.insert(name.clone());
-            }
-        }
-    }
-    left
 }
 
 /// A kernel feature the agent relies on, how to test for it, and the module that provides it.
@@ -513,6 +588,12 @@ const FEATURES: &[Feature] = &[
         module: "ip_set_hash_ipport",
         rule: None,
         set: Some(("hash:ip,port", "inet")),
+    },
+    Feature {
+        what: "ipset type list:set (the agent's registry of its sets)",
+        module: "ip_set_list_set",
+        rule: None,
+        set: Some(("list:set", "")),
     },
     Feature {
         what: "the set match",
@@ -565,8 +646,14 @@ pub fn probe_kernel(tables: &Tables) -> Result<()> {
     let sets: Vec<(&Feature, String)> = FEATURES
         .iter()
         .filter_map(|f| {
-            f.set
-                .map(|(ty, family)| (f, format!("create {} {ty} family {family}\n", probe_set(f))))
+            f.set.map(|(ty, family)| {
+                // A list:set holds sets of any family and takes no `family`.
+                let family = match family {
+                    "" => String::new(),
+                    f => format!(" family {f}"),
+                };
+                (f, format!("create {} {ty}{family}\n", probe_set(f)))
+            })
         })
         .collect();
     let destroy_sets = || {
@@ -640,6 +727,7 @@ fn probe_set(f: &Feature) -> &'static str {
     match f.set {
         Some((_, "inet6")) => PROBE_SET_V6,
         Some(("hash:net", _)) => PROBE_SET_V4,
+        Some(("list:set", _)) => "KNI-PROBE-LIST",
         _ => "KNI-PROBE-IPPORT",
     }
 }
@@ -647,9 +735,19 @@ fn probe_set(f: &Feature) -> &'static str {
 /// Removes our chains and jumps from one backend (both families). Sets are left alone: the other
 /// backend's rules may use them.
 pub fn remove_rules(tables: &Tables) -> Result<bool> {
+    remove_rules_noting(tables, &mut BTreeSet::new(), false)
+}
+
+/// `remove_rules`, adding the sets the removed rules used to `used`. Chains under our prefix
+/// that are not ours are left alone (and named in a warning if `warn`).
+fn remove_rules_noting(tables: &Tables, used: &mut BTreeSet<String>, warn: bool) -> Result<bool> {
     let mut removed = false;
     for family in Family::ALL {
         let table = kernel::parse_iptables_save(&tables.save(family)?);
+        if warn {
+            warn_foreign_chains(family, &table.foreign);
+        }
+        used.extend(table.sets_used.iter().cloned());
         if let Some(text) = render::render_iptables_removal(&table) {
             tables.restore(family, &text).with_context(|| {
                 format!(
@@ -663,34 +761,45 @@ pub fn remove_rules(tables: &Tables) -> Result<bool> {
     Ok(removed)
 }
 
-/// Removes every chain, jump and set the agent owns, on every installed backend.
-pub fn cleanup() -> Result<()> {
-    let mut found_any = false;
-    for backend in Backend::ALL {
-        if let Some(tables) = Tables::find(backend) {
-            found_any = true;
-            if remove_rules(&tables)? {
-                tracing::info!(%backend, "removed our chains and jumps");
-            }
-        }
+fn warn_foreign_chains<'a>(family: Family, chains: impl IntoIterator<Item = &'a String>) {
+    for chain in chains {
+        tracing::warn!(
+            %family,
+            chain = chain.as_str(),
+            "a chain with our prefix that this agent did not create (no hook of ours leads to it): left alone"
+        );
     }
-    if !found_any {
-        bail!("no iptables found: install iptables");
-    }
-    // Sets go last: no rule of ours references them any more.
-    destroy_unused_sets()
 }
 
-/// Destroys every set of ours. Fails (naming the set) if a rule still uses one, e.g. in a
-/// backend that was not cleaned.
-pub fn destroy_unused_sets() -> Result<()> {
-    let sets = ipset_save()?;
-    let destroy = render::render_ipset_destroy(std::iter::empty(), &sets);
-    ipset_restore(&destroy)?;
-    if !destroy.is_empty() {
-        tracing::info!(sets = sets.sets.len(), "destroyed our sets");
+/// Removes every chain, jump and set the agent owns, on every installed backend.
+pub fn cleanup() -> Result<()> {
+    cleanup_on(None)
+}
+
+/// Removes our chains and jumps from one backend, then every set the agent owns.
+pub fn cleanup_backend(tables: &Tables) -> Result<()> {
+    cleanup_on(Some(tables))
+}
+
+fn cleanup_on(only: Option<&Tables>) -> Result<()> {
+    let mut used = BTreeSet::new();
+    let found: Vec<Tables> = match only {
+        Some(tables) => vec![tables.clone()],
+        None => Backend::ALL
+            .iter()
+            .filter_map(|b| Tables::find(*b))
+            .collect(),
+    };
+    if found.is_empty() {
+        bail!("no iptables found: install iptables");
     }
-    Ok(())
+    for tables in &found {
+        if remove_rules_noting(tables, &mut used, true)? {
+            tracing::info!(backend = %tables.backend, "removed our chains and jumps");
+        }
+    }
+    // Sets go last: no rule of ours references them any more.
+    destroy_unused_sets(&used)
 }
 
 #[cfg(test)]

@@ -36,6 +36,11 @@ fn hashsize_for(members: usize) -> u32 {
 
 pub const HOOK_COMMENT: &str = "kube-netpol-iptables";
 
+/// The only rule of a chain we no longer use but cannot delete yet (someone else's rule jumps to
+/// it): it matches everything and does nothing, so the chain marks nothing.
+pub const RETIRED_RULE: &str =
+    "-m comment --comment \"kube-netpol-iptables: retired, still referenced\"";
+
 /// `ipset restore` text that creates missing sets and brings members of existing ones in line,
 /// in place. Sets of ours that are no longer wanted are left for [`render_ipset_destroy`], after
 /// the rules that used them are gone.
@@ -108,11 +113,10 @@ pub fn render_ipset_update<'a>(
 /// that, so the next incremental sync knows when a growing set must be rebuilt.
 pub fn keep_kernel_set_sizes(want: &mut KernelSets, kernel: &KernelSets) {
     for (name, set) in want.sets.iter_mut() {
-        if let Some(existing) = kernel.sets.get(name)
-            && maxelem_fits(existing.maxelem, set.members.len())
-        {
-            set.maxelem = existing.maxelem;
-        }
+        set.maxelem = match kernel.sets.get(name) {
+            Some(existing) if maxelem_fits(existing.maxelem, set.members.len()) => existing.maxelem,
+            _ => Some(maxelem_for(set.members.len())),
+        };
     }
 }
 
@@ -151,12 +155,27 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
         .iter()
         .filter(|c| !want.chains.contains(c))
         .collect();
+    // A stale chain someone else's rule still jumps to cannot be deleted: it is emptied instead
+    // (it then marks nothing, so allows nothing) and deleted by a later sync once released.
+    let (retained, deleted): (Vec<&String>, Vec<&String>) = stale
+        .into_iter()
+        .partition(|c| have.referenced.contains(*c));
+    let retired = vec![RETIRED_RULE.to_string()];
+    let retained: Vec<&String> = retained
+        .into_iter()
+        .filter(|c| have.rules.get(*c) != Some(&retired))
+        .collect();
     let hooks = render_hooks(&want.jumps, have);
-    if changed.is_empty() && stale.is_empty() && hooks.is_empty() {
+    if changed.is_empty() && retained.is_empty() && deleted.is_empty() && hooks.is_empty() {
         return None;
     }
     let mut out = String::from("*filter\n");
-    for chain in changed.iter().map(|(c, _)| *c).chain(stale.iter().copied()) {
+    for chain in changed
+        .iter()
+        .map(|(c, _)| *c)
+        .chain(retained.iter().copied())
+        .chain(deleted.iter().copied())
+    {
         writeln!(out, ":{chain} - [0:0]").unwrap();
     }
     for (chain, rules) in &changed {
@@ -164,8 +183,11 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
             writeln!(out, "-A {chain} {rule}").unwrap();
         }
     }
+    for chain in retained {
+        writeln!(out, "-A {chain} {RETIRED_RULE}").unwrap();
+    }
     out.push_str(&hooks);
-    for chain in stale {
+    for chain in deleted {
         writeln!(out, "-X {chain}").unwrap();
     }
     out.push_str("COMMIT\n");
@@ -185,7 +207,12 @@ pub fn render_iptables_removal(kernel: &KernelTable) -> Option<String> {
         writeln!(out, "-D {} {}", jump.builtin, jump.spec).unwrap();
     }
     for chain in &kernel.chains {
-        writeln!(out, "-X {chain}").unwrap();
+        if kernel.referenced.contains(chain) {
+            // Someone else's rule jumps here: emptied, deleted by a later cleanup.
+            writeln!(out, "-A {chain} {RETIRED_RULE}").unwrap();
+        } else {
+            writeln!(out, "-X {chain}").unwrap();
+        }
     }
     out.push_str("COMMIT\n");
     Some(out)
