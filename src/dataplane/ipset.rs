@@ -225,7 +225,7 @@ mod tests {
         // In the kernel: one set to change in place, one with other parameters (rebuilt by
         // swap), one no longer wanted (destroyed).
         let mut kernel = kernel::parse_ipset_save(
-            "create KNI-4P-changed hash:net family inet maxelem 1048576\nadd KNI-4P-changed 10.9.9.9\ncreate KNI-4P-rebuilt hash:net family inet maxelem 65536\ncreate KNI-4P-stale hash:net family inet maxelem 1048576\n",
+            "create KNI-4P-changed hash:net family inet maxelem 1048576\nadd KNI-4P-changed 10.9.9.9\ncreate KNI-4P-rebuilt hash:net family inet maxelem 16\ncreate KNI-4P-stale hash:net family inet maxelem 1048576\n",
         );
         kernel.sets.get_mut("KNI-4P-changed").unwrap().maxelem = desired_maxelem();
         let update = render::render_ipset_update([&desired], &kernel).unwrap();
