@@ -192,7 +192,9 @@ impl Failure {
             E::InitialListFailed(e) | E::WatchStartFailed(e) | E::WatchFailed(e) => match e {
                 kube::Error::Api(status) => status.code,
                 // Also a watch connection reset under us (`ReadEvents`).
-                kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+                kube::Error::HyperError(_)
+                | kube::Error::Service(_)
+                | kube::Error::ReadEvents(_) => {
                     return Failure::Unreachable;
                 }
                 _ => return Failure::Other,

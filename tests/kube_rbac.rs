@@ -171,7 +171,10 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
     let revoked = Instant::now();
     // Seen when the open watch times out (1 s) and the next one is refused.
     while metrics.ready() {
-        assert!(revoked.elapsed() < Duration::from_secs(3), "revocation unnoticed");
+        assert!(
+            revoked.elapsed() < Duration::from_secs(3),
+            "revocation unnoticed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut ever_ready = false;
@@ -211,12 +214,24 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
     // Routine re-lists (410 after compaction) are not worth a line each.
     let quiet = log.mark();
     for _ in 0..3 {
-        let lists = api.shared.lists_served.load(std::sync::atomic::Ordering::Relaxed);
+        let lists = api
+            .shared
+            .lists_served
+            .load(std::sync::atomic::Ordering::Relaxed);
         api.compact();
         api.drop_watches();
-        while api.shared.lists_served.load(std::sync::atomic::Ordering::Relaxed) < lists + 3 {
+        while api
+            .shared
+            .lists_served
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < lists + 3
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert!(log.source_lines_since(quiet).is_empty(), "{:#?}", log.lines(""));
+    assert!(
+        log.source_lines_since(quiet).is_empty(),
+        "{:#?}",
+        log.lines("")
+    );
 }

@@ -28,8 +28,16 @@ fn assert_watch_cache_lists(api: &FakeApi, kind: Kind, since: Instant) -> usize 
             "{kind:?} list: {:?}",
             r.query
         );
-        assert!(!r.query.contains_key("limit"), "{kind:?} list: {:?}", r.query);
-        assert!(!r.query.contains_key("continue"), "{kind:?} list: {:?}", r.query);
+        assert!(
+            !r.query.contains_key("limit"),
+            "{kind:?} list: {:?}",
+            r.query
+        );
+        assert!(
+            !r.query.contains_key("continue"),
+            "{kind:?} list: {:?}",
+            r.query
+        );
     }
     lists.len()
 }
@@ -312,7 +320,9 @@ async fn outage_then_back(
         let old = api
             .requests_of(kind, true)
             .into_iter()
-            .filter(|r| r.at >= back && r.query["resourceVersion"].parse::<u64>().unwrap() <= old_rv)
+            .filter(|r| {
+                r.at >= back && r.query["resourceVersion"].parse::<u64>().unwrap() <= old_rv
+            })
             .count();
         assert!(old <= 1, "{kind:?}: {old} watches from before the outage");
         assert_watch_cache_lists(api, kind, gone);
@@ -331,7 +341,10 @@ async fn after_a_restart_the_view_is_current_within_5s_of_the_api_returning() {
     assert!(took <= Duration::from_secs(5), "took {took:?}");
     // The restarted server forgot every version: each kind was listed again, from the cache.
     for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
-        assert!(assert_watch_cache_lists(&api, kind, restarted) >= 1, "{kind:?}");
+        assert!(
+            assert_watch_cache_lists(&api, kind, restarted) >= 1,
+            "{kind:?}"
+        );
     }
 }
 
@@ -389,7 +402,10 @@ async fn a_reset_watch_connection_resumes_from_the_last_version_without_a_list()
     let reset = Instant::now();
     api.reset_connections();
     api.apply(Kind::Pod, "metadata: {name: b, namespace: y}\nspec: {nodeName: n2, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.2}");
-    until(&store, "the change made at the reset", |s| s.pods.len() == 2).await;
+    until(&store, "the change made at the reset", |s| {
+        s.pods.len() == 2
+    })
+    .await;
     for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
         let lists = api
             .requests_of(kind, false)
@@ -450,7 +466,10 @@ async fn a_revoked_permission_applies_from_the_next_request() {
     api.set_forbidden(Kind::Pod, true);
     let revoked = Instant::now();
     api.apply(Kind::Pod, "metadata: {name: b, namespace: y}\nspec: {nodeName: n2, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.2}");
-    until(&store, "an event on the watch opened before", |s| s.pods.len() == 2).await;
+    until(&store, "an event on the watch opened before", |s| {
+        s.pods.len() == 2
+    })
+    .await;
     // Noticed at the next watch, which the server's watch timeout bounds.
     let deadline = revoked + Duration::from_secs(4);
     while metrics.ready() {
@@ -458,7 +477,10 @@ async fn a_revoked_permission_applies_from_the_next_request() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let why = metrics.readiness().unwrap_err();
-    assert!(why.contains("cannot read Pod") && why.contains("403"), "{why}");
+    assert!(
+        why.contains("cannot read Pod") && why.contains("403"),
+        "{why}"
+    );
     let refused = api.requests_of(Kind::Pod, true)[watches_before..].to_vec();
     assert!(refused.iter().all(|r| r.status == 403), "{refused:?}");
 }

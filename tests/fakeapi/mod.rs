@@ -354,11 +354,7 @@ impl FakeApi {
 
 /// Accepts connections until aborted; aborting drops the connection set, which ends every open
 /// connection, so clients see their connections close and new ones refused, as when a server dies.
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    reset: watch::Receiver<u64>,
-) {
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, reset: watch::Receiver<u64>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
