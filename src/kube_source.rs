@@ -5,8 +5,9 @@
 //! A (re-)list (start, 410 Gone, reconnect after an error) is buffered and swapped in whole when it
 //! completes (`Init` … `InitDone`), so the store never shows a half-listed kind; and no snapshot is
 //! handed out until every kind has listed once. During an API outage the watchers retry with
-//! backoff and the store keeps the last state, which stays enforced. After any failure a kind is
-//! listed afresh (resourceVersion=0, from the API server's watch cache).
+//! backoff and the store keeps the last state, which stays enforced. As client-go's reflector
+//! does, a failed watch resumes from the last resourceVersion seen, and a kind is listed afresh
+//! (resourceVersion=0, from the API server's watch cache) only after 410 Expired or a failed list.
 
 use crate::convert::{self, InvalidField};
 use crate::metrics::Metrics;
@@ -190,7 +191,10 @@ impl Failure {
         let code = match error {
             E::InitialListFailed(e) | E::WatchStartFailed(e) | E::WatchFailed(e) => match e {
                 kube::Error::Api(status) => status.code,
-                kube::Error::HyperError(_) | kube::Error::Service(_) => {
+                // Also a watch connection reset under us (`ReadEvents`).
+                kube::Error::HyperError(_)
+                | kube::Error::Service(_)
+                | kube::Error::ReadEvents(_) => {
                     return Failure::Unreachable;
                 }
                 _ => return Failure::Other,
@@ -219,6 +223,21 @@ impl Failure {
     }
 }
 
+/// How long the server asked us to wait (429 from API Priority and Fairness): the Status's
+/// `retryAfterSeconds`, which `client_for` fills from the Retry-After header.
+fn retry_after(error: &watcher::Error) -> Option<Duration> {
+    use watcher::Error as E;
+    let status = match error {
+        E::InitialListFailed(kube::Error::Api(s))
+        | E::WatchStartFailed(kube::Error::Api(s))
+        | E::WatchFailed(kube::Error::Api(s)) => s,
+        E::WatchError(s) => s,
+        _ => return None,
+    };
+    let secs = status.details.as_ref()?.retry_after_seconds;
+    (secs > 0).then(|| Duration::from_secs(secs.into()))
+}
+
 /// Backoff of a rejected request (403, 401, other errors): 0.5 s doubling to 16 s; with
 /// backon's jitter (+0–100 %) a retry comes every 16–32 s at most.
 const REJECTED_BACKOFF: (Duration, Duration) =
@@ -227,6 +246,8 @@ const REJECTED_BACKOFF: (Duration, Duration) =
 /// current again within seconds of the server's return whatever the outage length (1.5–3 s).
 const UNREACHABLE_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(250), Duration::from_millis(1500));
+/// The longest Retry-After honoured, so a wrong value cannot stop the agent following the cluster.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
 /// A kind that has had no failure for this long starts its backoff afresh.
 const QUIET_RESET: Duration = Duration::from_secs(60);
 
@@ -259,7 +280,8 @@ impl Retry {
         }
     }
 
-    fn delay(&mut self, failure: Failure) -> Duration {
+    /// The delay before the next attempt; never shorter than the server's Retry-After.
+    fn delay(&mut self, failure: Failure, retry_after: Option<Duration>) -> Duration {
         let now = Instant::now();
         let previous = self
             .last_failure
@@ -279,7 +301,8 @@ impl Retry {
             Failure::Unreachable => self.unreachable.next(),
             _ => self.rejected.next(),
         };
-        next.unwrap_or(REJECTED_BACKOFF.1)
+        let delay = next.unwrap_or(REJECTED_BACKOFF.1);
+        retry_after.map_or(delay, |server| delay.max(server.min(RETRY_AFTER_CAP)))
     }
 }
 
@@ -325,6 +348,12 @@ impl Health {
     }
 }
 
+/// The server ends each watch after this long and the watcher opens the next one from the last
+/// resourceVersion (no list). kube-apiserver authorizes a watch only when it starts, so this
+/// bounds how long a revoked permission goes unnoticed; the price is one watch request per kind
+/// per node per period, served from the watch cache (kube-runtime's default is 290 s).
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The watcher configuration. `any_semantic` makes lists ask for resourceVersion=0, which the
 /// API server answers from its watch cache instead of a quorum read from etcd; but kube-core
 /// leaves resourceVersion=0 out of a list that has a limit (`ListParams::populate_qp`) and the
@@ -336,6 +365,7 @@ fn watch_config() -> watcher::Config {
         ..watcher::Config::default()
     }
     .any_semantic()
+    .timeout(WATCH_TIMEOUT.as_secs() as u32)
 }
 
 /// Applies one watcher event to the store. A (re-)list is buffered in `relist` and swapped in
@@ -366,7 +396,13 @@ fn apply_event<K: Kind>(
         }
         Event::InitDone => {
             let listed = relist.take().unwrap_or_default();
-            tracing::info!(kind = K::NAME, objects = listed.len(), "listed");
+            // The first list is worth a line; later ones (410, a kind that may not be watched)
+            // are routine, and changes of readability are logged by `Health`.
+            if store.inner.lock().unwrap().listed[K::INDEX] {
+                tracing::debug!(kind = K::NAME, objects = listed.len(), "listed");
+            } else {
+                tracing::info!(kind = K::NAME, objects = listed.len(), "listed");
+            }
             store.update(|s| {
                 *K::map(s) = listed;
                 s.listed[K::INDEX] = true;
@@ -398,42 +434,10 @@ fn apply_event<K: Kind>(
 /// the kind look readable between its lists.
 const WATCH_HOLDS_AFTER: Duration = Duration::from_secs(2);
 
-/// Lists, then follows the watch, until the first error, which it returns. kube-runtime resumes
-/// a watch the server closed (timeout) by itself; after an error a fresh watcher lists again,
-/// which also tells when the kind is readable again.
-async fn list_and_watch<K: Kind>(
-    api: &Api<K>,
-    store: &ClusterStore,
-    health: &mut Health,
-) -> watcher::Error {
-    let mut events = watcher::watcher(api.clone(), watch_config()).boxed();
-    let mut relist = None;
-    let mut readable_at: Option<tokio::time::Instant> = None;
-    loop {
-        let next = match readable_at {
-            // `next()` is cancel-safe: the watcher keeps its request in progress.
-            Some(at) => match tokio::time::timeout_at(at, events.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    health.readable();
-                    readable_at = None;
-                    continue;
-                }
-            },
-            None => events.next().await,
-        };
-        match next {
-            Some(Ok(event)) => {
-                if apply_event(store, &mut relist, event) {
-                    readable_at = Some(tokio::time::Instant::now() + WATCH_HOLDS_AFTER);
-                }
-            }
-            Some(Err(error)) => return error,
-            None => return watcher::Error::NoResourceVersion,
-        }
-    }
-}
-
+/// Lists, then follows the watch. After an error it waits (backoff, or the server's Retry-After)
+/// and lets kube-runtime's watcher go on from where it was: a failed list lists again, a failed
+/// watch resumes from the last resourceVersion (kube-runtime `watcher.rs`, `step_trampolined`).
+/// Only 410 Expired starts a fresh watcher, which lists at once.
 async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>, metrics: Option<Arc<Metrics>>) {
     let mut health = Health {
         kind: K::NAME,
@@ -442,10 +446,44 @@ async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>, metrics: Opt
     };
     let mut retry = Retry::new();
     loop {
-        let error = list_and_watch(&api, &store, &mut health).await;
-        let failure = Failure::of(&error);
-        health.failed(failure, &error);
-        tokio::time::sleep(retry.delay(failure)).await;
+        let mut events = watcher::watcher(api.clone(), watch_config()).boxed();
+        let mut relist = None;
+        let mut readable_at: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match readable_at {
+                // `next()` is cancel-safe: the watcher keeps its request in progress.
+                Some(at) => match tokio::time::timeout_at(at, events.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        health.readable();
+                        readable_at = None;
+                        continue;
+                    }
+                },
+                None => events.next().await,
+            };
+            let error = match next {
+                Some(Ok(event)) => {
+                    if apply_event(&store, &mut relist, event) {
+                        readable_at = Some(tokio::time::Instant::now() + WATCH_HOLDS_AFTER);
+                    }
+                    continue;
+                }
+                Some(Err(error)) => error,
+                None => break,
+            };
+            let failure = Failure::of(&error);
+            health.failed(failure, &error);
+            tokio::time::sleep(retry.delay(failure, retry_after(&error))).await;
+            if failure == Failure::Expired {
+                break;
+            }
+            // A resumed watch that holds makes the kind readable again; a list must complete.
+            readable_at = match error {
+                watcher::Error::InitialListFailed(_) => None,
+                _ => Some(tokio::time::Instant::now() + WATCH_HOLDS_AFTER),
+            };
+        }
     }
 }
 
@@ -487,7 +525,43 @@ pub fn client_for(mut config: kube::Config) -> anyhow::Result<Client> {
         axum::http::HeaderValue::from_static(USER_AGENT),
     ));
     config.default_retry = false;
-    Ok(Client::try_from(config)?)
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::util::MapResponseLayer::new(retry_after_into_status))
+        .build())
+}
+
+type ResponseBody = Box<kube::client::DynBody>;
+
+/// kube-client keeps only the body of an error response, but API Priority and Fairness says when
+/// to come back in the Retry-After header of its 429, with a plain-text body (kube-apiserver:
+/// staging/src/k8s.io/apiserver/pkg/server/filters/maxinflight.go, `tooManyRequests`). Such a
+/// response is turned into the `Status` kube-apiserver sends elsewhere for 429, with
+/// `details.retryAfterSeconds`, which `retry_after` reads.
+fn retry_after_into_status(
+    response: axum::http::Response<ResponseBody>,
+) -> axum::http::Response<ResponseBody> {
+    use http_body_util::BodyExt;
+    if response.status() != axum::http::StatusCode::TOO_MANY_REQUESTS {
+        return response;
+    }
+    let Some(secs) = response
+        .headers()
+        .get(axum::http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    else {
+        return response;
+    };
+    let status = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "reason": "TooManyRequests", "code": 429,
+        "message": format!("too many requests, retry after {secs} s"),
+        "details": {"retryAfterSeconds": secs},
+    });
+    let (parts, _) = response.into_parts();
+    let body = kube::client::Body::from(status.to_string().into_bytes())
+        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+    axum::http::Response::from_parts(parts, Box::new(body) as ResponseBody)
 }
 
 /// A client from `--kubeconfig`, or in-cluster configuration (falling back to the usual

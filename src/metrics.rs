@@ -318,12 +318,8 @@ impl Metrics {
         if let Some(reason) = self.waiting() {
             return Err(reason);
         }
-        if !self.synced_once.load(Ordering::Relaxed) {
-            return Err("no successful sync yet".into());
-        }
-        if self.failing.load(Ordering::Relaxed) {
-            return Err("the last sync failed (see the log)".into());
-        }
+        // An API problem first: with RBAC missing from the start there is no sync either, and
+        // the forbidden kind is what the operator must be told.
         let problems = self.api_problems.lock().unwrap();
         if !problems.is_empty() {
             let why: Vec<&str> = problems.values().map(String::as_str).collect();
@@ -331,6 +327,12 @@ impl Metrics {
                 "the API cannot be read, the last state stays enforced: {}",
                 why.join("; ")
             ));
+        }
+        if !self.synced_once.load(Ordering::Relaxed) {
+            return Err("no successful sync yet".into());
+        }
+        if self.failing.load(Ordering::Relaxed) {
+            return Err("the last sync failed (see the log)".into());
         }
         Ok(())
     }
@@ -595,5 +597,21 @@ impl AsyncWrite for TimedStream {
             Poll::Pending => self.waiting(cx),
             ready => ready,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_the_unreadable_kind_before_the_first_sync() {
+        let metrics = Metrics::new(Duration::from_secs(120));
+        assert_eq!(metrics.readiness(), Err("no successful sync yet".into()));
+        metrics.set_api_problem("Pod", Some("cannot read Pod: 403 forbidden".into()));
+        let why = metrics.readiness().unwrap_err();
+        assert!(why.contains("cannot read Pod: 403 forbidden"), "{why}");
+        metrics.set_api_problem("Pod", None);
+        assert_eq!(metrics.readiness(), Err("no successful sync yet".into()));
     }
 }

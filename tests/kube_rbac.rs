@@ -27,11 +27,26 @@ impl std::io::Write for Captured {
 
 impl Captured {
     fn lines(&self, containing: &str) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
+        self.lines_since(0, containing)
+    }
+
+    /// Where the log ends now, for `lines_since`.
+    fn mark(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    fn lines_since(&self, mark: usize, containing: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap()[mark..])
             .lines()
             .filter(|l| l.contains(containing))
             .map(str::to_string)
             .collect()
+    }
+
+    /// Lines of the Kubernetes source since `mark` (all at INFO or above: the filter is the
+    /// agent's default).
+    fn source_lines_since(&self, mark: usize) -> Vec<String> {
+        self.lines_since(mark, "kube_netpol_iptables::kube_source")
     }
 }
 
@@ -54,18 +69,30 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
 
     let api = FakeApi::start_local();
     seed(&api);
+    // kube-apiserver checks RBAC when a watch starts; a short server-side watch timeout makes
+    // the revocation show at the next watch within a second.
+    api.cap_watches(Duration::from_secs(1));
     let metrics = synced_metrics();
     let store = kube_source::start(api.client(), Some(metrics.clone()));
     until(&store, "initial list", |s| s.pods.len() == 1).await;
+    let first_lists = log.lines("listed");
+    assert_eq!(first_lists.len(), 3, "one line per kind: {first_lists:#?}");
+    // Watches time out every second and resume: nothing to log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(log.source_lines_since(0).len(), 3, "{:#?}", log.lines(""));
+
+    let mark = log.mark();
     api.set_forbidden(Kind::Pod, true);
     let revoked = Instant::now();
     let window = Duration::from_secs(10);
     tokio::time::sleep(window).await;
 
+    // The open watch ends at its timeout; the next one is refused, and so are its retries
+    // (a failed watch is retried from its resourceVersion, without a list).
     let denied: Vec<Instant> = api
-        .requests_of(Kind::Pod, false)
+        .requests()
         .into_iter()
-        .filter(|r| r.status == 403 && r.at >= revoked)
+        .filter(|r| r.kind == Kind::Pod && r.status == 403 && r.at >= revoked)
         .map(|r| r.at)
         .collect();
     let gaps: Vec<Duration> = denied.windows(2).map(|w| w[1] - w[0]).collect();
@@ -97,8 +124,9 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
         metric(&metrics, "kni_api_readable{kind=\"Namespace\"}"),
         Some(1.0)
     );
-    let warned = log.lines("WARN");
-    assert_eq!(warned.len(), 1, "one WARN line: {warned:#?}");
+    let warned = log.source_lines_since(mark);
+    assert_eq!(warned.len(), 1, "one line while denied: {warned:#?}");
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
     assert!(
         warned[0].contains("cannot read Pod") && warned[0].contains("403"),
         "{}",
@@ -136,21 +164,36 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
     );
     assert_eq!(log.lines("WARN").len(), 1);
 
-    // A Role that allows list but not watch: every list succeeds, every watch is refused. The
-    // kind is not readable (its changes would not be seen) and stays so, without a line per list.
+    // A Role that allows list but not watch: every watch is refused. The kind is not readable
+    // (its changes would not be seen) and stays so, without a line per retry.
     api.set_watch_forbidden(Kind::NetworkPolicy, true);
+    let mark = log.mark();
     let revoked = Instant::now();
-    let mut ever_ready = false;
-    while revoked.elapsed() < Duration::from_secs(8) {
-        ever_ready |= metrics.ready() && revoked.elapsed() > Duration::from_millis(500);
+    // Seen when the open watch times out (1 s) and the next one is refused.
+    while metrics.ready() {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(3),
+            "revocation unnoticed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let lists = api
-        .requests_of(Kind::NetworkPolicy, false)
+    let mut ever_ready = false;
+    while revoked.elapsed() < Duration::from_secs(8) {
+        ever_ready |= metrics.ready();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let denied = api
+        .requests_of(Kind::NetworkPolicy, true)
         .into_iter()
-        .filter(|r| r.at >= revoked)
+        .filter(|r| r.at >= revoked && r.status == 403)
         .count();
-    assert!((2..=5).contains(&lists), "{lists} lists in 8 s");
+    assert!((2..=6).contains(&denied), "{denied} refused watches in 8 s");
+    assert_eq!(
+        log.source_lines_since(mark).len(),
+        1,
+        "one line while denied: {:#?}",
+        log.lines("")
+    );
     let why = metrics
         .readiness()
         .expect_err("not ready while policies cannot be watched");
@@ -167,4 +210,28 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
     ready_within(&metrics, Duration::from_secs(40)).await;
     assert_eq!(log.lines("NetworkPolicy readable again").len(), 1);
     assert_eq!(log.lines("WARN").len(), 2);
+
+    // Routine re-lists (410 after compaction) are not worth a line each.
+    let quiet = log.mark();
+    for _ in 0..3 {
+        let lists = api
+            .shared
+            .lists_served
+            .load(std::sync::atomic::Ordering::Relaxed);
+        api.compact();
+        api.drop_watches();
+        while api
+            .shared
+            .lists_served
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < lists + 3
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        log.source_lines_since(quiet).is_empty(),
+        "{:#?}",
+        log.lines("")
+    );
 }

@@ -8,8 +8,39 @@ use fakeapi::{
     FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, watching,
 };
 use kube_netpol_iptables::kube_source;
+use kube_netpol_iptables::metrics::Metrics;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// Checks that every list since `since` asks for resourceVersion=0 with no limit (served from the
+/// watch cache, not a quorum read from etcd: re-lists after a 410 or an outage come from every
+/// node at once); returns how many there were.
+fn assert_watch_cache_lists(api: &FakeApi, kind: Kind, since: Instant) -> usize {
+    let lists: Vec<_> = api
+        .requests_of(kind, false)
+        .into_iter()
+        .filter(|r| r.at >= since)
+        .collect();
+    for r in &lists {
+        assert_eq!(
+            r.query.get("resourceVersion").map(String::as_str),
+            Some("0"),
+            "{kind:?} list: {:?}",
+            r.query
+        );
+        assert!(
+            !r.query.contains_key("limit"),
+            "{kind:?} list: {:?}",
+            r.query
+        );
+        assert!(
+            !r.query.contains_key("continue"),
+            "{kind:?} list: {:?}",
+            r.query
+        );
+    }
+    lists.len()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_then_follows_watch_events() {
@@ -79,6 +110,7 @@ async fn a_410_gone_relists_and_sees_what_changed_meanwhile() {
     until(&store, "initial list", |s| s.pods.len() == 1).await;
     watching(&api, Kind::Pod).await;
     let lists_before = api.shared.lists_served.load(Ordering::Relaxed);
+    let before_410 = Instant::now();
     // While the watches deliver nothing: x/a goes, x/c arrives, and history is compacted, so
     // after the connections drop the changes can only be learnt from a fresh list.
     api.pause_watches();
@@ -102,6 +134,7 @@ async fn a_410_gone_relists_and_sees_what_changed_meanwhile() {
         api.shared.lists_served.load(Ordering::Relaxed) > lists_before,
         "and listed again"
     );
+    assert!(assert_watch_cache_lists(&api, Kind::Pod, before_410) >= 1);
     assert_eq!(store.snapshot().unwrap().1.policies.len(), 1);
 }
 
@@ -221,6 +254,13 @@ async fn lists_are_served_from_the_watch_cache_and_watches_resume_from_them() {
                 w.query.get("allowWatchBookmarks").map(String::as_str),
                 Some("true")
             );
+            // Bounds how long a revoked permission goes unnoticed (authorized at start only).
+            assert_eq!(
+                w.query.get("timeoutSeconds"),
+                Some(&kube_source::WATCH_TIMEOUT.as_secs().to_string()),
+                "{kind:?} watch: {:?}",
+                w.query
+            );
         }
     }
     for r in api.requests() {
@@ -248,6 +288,7 @@ async fn outage_then_back(
     let metrics = synced_metrics();
     let store = kube_source::start(api.client(), Some(metrics.clone()));
     until(&store, "initial list", |s| s.pods.len() == 1).await;
+    let gone = Instant::now();
     go(api);
     tokio::time::sleep(Duration::from_secs(12)).await;
     let why = metrics
@@ -273,10 +314,18 @@ async fn outage_then_back(
     })
     .await;
     let took = back.elapsed();
-    // No watch resumed from a version the server may have forgotten.
-    for w in api.requests().iter().filter(|r| r.watch && r.at >= back) {
-        let from: u64 = w.query["resourceVersion"].parse().unwrap();
-        assert!(from > old_rv, "watch from before the outage: {w:?}");
+    // A watch from before the outage is tried at most once per kind: it resumes, or meets 410
+    // and the kind is listed again.
+    for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
+        let old = api
+            .requests_of(kind, true)
+            .into_iter()
+            .filter(|r| {
+                r.at >= back && r.query["resourceVersion"].parse::<u64>().unwrap() <= old_rv
+            })
+            .count();
+        assert!(old <= 1, "{kind:?}: {old} watches from before the outage");
+        assert_watch_cache_lists(api, kind, gone);
     }
     ready_within(&metrics, Duration::from_secs(5)).await;
     took
@@ -286,9 +335,17 @@ async fn outage_then_back(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_the_view_is_current_within_5s_of_the_api_returning() {
     let api = FakeApi::start_local();
+    let restarted = Instant::now() + Duration::from_secs(12);
     let took = outage_then_back(&api, FakeApi::stop, FakeApi::restart).await;
     eprintln!("current again {took:?} after the API returned");
     assert!(took <= Duration::from_secs(5), "took {took:?}");
+    // The restarted server forgot every version: each kind was listed again, from the cache.
+    for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
+        assert!(
+            assert_watch_cache_lists(&api, kind, restarted) >= 1,
+            "{kind:?}"
+        );
+    }
 }
 
 /// 503 for every request (kube-client's own retry of 503 would sleep longer and longer).
@@ -328,6 +385,126 @@ async fn a_watch_closed_by_the_server_resumes_without_a_list() {
         metrics.render()
     );
     assert!(metrics.ready());
+}
+
+/// A connection reset under an open watch (load balancer, apiserver going away) is not a reason
+/// to list again: as client-go's reflector does, the watch resumes from the last version seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_watch_connection_resumes_from_the_last_version_without_a_list() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    let store = kube_source::start(api.client(), None);
+    until(&store, "initial list", |s| s.pods.len() == 1).await;
+    watching(&api, Kind::Pod).await;
+    // Bookmarks bring every watcher to the current version.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rv = api.resource_version().to_string();
+    let reset = Instant::now();
+    api.reset_connections();
+    api.apply(Kind::Pod, "metadata: {name: b, namespace: y}\nspec: {nodeName: n2, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.2}");
+    until(&store, "the change made at the reset", |s| {
+        s.pods.len() == 2
+    })
+    .await;
+    for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
+        let lists = api
+            .requests_of(kind, false)
+            .into_iter()
+            .filter(|r| r.at >= reset)
+            .count();
+        assert_eq!(lists, 0, "{kind:?} listed again after a reset");
+    }
+    let watches: Vec<_> = api
+        .requests_of(Kind::Pod, true)
+        .into_iter()
+        .filter(|r| r.at >= reset)
+        .collect();
+    assert!(!watches.is_empty());
+    assert_eq!(
+        watches[0].query.get("resourceVersion"),
+        Some(&rv),
+        "{:?}",
+        watches[0].query
+    );
+}
+
+/// API Priority and Fairness rejects with 429 and Retry-After; the agent does not come back
+/// sooner than it was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_not_retried_before_its_retry_after() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    // The three first lists, one per kind.
+    api.throttle(3, 2);
+    let store = kube_source::start(api.client(), None);
+    until(&store, "listed after the 429s", |s| s.pods.len() == 1).await;
+    for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
+        let requests = api.requests_of(kind, false);
+        assert_eq!(requests[0].status, 429, "{kind:?}: {requests:?}");
+        let waited = requests[1].at - requests[0].at;
+        assert!(
+            waited >= Duration::from_secs(2),
+            "{kind:?} retried after {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(4), "{kind:?}: {waited:?}");
+    }
+}
+
+/// A permission revoked while a watch is open: kube-apiserver authorized the watch when it
+/// started and keeps sending its events; the next request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_permission_applies_from_the_next_request() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.cap_watches(Duration::from_secs(2));
+    let metrics = synced_metrics();
+    let store = kube_source::start(api.client(), Some(metrics.clone()));
+    until(&store, "initial list", |s| s.pods.len() == 1).await;
+    ready_within(&metrics, Duration::from_secs(5)).await;
+    watching(&api, Kind::Pod).await;
+    let watches_before = api.requests_of(Kind::Pod, true).len();
+    api.set_forbidden(Kind::Pod, true);
+    let revoked = Instant::now();
+    api.apply(Kind::Pod, "metadata: {name: b, namespace: y}\nspec: {nodeName: n2, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.2}");
+    until(&store, "an event on the watch opened before", |s| {
+        s.pods.len() == 2
+    })
+    .await;
+    // Noticed at the next watch, which the server's watch timeout bounds.
+    let deadline = revoked + Duration::from_secs(4);
+    while metrics.ready() {
+        assert!(Instant::now() < deadline, "the revocation went unnoticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let why = metrics.readiness().unwrap_err();
+    assert!(
+        why.contains("cannot read Pod") && why.contains("403"),
+        "{why}"
+    );
+    let refused = api.requests_of(Kind::Pod, true)[watches_before..].to_vec();
+    assert!(refused.iter().all(|r| r.status == 403), "{refused:?}");
+}
+
+/// RBAC missing from the start: no sync ever happened, and readiness names the kind that cannot
+/// be read rather than only "no successful sync yet". Once allowed, the kind is listed from the
+/// watch cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_missing_from_the_start_is_named_by_readiness() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.set_forbidden(Kind::NetworkPolicy, true);
+    let metrics = Metrics::new(Duration::from_secs(120));
+    let started = Instant::now();
+    let store = kube_source::start(api.client(), Some(metrics.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let why = metrics.readiness().unwrap_err();
+    assert!(why.contains("cannot read NetworkPolicy"), "{why}");
+    api.set_forbidden(Kind::NetworkPolicy, false);
+    fakeapi::until_within(&store, "policies listed", Duration::from_secs(40), |s| {
+        s.policies.len() == 1
+    })
+    .await;
+    assert!(assert_watch_cache_lists(&api, Kind::NetworkPolicy, started) >= 2);
 }
 
 /// The fake answers lists as kube-apiserver does, so the tests above mean something:

@@ -10,8 +10,12 @@
 //! - watches: newline-delimited events from a resourceVersion, bookmarks, an ERROR event with a
 //!   410 Expired `Status` from a compacted (or, after a restart, unknown) resourceVersion, and
 //!   closing after `timeoutSeconds` (or the server's own cap);
-//! - 403 Forbidden `Status` for a kind whose permission is revoked, 503 while unavailable, and
-//!   connection refused while stopped; a restart begins a new watch-cache history, so watches
+//! - 403 Forbidden `Status` for a kind whose permission is revoked, checked when a list or watch
+//!   starts only: kube-apiserver authorizes a watch once, in its handler chain
+//!   (staging/src/k8s.io/apiserver/pkg/endpoints/filters/authorization.go), and never cuts it
+//!   later; 429 with Retry-After and a plain-text body, as API Priority and Fairness rejects
+//!   (staging/src/k8s.io/apiserver/pkg/server/filters/maxinflight.go, `tooManyRequests`); 503
+//!   while unavailable, connection refused while stopped, and connections reset on demand; a restart begins a new watch-cache history, so watches
 //!   from before it get 410 as from a restarted kube-apiserver, whose cache starts at "now".
 //!
 //! Every request is recorded (kind, query, User-Agent) for tests to check what clients send.
@@ -98,6 +102,8 @@ struct Inner {
     watch_forbidden: BTreeSet<Kind>,
     /// The server closes every watch after this long, whatever `timeoutSeconds` asked.
     watch_cap: Option<Duration>,
+    /// This many next requests get 429 Too Many Requests with `Retry-After: .1` seconds.
+    throttled: (usize, u64),
 }
 
 pub struct Shared {
@@ -106,6 +112,8 @@ pub struct Shared {
     released: Notify,
     /// Bumping this ends every open watch connection.
     drop_tx: watch::Sender<u64>,
+    /// Bumping this resets every open connection (TCP RST).
+    reset_tx: watch::Sender<u64>,
     pub bookmarks_sent: AtomicUsize,
     pub lists_served: AtomicUsize,
     pub gone_sent: AtomicUsize,
@@ -134,11 +142,13 @@ impl FakeApi {
     pub fn start(listener: std::net::TcpListener) -> FakeApi {
         let addr = listener.local_addr().unwrap();
         let (drop_tx, _) = watch::channel(0);
+        let (reset_tx, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
             released: Notify::new(),
             drop_tx,
+            reset_tx,
             bookmarks_sent: AtomicUsize::new(0),
             lists_served: AtomicUsize::new(0),
             gone_sent: AtomicUsize::new(0),
@@ -173,7 +183,8 @@ impl FakeApi {
             )
             .with_state(shared);
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let server = tokio::spawn(accept_loop(listener, app)).abort_handle();
+        let reset = self.shared.reset_tx.subscribe();
+        let server = tokio::spawn(accept_loop(listener, app, reset)).abort_handle();
         *self.server.lock().unwrap() = Some(server);
     }
 
@@ -239,6 +250,17 @@ impl FakeApi {
         self.shared.drop_tx.send_modify(|g| *g += 1);
     }
 
+    /// Resets every open connection (TCP RST, as from a load balancer or a crashed peer): the
+    /// client reads an error, not the end of a watch.
+    pub fn reset_connections(&self) {
+        self.shared.reset_tx.send_modify(|g| *g += 1);
+    }
+
+    /// The next `requests` requests get 429 Too Many Requests with `Retry-After: retry_after_secs`.
+    pub fn throttle(&self, requests: usize, retry_after_secs: u64) {
+        self.shared.inner.lock().unwrap().throttled = (requests, retry_after_secs);
+    }
+
     /// The API goes away: the port is closed (connection refused) and every open connection ends.
     pub fn stop(&self) {
         if let Some(server) = self.server.lock().unwrap().take() {
@@ -268,8 +290,8 @@ impl FakeApi {
         }
     }
 
-    /// Revokes (or restores) the permission to list and watch `kind`: 403 Forbidden. Open watches
-    /// end, as when the RBAC change reaches the server's authorizer.
+    /// Revokes (or restores) the permission to list and watch `kind`: 403 Forbidden from the
+    /// next request on. Open watches go on until their timeout, as on kube-apiserver.
     pub fn set_forbidden(&self, kind: Kind, forbidden: bool) {
         let mut s = self.shared.inner.lock().unwrap();
         if forbidden {
@@ -277,24 +299,16 @@ impl FakeApi {
         } else {
             s.forbidden.remove(&kind);
         }
-        drop(s);
-        if forbidden {
-            self.drop_watches();
-        }
     }
 
     /// Revokes (or restores) only the permission to watch `kind` (a Role with `list` but not
-    /// `watch`). Open watches end.
+    /// `watch`), from the next watch on.
     pub fn set_watch_forbidden(&self, kind: Kind, forbidden: bool) {
         let mut s = self.shared.inner.lock().unwrap();
         if forbidden {
             s.watch_forbidden.insert(kind);
         } else {
             s.watch_forbidden.remove(&kind);
-        }
-        drop(s);
-        if forbidden {
-            self.drop_watches();
         }
     }
 
@@ -340,17 +354,29 @@ impl FakeApi {
 
 /// Accepts connections until aborted; aborting drops the connection set, which ends every open
 /// connection, so clients see their connections close and new ones refused, as when a server dies.
-async fn accept_loop(listener: tokio::net::TcpListener, app: Router) {
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, reset: watch::Receiver<u64>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // A second handle on the socket, to make its close a reset.
+        let std_stream = stream.into_std().unwrap();
+        let twin = std_stream.try_clone().unwrap();
+        let stream = tokio::net::TcpStream::from_std(std_stream).unwrap();
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut reset = reset.clone();
+        reset.mark_unchanged();
         connections.spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let serve = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = serve => {}
+                _ = reset.changed() => {
+                    // Linger 0: closing sends RST instead of FIN.
+                    let _ = socket2::SockRef::from(&twin).set_linger(Some(Duration::ZERO));
+                }
+            }
         });
         while connections.try_join_next().is_some() {}
     }
@@ -388,14 +414,27 @@ async fn handle(
     kind: Kind,
 ) -> Response {
     let is_watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
-    let (unavailable, forbidden) = {
-        let s = shared.inner.lock().unwrap();
+    let (unavailable, forbidden, throttled) = {
+        let mut s = shared.inner.lock().unwrap();
+        let throttled = (s.throttled.0 > 0).then_some(s.throttled.1);
+        s.throttled.0 = s.throttled.0.saturating_sub(1);
         (
             s.unavailable,
             s.forbidden.contains(&kind) || (is_watch && s.watch_forbidden.contains(&kind)),
+            throttled,
         )
     };
-    let response = if unavailable {
+    let response = if let Some(retry_after) = throttled {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                ("content-type", "text/plain; charset=utf-8".to_string()),
+                ("retry-after", retry_after.to_string()),
+            ],
+            "Too many requests, please try again later.\n",
+        )
+            .into_response()
+    } else if unavailable {
         status_response(
             503,
             "ServiceUnavailable",
@@ -552,10 +591,8 @@ async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind:
                 // Flags and events under one lock: nothing slips out after the API "went down".
                 let (events, rv): (Vec<Value>, u64) = {
                     let s = shared.inner.lock().unwrap();
-                    if s.unavailable
-                        || s.forbidden.contains(&kind)
-                        || s.watch_forbidden.contains(&kind)
-                    {
+                    // Only an outage ends a watch; RBAC is checked when it starts.
+                    if s.unavailable {
                         return;
                     }
                     if s.paused {
