@@ -7,30 +7,11 @@
 mod lab;
 
 use lab::{Lab, Proto, http_get, probe, remote_pods, skip_unless_root, wait_until};
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 const DENY_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}";
 const ALLOW_X_FROM_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]";
-
-/// A directory with executable shims that stand in for a tool.
-fn shims(lab: &Lab, tools: &[(&str, &str)]) -> (PathBuf, String) {
-    let d = lab.manifests_dir().with_extension("shims");
-    std::fs::create_dir_all(&d).unwrap();
-    for (name, script) in tools {
-        let p = d.join(name);
-        std::fs::write(&p, script).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let path = format!(
-        "{}:{}",
-        d.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    (d, path)
-}
 
 #[test]
 fn a_missing_kernel_feature_is_named_and_nothing_is_programmed() {
@@ -40,8 +21,7 @@ fn a_missing_kernel_feature_is_named_and_nothing_is_programmed() {
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     // An ipset whose kernel lacks hash:ip,port.
-    let (shim_dir, path) = shims(
-        &lab,
+    let (shim_dir, path) = lab.shims(
         &[(
             "ipset",
             "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *hash:ip,port*) echo 'ipset v7.17: Kernel error received: set type not supported' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/ipset \"$@\"\n",
@@ -70,8 +50,7 @@ fn a_rejected_line_is_quoted_and_the_last_good_state_stays() {
     lab.sync_all("nft");
     let good = lab.our_state("nft");
     // iptables-restore rejects the batch that brings the new policy's chain.
-    let (shim_dir, path) = shims(
-        &lab,
+    let (shim_dir, path) = lab.shims(
         &[(
             "iptables-nft-restore",
             "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *KNI-POLI*) echo 'iptables-restore: line 3 failed' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/iptables-nft-restore \"$@\"\n",

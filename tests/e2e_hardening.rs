@@ -6,29 +6,12 @@ mod lab;
 
 use lab::{Lab, skip_unless_root, wait_until};
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 const ALLOW_X_FROM_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]";
 const DENY_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}";
 const BIN: &str = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-
-/// A directory holding one executable shim, and a PATH that finds it first.
-fn shim(lab: &Lab, name: &str, script: &str) -> (PathBuf, String) {
-    let dir = lab.manifests_dir().with_extension("shims");
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, script).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    (dir, path)
-}
 
 /// The agent on node 1 with extra environment and arguments (not waited for).
 fn agent_command(lab: &Lab, backend: &str, env: &[(&str, &str)], extra: &[&str]) -> Command {
@@ -116,14 +99,10 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
     std::fs::create_dir_all(&marks).unwrap();
     // Stands in for ipset: a restore that fills our peer sets starts only after a pause (in which
     // the test kills the agent), then passes on exactly what it was given, keeping a copy.
-    let (shim_dir, path) = shim(
-        &lab,
-        "ipset",
-        &format!(
+    let (shim_dir, path) = lab.shims(&[("ipset", &format!(
             "#!/bin/bash\nif [ \"$*\" = \"-exist restore\" ]; then\n  IFS= read -r first\n  case \"$first\" in\n    \"create KNI-SETS \"*|\"create KNI-4P-\"*) touch {m}/started; sleep 2; {{ printf '%s\\n' \"$first\"; cat; }} | tee {m}/input | /usr/sbin/ipset \"$@\"; rc=$?; touch {m}/done; exit $rc;;\n  esac\n  {{ printf '%s\\n' \"$first\"; cat; }} | /usr/sbin/ipset \"$@\"; exit $?\nfi\nexec /usr/sbin/ipset \"$@\"\n",
             m = marks.display()
-        ),
-    );
+        ))]);
     ipset_restore(&lab, "create foreign hash:ip\nadd foreign 192.0.2.1\n");
     for short in 0..3 {
         let _ = std::fs::remove_file(marks.join("started"));
@@ -209,14 +188,13 @@ fn a_full_sync_reads_only_our_sets() {
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
     // Stands in for ipset and keeps a copy of everything ipset printed for the agent.
     let read = lab.manifests_dir().with_extension("read");
-    let (shim_dir, path) = shim(
-        &lab,
+    let (shim_dir, path) = lab.shims(&[(
         "ipset",
         &format!(
             "#!/bin/bash\n/usr/sbin/ipset \"$@\" | tee -a {}\nexit ${{PIPESTATUS[0]}}\n",
             read.display()
         ),
-    );
+    )]);
     for _ in 0..2 {
         succeeded(&lab.once("nft", &[("PATH", path.clone())], &[]));
     }
@@ -664,11 +642,7 @@ fn a_kernel_without_list_set_is_named_at_start() {
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     // An ipset whose kernel lacks list:set, the type of our registry.
-    let (shim_dir, path) = shim(
-        &lab,
-        "ipset",
-        "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *list:set*) echo 'ipset v7.17: Kernel error received: set type not supported' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/ipset \"$@\"\n",
-    );
+    let (shim_dir, path) = lab.shims(&[("ipset", "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *list:set*) echo 'ipset v7.17: Kernel error received: set type not supported' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/ipset \"$@\"\n")]);
     let out = lab.once("nft", &[("PATH", path)], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -564,6 +564,25 @@ impl Lab {
         )
     }
 
+    /// A directory with executable shims that stand in for tools (`(name, script)`), and a PATH
+    /// that finds them first.
+    pub fn shims(&self, tools: &[(&str, &str)]) -> (PathBuf, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.manifests.with_extension("shims");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, script) in tools {
+            let p = dir.join(name);
+            std::fs::write(&p, script).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        (dir, path)
+    }
+
     /// What `render` prints for node 1 and the current manifests.
     pub fn render(&self) -> String {
         let out = self.agent(
