@@ -18,8 +18,8 @@ use crate::model::{ClusterSnapshot, Peer, Pod, Policy, PortRef, Protocol};
 use crate::names;
 use crate::peer_cache::PeerCache;
 use crate::state::{
-    DesiredState, FailedClosed, Family, Hook, IpSet, MAX_SET_MEMBERS, Match, Members, Rule,
-    SetDirection, SetKind, SetMember, Target,
+    DesiredState, FailedClosed, Family, Hook, IpSet, MAX_NAMESPACE_BLOCK_ENTRIES, MAX_SET_MEMBERS,
+    Match, Members, Rule, SetDirection, SetKind, SetMember, Target,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,6 +99,7 @@ fn compile_inner(
         pods_by_namespace,
         cache,
         state: DesiredState::default(),
+        block_entries_by_namespace: BTreeMap::new(),
     }
     .run(node)
 }
@@ -111,6 +112,8 @@ struct Compiler<'a> {
     pods_by_namespace: BTreeMap<&'a str, Vec<&'a Pod>>,
     cache: Option<&'a mut PeerCache>,
     state: DesiredState,
+    /// ipBlock entries of the sets made so far, by the namespace of the policies that use them.
+    block_entries_by_namespace: BTreeMap<String, usize>,
 }
 
 /// One local pod's isolation: the policies that select it, per direction.
@@ -358,7 +361,12 @@ impl<'a> Compiler<'a> {
                             }
                         };
                         if members.len() > MAX_SET_MEMBERS {
-                            self.fail_closed(policy, direction, index, members.len());
+                            let reason = format!(
+                                "its named port {port_name:?} resolves to more than {MAX_SET_MEMBERS} {} entries ({})",
+                                self.family,
+                                members.len()
+                            );
+                            self.fail_closed(policy, direction, index, reason);
                             continue;
                         }
                         self.state.sets.insert(
@@ -440,15 +448,24 @@ impl<'a> Compiler<'a> {
 
     /// Creates (or reuses) the set holding every address `peers` allows, and returns its name; or,
     /// when that would be more than [`MAX_SET_MEMBERS`] addresses and prefixes, how many (at least).
-    fn peer_set(&mut self, policy: &Policy, peers: &[Peer]) -> Result<String, usize> {
+    fn peer_set(&mut self, policy: &Policy, peers: &[Peer]) -> Result<String, String> {
         let definition = peer_definition(policy, peers);
         let name = names::peer_set(self.family, &definition);
         if self.state.sets.contains_key(&name) {
             return Ok(name);
         }
-        let members = match self.cache.as_deref_mut() {
+        let too_many = |count: usize| {
+            format!(
+                "its {} peers need a set of more than {MAX_SET_MEMBERS} entries ({count} or more)",
+                self.family
+            )
+        };
+        let (members, block_entries) = match self.cache.as_deref_mut() {
             Some(cache) => {
-                cache.peer_members(&definition, &policy.namespace, peers, self.family)?
+                let members = cache
+                    .peer_members(&definition, &policy.namespace, peers, self.family)
+                    .map_err(too_many)?;
+                (members, cache.block_entries(&definition, self.family))
             }
             None => {
                 let blocks = peers.iter().filter_map(|peer| match peer {
@@ -456,21 +473,36 @@ impl<'a> Compiler<'a> {
                     Peer::Pods { .. } => None,
                 });
                 let mut members: BTreeSet<SetMember> =
-                    cidr::block_prefixes(blocks, self.family, MAX_SET_MEMBERS)?
+                    cidr::block_prefixes(blocks, self.family, MAX_SET_MEMBERS)
+                        .map_err(too_many)?
                         .into_iter()
                         .map(SetMember::Net)
                         .collect();
+                let block_entries = members.len();
                 for pod in self.peer_pods(policy, peers) {
                     for ip in self.family_ips(pod) {
                         members.insert(SetMember::Net(IpNet::from(ip)));
                     }
                 }
-                members.into()
+                (members.into(), block_entries)
             }
         };
         if members.len() > MAX_SET_MEMBERS {
-            return Err(members.len());
+            return Err(too_many(members.len()));
         }
+        // One tenant must not add up, over many policies, what one set may not hold: the ipBlock
+        // entries of a namespace's policies share one budget (policies in name order).
+        let used = self
+            .block_entries_by_namespace
+            .entry(policy.namespace.clone())
+            .or_default();
+        if *used + block_entries > MAX_NAMESPACE_BLOCK_ENTRIES {
+            return Err(format!(
+                "the ipBlocks of namespace {}'s policies need more than {MAX_NAMESPACE_BLOCK_ENTRIES} {} set entries in all ({} before this rule, {block_entries} for it)",
+                policy.namespace, self.family, *used
+            ));
+        }
+        *used += block_entries;
         self.state.sets.insert(
             name.clone(),
             IpSet {
@@ -482,16 +514,13 @@ impl<'a> Compiler<'a> {
         Ok(name)
     }
 
-    /// Leaves a rule out (it allows nothing) because its set would hold `members` entries.
-    fn fail_closed(&mut self, policy: &Policy, direction: Direction, rule: usize, members: usize) {
+    /// Leaves a rule out (it allows nothing) because it cannot be programmed, and says why.
+    fn fail_closed(&mut self, policy: &Policy, direction: Direction, rule: usize, reason: String) {
         self.state.failed_closed.push(FailedClosed {
             policy: policy.key(),
             direction: direction.name(),
             rule,
-            reason: format!(
-                "its {} peers need a set of more than {MAX_SET_MEMBERS} entries ({members} or more)",
-                self.family
-            ),
+            reason,
         });
     }
 }

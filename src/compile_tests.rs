@@ -988,6 +988,82 @@ mod oversized {
         }
     }
 
+    /// Policies of one namespace, each under the per-set limit (4,000 IPv6 /64 blocks with a
+    /// /128 cut out: 256,000 entries), together over the namespace's ipBlock budget.
+    fn tenant_policy(namespace: &str, name: &str, offset: u32) -> Policy {
+        let blocks: Vec<Peer> = (0..4_000u32)
+            .map(|i| {
+                let i = i + offset;
+                let net: IpNet = format!("2001:db8:{:x}:{:x}::/64", i >> 8, i & 0xff)
+                    .parse()
+                    .unwrap();
+                let hole: IpNet = format!("2001:db8:{:x}:{:x}::1/128", i >> 8, i & 0xff)
+                    .parse()
+                    .unwrap();
+                Peer::IpBlock {
+                    cidr: net,
+                    except: vec![hole],
+                }
+            })
+            .collect();
+        Policy {
+            namespace: namespace.into(),
+            name: name.into(),
+            pod_selector: selector("pod", "a"),
+            isolates_ingress: true,
+            isolates_egress: false,
+            ingress: vec![PolicyRule {
+                peers: Some(blocks),
+                ports: None,
+            }],
+            egress: vec![],
+        }
+    }
+
+    #[test]
+    fn many_policies_of_one_namespace_share_one_ipblock_budget() {
+        let mut s = cluster();
+        for (i, name) in ["p1", "p2", "p3"].iter().enumerate() {
+            s.policies.push(tenant_policy("x", name, i as u32 * 4_000));
+        }
+        // Another namespace has a budget of its own.
+        s.policies.push(tenant_policy("y", "p1", 0));
+        let check = |state: &DesiredState| {
+            let failed: Vec<(&str, usize)> = state
+                .failed_closed
+                .iter()
+                .map(|f| (f.policy.as_str(), f.rule))
+                .collect();
+            // Policies in name order: the first fits, the others fail closed.
+            assert_eq!(
+                failed,
+                [("x/p2", 0), ("x/p3", 0)],
+                "{:?}",
+                state.failed_closed
+            );
+            assert!(state.failed_closed[0].reason.contains("namespace x"));
+            let block_entries: usize = state.member_count();
+            assert!(
+                block_entries <= 2 * MAX_SET_MEMBERS + 100,
+                "{block_entries}"
+            );
+        };
+        check(&compile(&s, "n1", Family::V6));
+        let mut cache = PeerCache::default();
+        cache.update(&s);
+        check(&compile_cached(&s, "n1", Family::V6, &mut cache));
+        // Once a policy goes, the next one fits.
+        s.policies.retain(|p| p.key() != "x/p1");
+        cache.update(&s);
+        let state = compile_cached(&s, "n1", Family::V6, &mut cache);
+        let failed: Vec<&str> = state
+            .failed_closed
+            .iter()
+            .map(|f| f.policy.as_str())
+            .collect();
+        assert_eq!(failed, ["x/p3"]);
+    }
+
     #[test]
     fn an_oversized_rule_fails_closed_and_the_rest_is_enforced() {
         let mut s = with_policies(

@@ -341,6 +341,14 @@ impl PeerCache {
         }
     }
 
+    /// How many of the set's entries (for `family`) come from ipBlocks, for a definition
+    /// `peer_members` has seen.
+    pub fn block_entries(&self, definition: &str, family: Family) -> usize {
+        self.entries
+            .get(definition)
+            .map_or(0, |e| e.blocks[index(family)].len())
+    }
+
     /// (address, port) of every chosen pod (every pod, when `peers` is `None`) that has the named
     /// port with that protocol.
     pub fn named_port_members(

@@ -54,6 +54,11 @@ pub const ALLOW_MARK: u32 = 0x0040_0000;
 /// object can never exhaust the kernel's memory or block the writes of every other.
 pub const MAX_SET_MEMBERS: usize = 262_144;
 
+/// The most ipBlock entries (prefixes) the sets of one namespace's policies may hold in all, per
+/// family: a tenant cannot add up over many policies what one set may not hold. A rule past it
+/// fails closed like an oversized one (policies in name order, so the same ones every time).
+pub const MAX_NAMESPACE_BLOCK_ENTRIES: usize = MAX_SET_MEMBERS;
+
 /// A policy rule that could not be programmed and allows nothing instead: the pods it selects stay
 /// isolated, every other rule and policy is programmed as usual.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
