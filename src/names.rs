@@ -71,8 +71,42 @@ pub fn is_owned(name: &str) -> bool {
     name.starts_with(PREFIX)
 }
 
+/// Whether `name` has the exact shape of a pod or policy chain this agent generates (our prefix,
+/// a kind tag, 16 lowercase hex digits). Such a chain is ours even when nothing of ours leads to
+/// it any more (e.g. another tool flushed our dispatch chains while the agent was down), so it is
+/// cleaned up rather than left behind as someone else's.
+pub fn is_generated_chain(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
+    };
+    ["PODI-", "PODE-", "POLI-", "POLE-"].iter().any(|tag| {
+        rest.strip_prefix(tag).is_some_and(|hex| {
+            hex.len() == 16
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn generated_chain_names_are_recognised_by_their_shape() {
+        use super::*;
+        assert!(is_generated_chain(&pod_chain(true, "x/a")));
+        assert!(is_generated_chain(&policy_chain(false, "x/p")));
+        for other in [
+            "KNI-custom",
+            "KNI-FORWARD",
+            "KNI-POLI-xyz",
+            "KNI-POLI-0123456789ABCDEF",
+            "OTHER-POLI-0123456789abcdef",
+        ] {
+            assert!(!is_generated_chain(other), "{other}");
+        }
+    }
+
     use super::*;
 
     #[test]

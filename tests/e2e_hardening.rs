@@ -657,3 +657,35 @@ fn a_kernel_without_list_set_is_named_at_start() {
     assert_eq!(lab.our_state("nft"), "", "nothing is programmed");
     let _ = std::fs::remove_dir_all(shim_dir);
 }
+
+/// Another tool flushes our dispatch chains while the agent is down, and a policy goes away
+/// meanwhile: the pod and policy chains nothing leads to any more are still ours (their names
+/// have our generated shape), so the next sync deletes them and destroys their sets, instead of
+/// leaving them behind as "not ours" and failing to destroy their sets forever.
+#[test]
+fn chains_orphaned_by_a_flushed_dispatch_chain_are_still_cleaned_up() {
+    if skip_unless_root("chains_orphaned_by_a_flushed_dispatch_chain_are_still_cleaned_up") {
+        return;
+    }
+    let lab = Lab::new(1, |_, _| 0);
+    lab.write_cluster_manifests(&[DENY_X, ALLOW_X_FROM_Y]);
+    succeeded(&lab.once("nft", &[], &[]));
+    let from_y = kube_netpol_iptables::names::policy_chain(true, "x/from-y");
+    assert!(lab.our_state("nft").contains(&from_y));
+    for tool in ["iptables-nft", "ip6tables-nft"] {
+        for chain in ["KNI-FORWARD", "KNI-INPUT", "KNI-OUTPUT"] {
+            lab.node_cmd(0, &[tool, "-F", chain]);
+        }
+    }
+    lab.write_cluster_manifests(&[DENY_X]);
+    let first = succeeded(&lab.once("nft", &[], &[]));
+    let second = succeeded(&lab.once("nft", &[], &[]));
+    for log in [&first, &second] {
+        assert!(!log.contains("did not create"), "{log}");
+        assert!(!log.contains("cannot destroy"), "{log}");
+    }
+    let state = lab.our_state("nft");
+    assert!(!state.contains(&from_y), "{state}");
+    assert!(!state.contains("KNI-4P-"), "the policy's peer set is gone:\n{state}");
+    assert!(!lab.tcp("y/a", "x/a", 80), "the remaining policy is enforced");
+}

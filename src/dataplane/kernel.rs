@@ -41,8 +41,9 @@ pub struct Jump {
 
 /// Our part of a filter table. Our prefix alone does not make a chain ours (another tool may use
 /// it too): ours are the chains our hooks (the built-in chains' jumps carrying our comment) lead to,
-/// through jumps in chains of ours, plus our fixed dispatch chains and chains we retired (see
-/// [`RETIRED_RULE`]). That holds across restarts and for what earlier releases created, whose
+/// through jumps in chains of ours, plus our fixed dispatch chains, chains we retired (see
+/// [`RETIRED_RULE`]) and chains with the exact shape of our generated names
+/// ([`names::is_generated_chain`]), which nothing may lead to after another tool flushed ours. That holds across restarts and for what earlier releases created, whose
 /// hooks carry the same comment. Everything else under our prefix is listed in `foreign`.
 pub fn parse_iptables_save(text: &str) -> KernelTable {
     let mut table = KernelTable::default();
@@ -112,7 +113,10 @@ pub fn parse_iptables_save(text: &str) -> KernelTable {
         .chain(
             prefixed
                 .iter()
-                .filter(|c| rules.get(*c).is_some_and(|r| r[..] == retired[..]))
+                .filter(|c| {
+                    rules.get(*c).is_some_and(|r| r[..] == retired[..])
+                        || names::is_generated_chain(c)
+                })
                 .cloned(),
         )
         .collect();
