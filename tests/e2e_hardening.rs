@@ -686,6 +686,12 @@ fn chains_orphaned_by_a_flushed_dispatch_chain_are_still_cleaned_up() {
     }
     let state = lab.our_state("nft");
     assert!(!state.contains(&from_y), "{state}");
-    assert!(!state.contains("KNI-4P-"), "the policy's peer set is gone:\n{state}");
-    assert!(!lab.tcp("y/a", "x/a", 80), "the remaining policy is enforced");
+    assert!(
+        !state.contains("KNI-4P-"),
+        "the policy's peer set is gone:\n{state}"
+    );
+    assert!(
+        !lab.tcp("y/a", "x/a", 80),
+        "the remaining policy is enforced"
+    );
 }
