@@ -12,10 +12,11 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 /// The abstract socket name (`@kube-netpol-iptables` in `ss -xl`).
 pub const NAME: &[u8] = b"kube-netpol-iptables";
 
-/// Proof that this process holds the lock; it holds it until it exits.
+/// Proof that this process may write: it holds the lock until it exits, or (`None`) the name is
+/// squatted by something that is no agent (see [`try_acquire`]).
 #[derive(Debug)]
 pub struct InstanceLock {
-    _listener: UnixListener,
+    _listener: Option<UnixListener>,
 }
 
 /// Who holds the lock, for messages.
@@ -23,6 +24,18 @@ pub struct InstanceLock {
 pub struct Holder {
     /// The holder's pid as seen from our pid namespace, when the kernel can tell.
     pub pid: Option<u32>,
+    /// The holder's user, when it answers (an agent always does: it listens).
+    pub uid: Option<u32>,
+}
+
+impl Holder {
+    /// An agent listens on the name and runs as the same user as we do (root, or the user the
+    /// DaemonSet gives it). Anything else holding the name is a squatter: abstract socket names
+    /// have no permissions, so any process in the network namespace could take it.
+    fn is_agent(&self) -> bool {
+        // SAFETY: geteuid cannot fail.
+        self.uid == Some(unsafe { libc::geteuid() })
+    }
 }
 
 impl std::fmt::Display for Holder {
@@ -58,17 +71,38 @@ pub fn try_acquire() -> io::Result<Result<InstanceLock, Holder>> {
                     }
                 })?;
             Ok(Ok(InstanceLock {
-                _listener: listener,
+                _listener: Some(listener),
             }))
         }
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(Err(holder(&addr))),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let holder = holder(&addr);
+            if holder.is_agent() {
+                return Ok(Err(holder));
+            }
+            // Waiting for a squatter would let it switch enforcement off; going on is what an
+            // unprivileged process cannot stop. (A second agent still finds the name taken.)
+            tracing::warn!(
+                pid = holder.pid,
+                uid = holder.uid,
+                "the node lock @{} is held by a process that is no agent (it does not answer, or runs as another user): ignoring it",
+                String::from_utf8_lossy(NAME)
+            );
+            Ok(Ok(InstanceLock { _listener: None }))
+        }
         Err(e) => Err(e),
     }
 }
 
-/// Asks the kernel for the pid of the process listening on `addr` (SO_PEERCRED of a connection).
+/// Asks the kernel who listens on `addr` (SO_PEERCRED of a connection). A name bound but not
+/// listening answers nothing; an agent listens as part of binding, so a refusal is retried briefly.
 fn holder(addr: &SocketAddr) -> Holder {
-    let pid = UnixStream::connect_addr(addr).ok().and_then(|stream| {
+    let connected = (0..5).find_map(|attempt| {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        UnixStream::connect_addr(addr).ok()
+    });
+    let cred = connected.and_then(|stream| {
         let mut cred = libc::ucred {
             pid: 0,
             uid: 0,
@@ -85,9 +119,12 @@ fn holder(addr: &SocketAddr) -> Holder {
                 &mut len,
             )
         };
-        (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+        (rc == 0).then_some(cred)
     });
-    Holder { pid }
+    Holder {
+        pid: cred.filter(|c| c.pid > 0).map(|c| c.pid as u32),
+        uid: cred.map(|c| c.uid),
+    }
 }
 
 #[cfg(test)]
@@ -114,6 +151,34 @@ mod tests {
             for _ in 0..300 {
                 assert!(try_acquire().unwrap().is_err());
             }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_squatter_that_is_no_agent_cannot_keep_the_agent_waiting() {
+        std::thread::spawn(|| {
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: unshare(CLONE_NEWNET) needs root");
+                return;
+            }
+            // Any process can bind the abstract name without listening on it.
+            let squatter = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            assert!(squatter >= 0);
+            let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (i, b) in NAME.iter().enumerate() {
+                addr.sun_path[i + 1] = *b as libc::c_char;
+            }
+            let len = (std::mem::size_of::<libc::sa_family_t>() + 1 + NAME.len()) as u32;
+            let rc =
+                unsafe { libc::bind(squatter, (&addr as *const libc::sockaddr_un).cast(), len) };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+            // The name is taken, but by no agent: this instance goes on.
+            let lock = try_acquire().unwrap();
+            assert!(lock.is_ok(), "a squatter kept the agent waiting: {lock:?}");
+            unsafe { libc::close(squatter) };
         })
         .join()
         .unwrap();
