@@ -893,8 +893,10 @@ mod oversized {
         }
     }
 
-    fn huge_policy() -> Policy {
-        let blocks: Vec<Peer> = (0..17_000u32)
+    /// `count` IPv6 /64 ipBlocks from the `first`th on, each with one /128 cut out (64 set
+    /// entries apiece).
+    fn holed_blocks(first: u32, count: u32) -> Vec<Peer> {
+        (first..first + count)
             .map(|i| {
                 let net: IpNet = format!("2001:db8:{:x}:{:x}::/64", i >> 8, i & 0xff)
                     .parse()
@@ -907,7 +909,11 @@ mod oversized {
                     except: vec![hole],
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    fn huge_policy() -> Policy {
+        let blocks = holed_blocks(0, 17_000);
         Policy {
             namespace: "x".into(),
             name: "huge".into(),
@@ -991,21 +997,7 @@ mod oversized {
     /// Policies of one namespace, each under the per-set limit (4,000 IPv6 /64 blocks with a
     /// /128 cut out: 256,000 entries), together over the namespace's ipBlock budget.
     fn tenant_policy(namespace: &str, name: &str, offset: u32) -> Policy {
-        let blocks: Vec<Peer> = (0..4_000u32)
-            .map(|i| {
-                let i = i + offset;
-                let net: IpNet = format!("2001:db8:{:x}:{:x}::/64", i >> 8, i & 0xff)
-                    .parse()
-                    .unwrap();
-                let hole: IpNet = format!("2001:db8:{:x}:{:x}::1/128", i >> 8, i & 0xff)
-                    .parse()
-                    .unwrap();
-                Peer::IpBlock {
-                    cidr: net,
-                    except: vec![hole],
-                }
-            })
-            .collect();
+        let blocks = holed_blocks(offset, 4_000);
         Policy {
             namespace: namespace.into(),
             name: name.into(),
