@@ -4,7 +4,7 @@
 
 mod lab;
 
-use lab::{Lab, sh, skip_unless_root};
+use lab::{Lab, skip_unless_root};
 
 fn nft_available(test: &str) -> bool {
     let found = std::process::Command::new("nft")
@@ -37,20 +37,9 @@ fn logs_other_engines_tables_present_on_the_node() {
     }
     let lab = Lab::new(1, |_, _| 0);
     lab.write_cluster_manifests(&[]);
-    let netns = lab.nodes[0].netns.clone();
 
     // A table that is not an engine's must not be reported.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &netns,
-        "nft",
-        "add",
-        "table",
-        "inet",
-        "filter-of-someone",
-    ]);
+    lab.node_cmd(0, &["nft", "add", "table", "inet", "filter-of-someone"]);
     let log = start_log(&lab);
     assert!(
         !log.contains("of another NetworkPolicy engine"),
@@ -61,28 +50,11 @@ fn logs_other_engines_tables_present_on_the_node() {
         "says plainly that no other engine was found:\n{log}"
     );
 
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &netns,
-        "nft",
-        "add",
-        "table",
-        "inet",
-        "kube-network-policies",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &netns,
-        "nft",
-        "add",
-        "table",
-        "ip",
-        "kindnet-network-policies",
-    ]);
+    lab.node_cmd(0, &["nft", "add", "table", "inet", "kube-network-policies"]);
+    lab.node_cmd(
+        0,
+        &["nft", "add", "table", "ip", "kindnet-network-policies"],
+    );
     let log = start_log(&lab);
     for table in ["inet kube-network-policies", "ip kindnet-network-policies"] {
         let line = log
@@ -96,28 +68,14 @@ fn logs_other_engines_tables_present_on_the_node() {
     assert!(!log.contains("filter-of-someone"), "{log}");
     assert!(!log.contains("the only NetworkPolicy engine"), "{log}");
 
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &netns,
-        "nft",
-        "delete",
-        "table",
-        "inet",
-        "kube-network-policies",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &netns,
-        "nft",
-        "delete",
-        "table",
-        "ip",
-        "kindnet-network-policies",
-    ]);
+    lab.node_cmd(
+        0,
+        &["nft", "delete", "table", "inet", "kube-network-policies"],
+    );
+    lab.node_cmd(
+        0,
+        &["nft", "delete", "table", "ip", "kindnet-network-policies"],
+    );
     let log = start_log(&lab);
     assert!(
         !log.contains("of another NetworkPolicy engine")
