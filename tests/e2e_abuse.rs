@@ -133,12 +133,7 @@ fn a_pod_claiming_the_loopback_address_is_reported_and_loopback_keeps_working() 
         .unwrap();
     let _guard = runtime.enter();
     let node_ns = lab.nodes[0].netns.clone();
-    let listener = in_netns(&node_ns, || {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    })
-    .join()
-    .unwrap();
-    let api = FakeApi::start(listener);
+    let api = FakeApi::start(lab.loopback_listener(0));
     for ns in lab::NAMESPACES {
         api.apply(
             Kind::Namespace,

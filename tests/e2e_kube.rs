@@ -24,12 +24,7 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
         .unwrap();
     let _guard = runtime.enter();
     let node_ns = lab.nodes[0].netns.clone();
-    let listener = in_netns(&node_ns, || {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    })
-    .join()
-    .unwrap();
-    let api = FakeApi::start(listener);
+    let api = FakeApi::start(lab.loopback_listener(0));
     // kube-apiserver authorizes a watch only when it starts; short watches make a revoked
     // permission show at the next one (the agent asks for 120 s).
     api.cap_watches(Duration::from_secs(2));

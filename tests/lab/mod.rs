@@ -564,6 +564,16 @@ impl Lab {
         )
     }
 
+    /// A TCP listener on 127.0.0.1 (any port) inside node `node`'s namespace, where the agent
+    /// under test runs (e.g. for a fake API server).
+    pub fn loopback_listener(&self, node: usize) -> TcpListener {
+        in_netns(&self.nodes[node].netns, || {
+            TcpListener::bind("127.0.0.1:0").unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
     /// A directory with executable shims that stand in for tools (`(name, script)`), and a PATH
     /// that finds them first.
     pub fn shims(&self, tools: &[(&str, &str)]) -> (PathBuf, String) {
