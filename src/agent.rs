@@ -2,7 +2,7 @@
 //! both families and written; changes are coalesced; a full sync reads the kernel back every
 //! resync period; failures keep the last good state in the kernel and are retried with backoff.
 
-use crate::compile::{compile, compile_cached};
+use crate::compile::Compiler;
 use crate::dataplane::{Dataplane, SyncMode, SyncReport};
 use crate::kube_source::ClusterStore;
 use crate::manifests;
@@ -18,26 +18,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 pub fn desired_states(snapshot: &ClusterSnapshot, node: &str) -> Vec<(Family, DesiredState)> {
-    Family::ALL
-        .iter()
-        .map(|f| (*f, compile(snapshot, node, *f)))
-        .collect()
+    Compiler::new().compile(snapshot, node).into_vec()
 }
 
-/// `desired_states`, reusing the peer selections of earlier calls (see `PeerCache`): the same
+/// `desired_states`, reusing the peer selections of earlier calls (see `Compiler`): the same
 /// result, at a cost proportional to what changed.
 pub fn desired_states_cached(
     snapshot: &ClusterSnapshot,
     node: &str,
     cache: &mut PeerCache,
 ) -> Vec<(Family, DesiredState)> {
-    cache.update(snapshot);
-    let states = Family::ALL
-        .iter()
-        .map(|f| (*f, compile_cached(snapshot, node, *f, cache)))
-        .collect();
-    cache.evict_unused();
-    states
+    cache.compile(snapshot, node).into_vec()
 }
 
 /// Compiles a snapshot and writes it, logging the outcome and recording it in `metrics`.

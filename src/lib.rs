@@ -1,13 +1,12 @@
 //! kube-netpol-iptables: Kubernetes NetworkPolicy enforced with ipset and iptables-restore batches.
 //!
 //! - [`model`]: the cluster as the core sees it; [`convert`] builds it from Kubernetes objects.
-//! - [`compile`]: the pure core, snapshot → [`state::DesiredState`] for one node and family.
+//! - [`compile`]: the pure core, snapshot → [`compile::DesiredState`] per family for one node.
 //! - [`dataplane`]: renders, diffs and writes that state to the kernel.
 //! - [`manifests`] and [`kube_source`]: the sources; [`agent`]: the sync loops; [`metrics`]:
 //!   Prometheus metrics and health endpoints; [`cli`]: the command line.
 
 pub mod agent;
-pub mod cidr;
 pub mod cli;
 pub mod compile;
 pub mod convert;
@@ -18,11 +17,11 @@ pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
-pub mod names;
-pub mod peer_cache;
-pub mod state;
 
-#[cfg(test)]
-mod compile_tests;
-#[cfg(test)]
-mod simulate;
+// The paths these modules had before `model/` and `compile/`, kept so callers still build.
+pub use compile::{ir as state, names};
+pub use model::cidr;
+pub mod peer_cache {
+    //! The peer cache now lives inside [`crate::compile::Compiler`].
+    pub use crate::compile::Compiler as PeerCache;
+}

@@ -224,6 +224,7 @@ pub fn parse_ipset_save(text: &str) -> KernelSets {
         match (words.next(), words.next()) {
             (Some("create"), Some(name)) if names::is_owned(name) => {
                 let kind = match words.next() {
+                    Some("hash:ip") => Some(SetKind::HashIp),
                     Some("hash:net") => Some(SetKind::HashNet),
                     Some("hash:ip,port") => Some(SetKind::HashIpPort),
                     _ => None,
@@ -270,6 +271,7 @@ pub fn parse_ipset_save(text: &str) -> KernelSets {
 
 fn parse_member(kind: Option<SetKind>, entry: &str) -> Option<SetMember> {
     match kind? {
+        SetKind::HashIp => Some(SetMember::Ip(entry.parse().ok()?)),
         SetKind::HashNet => {
             let net = match entry.parse::<IpNet>() {
                 Ok(n) => n,

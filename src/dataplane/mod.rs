@@ -584,6 +584,18 @@ const FEATURES: &[Feature] = &[
         set: Some(("hash:net", "inet6")),
     },
     Feature {
+        what: "ipset type hash:ip (IPv4)",
+        module: "ip_set_hash_ip",
+        rule: None,
+        set: Some(("hash:ip", "inet")),
+    },
+    Feature {
+        what: "ipset type hash:ip (IPv6)",
+        module: "ip_set_hash_ip",
+        rule: None,
+        set: Some(("hash:ip", "inet6")),
+    },
+    Feature {
         what: "ipset type hash:ip,port",
         module: "ip_set_hash_ipport",
         rule: None,
@@ -725,6 +737,8 @@ pub fn probe_kernel(tables: &Tables) -> Result<()> {
 
 fn probe_set(f: &Feature) -> &'static str {
     match f.set {
+        Some(("hash:ip", "inet")) => "KNI-PROBE-IP4",
+        Some(("hash:ip", "inet6")) => "KNI-PROBE-IP6",
         Some((_, "inet6")) => PROBE_SET_V6,
         Some(("hash:net", _)) => PROBE_SET_V4,
         Some(("list:set", _)) => "KNI-PROBE-LIST",

@@ -1,15 +1,18 @@
-//! Peer selections remembered between compiles, so that a change to one pod or one namespace's
-//! labels costs work in proportion to the change rather than to the cluster.
+//! The one peer-selection implementation: the sets that pod selections, ipBlocks and named ports
+//! stand for, kept between compiles so that a change to one pod or one namespace's labels costs
+//! work in proportion to the change rather than to the cluster.
 //!
-//! Each peer definition (a policy namespace plus a peer list) keeps the pods it chose and its set
-//! members for both families. `update()` diffs the new snapshot against the one the entries are
-//! up to date with and re-judges only changed pods, and the pods of namespaces whose labels
-//! changed. Definitions no compile uses any more are dropped. The result must always equal a
-//! from-scratch `compile()`; a property test checks that over random changes.
+//! Entries are keyed by what they select ([`PodSelection`], canonical), so every rule of every
+//! policy with the same selection shares one entry and one set. `update()` diffs the new snapshot
+//! against the one the entries are up to date with and re-judges only changed pods, and the pods
+//! of namespaces whose labels changed. Entries no compile asked for since the previous
+//! `evict_unused()` are dropped. A property test checks that a long-lived index fed random
+//! changes always gives what a fresh one gives.
 
-use crate::cidr;
-use crate::model::{ClusterSnapshot, LabelSelector, Labels, Peer, Pod, Protocol};
-use crate::state::{Family, MAX_SET_MEMBERS, Members, SetMember};
+use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
+use super::names;
+use super::selection::PodSelection;
+use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
 use ipnet::IpNet;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -18,35 +21,41 @@ use std::sync::Arc;
 /// A pod's key (`namespace/name`), allocated once and shared by every entry that chose the pod.
 type Key = Arc<str>;
 
+/// A set to program: its name and members.
+#[derive(Debug, Clone)]
+pub struct SetRef {
+    pub name: String,
+    pub members: Members,
+}
+
+/// The ipBlocks of one rule as written: `(cidr, except)` pairs.
+pub type Blocks = Vec<(IpNet, Vec<IpNet>)>;
+
 #[derive(Default)]
-pub struct PeerCache {
+pub struct Selections {
     /// Policy-relevant pods of the snapshot the entries match, by key.
     pods: HashMap<Key, Pod>,
     namespaces: HashMap<String, Labels>,
     /// Relevant pods by address (addresses may be shared for a moment, e.g. during IP reuse).
     owners: HashMap<IpAddr, BTreeSet<Key>>,
-    entries: HashMap<String, Entry>,
-    used: HashSet<String>,
+    entries: HashMap<PodSelection, Entry>,
+    blocks: HashMap<Blocks, PerFamily<Result<Option<SetRef>, usize>>>,
+    used: HashSet<PodSelection>,
+    used_blocks: HashSet<Blocks>,
 }
 
-/// Who a peer definition selects. `all` stands for "every pod" (an egress rule without peers).
+/// The pods one selection chooses, their addresses, and the named ports resolved on them.
 struct Entry {
-    namespace: String,
-    selectors: Vec<(Option<LabelSelector>, Option<LabelSelector>)>,
-    all: bool,
-    blocks: [BTreeSet<SetMember>; 2],
-    /// Per family, how many prefixes the ipBlocks needed when that was more than
-    /// `MAX_SET_MEMBERS` (their `blocks` are then left empty and the rule fails closed).
-    too_many_blocks: [Option<usize>; 2],
+    selection: PodSelection,
+    names: PerFamily<String>,
     pods: BTreeSet<Key>,
-    members: [Members; 2],
-    /// Egress named ports resolved on the chosen pods, by (name, protocol); kept up to date by
-    /// `update` like the members.
-    named: HashMap<(String, Protocol), [Members; 2]>,
+    members: PerFamily<Members>,
+    /// By (port name, protocol); kept up to date by `update` like the members.
+    named: HashMap<(String, Protocol), PerFamily<SetRef>>,
 }
 
 /// The (address, protocol, port) pairs a named port resolves to on one pod.
-fn named_pairs<'p>(
+pub fn named_pairs<'p>(
     pod: &'p Pod,
     port_name: &'p str,
     protocol: Protocol,
@@ -61,37 +70,19 @@ fn named_pairs<'p>(
         })
 }
 
-fn index(family: Family) -> usize {
-    match family {
-        Family::V4 => 0,
-        Family::V6 => 1,
+fn split_by_family(members: impl IntoIterator<Item = SetMember>) -> PerFamily<Members> {
+    let mut out: PerFamily<BTreeSet<SetMember>> = PerFamily::default();
+    for m in members {
+        let family = match &m {
+            SetMember::Ip(ip) | SetMember::IpPort(ip, ..) => Family::of(ip),
+            SetMember::Net(net) => Family::of_net(net),
+        };
+        out[family].insert(m);
     }
+    out.map(|_, set| Arc::new(set))
 }
 
-impl Entry {
-    fn selects(&self, pod: &Pod, namespaces: &HashMap<String, Labels>) -> bool {
-        self.all
-            || self.selectors.iter().any(|(ns, pods)| {
-                let namespace_ok = match ns {
-                    None => pod.namespace == self.namespace,
-                    Some(sel) => namespaces
-                        .get(&pod.namespace)
-                        .is_some_and(|l| sel.matches(l)),
-                };
-                namespace_ok && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
-            })
-    }
-
-    /// Whether a change of `namespace`'s labels from `old` to `new` can change this entry.
-    fn depends_on_namespace(&self, old: Option<&Labels>, new: Option<&Labels>) -> bool {
-        self.selectors.iter().any(|(ns, _)| match ns {
-            None => false,
-            Some(sel) => old.is_some_and(|l| sel.matches(l)) != new.is_some_and(|l| sel.matches(l)),
-        })
-    }
-}
-
-impl PeerCache {
+impl Selections {
     /// Brings every entry up to date with `snapshot`.
     pub fn update(&mut self, snapshot: &ClusterSnapshot) {
         let new_pods: HashMap<String, &Pod> = snapshot
@@ -172,7 +163,10 @@ impl PeerCache {
         for entry in self.entries.values_mut() {
             let mut judge: BTreeSet<&Key> = changed_pods.iter().collect();
             for ns in &changed_namespaces {
-                if entry.depends_on_namespace(old_namespaces.get(ns), self.namespaces.get(ns)) {
+                if entry
+                    .selection
+                    .depends_on_namespace_labels(old_namespaces.get(ns), self.namespaces.get(ns))
+                {
                     judge.extend(
                         old_changed
                             .iter()
@@ -187,10 +181,11 @@ impl PeerCache {
             let mut touched: Vec<(&Key, bool, bool)> = Vec::new();
             for key in judge {
                 let was = entry.pods.contains(&**key);
-                let now = self
-                    .pods
-                    .get(&**key)
-                    .is_some_and(|p| entry.selects(p, &self.namespaces));
+                let now = self.pods.get(&**key).is_some_and(|p| {
+                    entry
+                        .selection
+                        .selects(p, self.namespaces.get(&p.namespace))
+                });
                 if was || now {
                     touched.push((key, was, now));
                 }
@@ -243,150 +238,140 @@ impl PeerCache {
                                 })
                         })
                     });
-                    let set = &mut sets[index(Family::of(&ip))];
-                    if provided != set.contains(&pair) {
-                        let set = Arc::make_mut(set);
-                        if provided {
-                            set.insert(pair);
-                        } else {
-                            set.remove(&pair);
-                        }
-                    }
+                    set_presence(&mut sets[Family::of(&ip)].members, pair, provided);
                 }
             }
             for ip in touched_ips {
-                let member = SetMember::Net(IpNet::from(ip));
-                let f = index(Family::of(&ip));
                 let chosen = self
                     .owners
                     .get(&ip)
                     .is_some_and(|owners| owners.iter().any(|o| entry.pods.contains(&**o)));
-                let present = chosen || entry.blocks[f].contains(&member);
-                let set = &mut entry.members[f];
-                if present != set.contains(&member) {
-                    let set = Arc::make_mut(set);
-                    if present {
-                        set.insert(member);
-                    } else {
-                        set.remove(&member);
-                    }
-                }
+                set_presence(
+                    &mut entry.members[Family::of(&ip)],
+                    SetMember::Ip(ip),
+                    chosen,
+                );
             }
         }
     }
 
-    fn entry(&mut self, definition: &str, namespace: &str, peers: Option<&[Peer]>) -> &mut Entry {
-        self.used.insert(definition.to_string());
-        if !self.entries.contains_key(definition) {
-            let mut entry = Entry {
-                namespace: namespace.to_string(),
-                selectors: vec![],
-                all: peers.is_none(),
-                blocks: [BTreeSet::new(), BTreeSet::new()],
-                too_many_blocks: [None, None],
-                pods: BTreeSet::new(),
-                members: [Members::default(), Members::default()],
+    fn entry(&mut self, selection: &PodSelection) -> &mut Entry {
+        if !self.used.contains(selection) {
+            self.used.insert(selection.clone());
+        }
+        if !self.entries.contains_key(selection) {
+            let mut pods = BTreeSet::new();
+            let mut members = Vec::new();
+            for (key, pod) in &self.pods {
+                if selection.selects(pod, self.namespaces.get(&pod.namespace)) {
+                    pods.insert(key.clone());
+                    members.extend(pod.ips.iter().map(|ip| SetMember::Ip(*ip)));
+                }
+            }
+            let entry = Entry {
+                selection: selection.clone(),
+                names: PerFamily::from_fn(|f| names::pod_set(f, selection)),
+                pods,
+                members: split_by_family(members),
                 named: HashMap::new(),
             };
-            for peer in peers.into_iter().flatten() {
-                match peer {
-                    Peer::Pods { namespaces, pods } => {
-                        entry.selectors.push((namespaces.clone(), pods.clone()))
-                    }
-                    Peer::IpBlock { .. } => {}
-                }
-            }
-            for family in Family::ALL {
-                let blocks = peers.into_iter().flatten().filter_map(|peer| match peer {
-                    Peer::IpBlock { cidr, except } => Some((cidr, except.as_slice())),
-                    Peer::Pods { .. } => None,
-                });
-                match cidr::block_prefixes(blocks, family, MAX_SET_MEMBERS) {
-                    Ok(prefixes) => {
-                        entry.blocks[index(family)] =
-                            prefixes.into_iter().map(SetMember::Net).collect()
-                    }
-                    Err(count) => entry.too_many_blocks[index(family)] = Some(count),
-                }
-            }
-            let mut members = entry.blocks.clone();
-            for (key, pod) in &self.pods {
-                if entry.selects(pod, &self.namespaces) {
-                    entry.pods.insert(key.clone());
-                    for ip in &pod.ips {
-                        members[index(Family::of(ip))].insert(SetMember::Net(IpNet::from(*ip)));
-                    }
-                }
-            }
-            let [v4, v6] = members;
-            entry.members = [Arc::new(v4), Arc::new(v6)];
-            self.entries.insert(definition.to_string(), entry);
+            self.entries.insert(selection.clone(), entry);
         }
-        self.entries.get_mut(definition).unwrap()
+        self.entries.get_mut(selection).expect("just made sure")
     }
 
-    /// The members of the peer set for `peers` (pod addresses and ipBlock prefixes), or how many
-    /// prefixes the ipBlocks alone need when that is more than `MAX_SET_MEMBERS`.
-    pub fn peer_members(
-        &mut self,
-        definition: &str,
-        namespace: &str,
-        peers: &[Peer],
-        family: Family,
-    ) -> Result<Members, usize> {
-        let entry = self.entry(definition, namespace, Some(peers));
-        match entry.too_many_blocks[index(family)] {
-            Some(count) => Err(count),
-            None => Ok(entry.members[index(family)].clone()),
+    /// The `hash:ip` set of the pods `selection` chooses.
+    pub fn pod_set(&mut self, selection: &PodSelection, family: Family) -> SetRef {
+        let entry = self.entry(selection);
+        SetRef {
+            name: entry.names[family].clone(),
+            members: entry.members[family].clone(),
         }
     }
 
-    /// How many of the set's entries (for `family`) come from ipBlocks, for a definition
-    /// `peer_members` has seen.
-    pub fn block_entries(&self, definition: &str, family: Family) -> usize {
-        self.entries
-            .get(definition)
-            .map_or(0, |e| e.blocks[index(family)].len())
-    }
-
-    /// (address, port) of every chosen pod (every pod, when `peers` is `None`) that has the named
-    /// port with that protocol.
-    pub fn named_port_members(
+    /// The `hash:ip,port` set of (address, port) of every pod `selection` chooses that has the
+    /// named port with that protocol.
+    pub fn named_port_set(
         &mut self,
-        definition: &str,
-        namespace: &str,
-        peers: Option<&[Peer]>,
+        selection: &PodSelection,
         port_name: &str,
         protocol: Protocol,
         family: Family,
-    ) -> Members {
-        self.entry(definition, namespace, peers);
+    ) -> SetRef {
+        self.entry(selection);
         let entry = self
             .entries
-            .get_mut(definition)
+            .get_mut(selection)
             .expect("just made sure it exists");
         let pods = &self.pods;
         entry
             .named
             .entry((port_name.to_string(), protocol))
             .or_insert_with(|| {
-                let mut members = [BTreeSet::new(), BTreeSet::new()];
-                for key in &entry.pods {
-                    for pair in named_pairs(&pods[&**key], port_name, protocol) {
-                        if let SetMember::IpPort(ip, ..) = &pair {
-                            members[index(Family::of(ip))].insert(pair);
-                        }
-                    }
-                }
-                let [v4, v6] = members;
-                [Arc::new(v4), Arc::new(v6)]
-            })[index(family)]
-        .clone()
+                let members = split_by_family(
+                    entry
+                        .pods
+                        .iter()
+                        .flat_map(|key| named_pairs(&pods[&**key], port_name, protocol)),
+                );
+                PerFamily::from_fn(|f| SetRef {
+                    name: names::named_port_set(f, selection, port_name, protocol),
+                    members: members[f].clone(),
+                })
+            })[family]
+            .clone()
     }
 
-    /// Forgets definitions that no compile since the last call used.
+    /// The `hash:net` set of the prefixes `blocks` stand for in `family`: `Ok(None)` when they
+    /// hold none of that family, `Err(count)` when they need more than `MAX_SET_MEMBERS`.
+    pub fn block_set(&mut self, blocks: &Blocks, family: Family) -> Result<Option<SetRef>, usize> {
+        if !self.used_blocks.contains(blocks) {
+            self.used_blocks.insert(blocks.clone());
+        }
+        self.blocks.entry(blocks.clone()).or_insert_with(|| {
+            PerFamily::from_fn(|f| {
+                let prefixes = canonical_prefixes(blocks, f)?;
+                Ok((!prefixes.is_empty()).then(|| SetRef {
+                    name: names::block_set(f, &prefixes),
+                    members: Arc::new(prefixes.into_iter().map(SetMember::Net).collect()),
+                }))
+            })
+        })[family]
+            .clone()
+    }
+
+    /// Forgets entries that no compile since the last call used.
     pub fn evict_unused(&mut self) {
         let used = std::mem::take(&mut self.used);
         self.entries.retain(|k, _| used.contains(k));
+        let used = std::mem::take(&mut self.used_blocks);
+        self.blocks.retain(|k, _| used.contains(k));
+    }
+}
+
+/// The addresses `blocks` cover in `family` as the fewest prefixes, sorted: one form for every way
+/// of writing the same addresses, which names the set.
+fn canonical_prefixes(blocks: &Blocks, family: Family) -> Result<Vec<IpNet>, usize> {
+    let pairs = blocks
+        .iter()
+        .map(|(cidr, except)| (cidr, except.as_slice()));
+    let prefixes = cidr::block_prefixes(pairs, family, MAX_SET_MEMBERS)?;
+    // hash:net cannot hold a /0, which aggregating the two halves of a whole space gives back.
+    let mut out: Vec<IpNet> = IpNet::aggregate(&prefixes)
+        .into_iter()
+        .flat_map(cidr::ipset_storable)
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn set_presence(set: &mut Members, member: SetMember, present: bool) {
+    if present != set.contains(&member) {
+        let set = Arc::make_mut(set);
+        if present {
+            set.insert(member);
+        } else {
+            set.remove(&member);
+        }
     }
 }

@@ -1,19 +1,21 @@
-//! Test-only: walks a `DesiredState` the way netfilter would walk the rendered rules, so compile()
-//! semantics can be checked packet by packet without root. The end-to-end suite checks the same
+//! Walks a [`DesiredState`] the way netfilter walks the rendered rules: the verdict our chains give
+//! one packet, without root and without the kernel. Pure. The compiler's semantic tests use it;
+//! so can anything that must explain or check a verdict. The end-to-end suite checks the same
 //! semantics against the real kernel.
 
+use super::ir::{ALLOW_MARK, DesiredState, Match, SetDirection, SetMember, Target};
 use crate::model::Protocol;
-use crate::state::{ALLOW_MARK, DesiredState, Match, SetDirection, SetMember, Target};
 use std::net::IpAddr;
 
-#[derive(Debug, Clone, Copy)]
+/// What follows the IP header, as far as our rules look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L4 {
     Port(Protocol, u16),
     Icmp6(u8),
     Icmp,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Packet {
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -23,10 +25,11 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub fn new(src: &str, dst: &str, l4: L4) -> Packet {
+    /// A new flow's first packet from `src` to `dst` that does not come from the node itself.
+    pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Packet {
         Packet {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
+            src,
+            dst,
             l4,
             established: false,
             src_is_local: false,
@@ -42,6 +45,9 @@ enum Outcome {
 }
 
 /// True if the packet gets through the hook of `builtin` (our rules only RETURN or REJECT).
+///
+/// Panics on a state the compiler never makes (a jump to a missing chain, a loop, a rule on a
+/// missing set or on a set of the wrong type): those are bugs, not verdicts.
 pub fn passes(state: &DesiredState, builtin: &str, packet: &Packet) -> bool {
     let mut mark = 0u32;
     for hook in state.hooks.iter().filter(|h| h.builtin == builtin) {
@@ -104,6 +110,8 @@ fn matches(state: &DesiredState, m: &Match, p: &Packet, mark: u32) -> bool {
                 .get(name)
                 .unwrap_or_else(|| panic!("rule references missing set {name}"));
             set.members.iter().any(|member| match (member, direction) {
+                (SetMember::Ip(ip), SetDirection::Src) => *ip == p.src,
+                (SetMember::Ip(ip), SetDirection::Dst) => *ip == p.dst,
                 (SetMember::Net(net), SetDirection::Src) => net.contains(&p.src),
                 (SetMember::Net(net), SetDirection::Dst) => net.contains(&p.dst),
                 (SetMember::IpPort(ip, proto, port), SetDirection::DstDstPort) => {

@@ -1,47 +1,13 @@
-//! Desired kernel state for one node and one IP family: what `compile()` produces and the dataplane
-//! renders. Rules are structured rather than strings so that tests can evaluate them against
+//! Desired kernel state for one node and one IP family: what the [`Compiler`](super::Compiler)
+//! produces and the dataplane renders. Rules are structured rather than strings so that tests can evaluate them against
 //! packets and the renderer is the only place that knows iptables syntax.
 
+pub use crate::model::Family;
 use crate::model::Protocol;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    pub fn of(ip: &IpAddr) -> Family {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
-    pub fn of_net(net: &IpNet) -> Family {
-        Family::of(&net.addr())
-    }
-
-    /// ipset's name for the family.
-    pub fn ipset_name(self) -> &'static str {
-        match self {
-            Family::V4 => "inet",
-            Family::V6 => "inet6",
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
-}
 
 /// The packet mark bit the agent uses to carry "some policy allowed this" from a policy chain back
 /// to the pod chain. Chosen clear of kube-proxy (0x4000, 0x8000), Calico (0xffff0000 by default
@@ -111,7 +77,9 @@ pub struct Hook {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetKind {
-    /// Peers: pod addresses as host prefixes and ipBlock prefixes.
+    /// The pods one selection chooses: their addresses ([`SetMember::Ip`]).
+    HashIp,
+    /// ipBlock prefixes ([`SetMember::Net`]).
     HashNet,
     /// Named ports resolved per pod: (pod address, protocol, port).
     HashIpPort,
@@ -120,6 +88,7 @@ pub enum SetKind {
 impl SetKind {
     pub fn ipset_type(self) -> &'static str {
         match self {
+            SetKind::HashIp => "hash:ip",
             SetKind::HashNet => "hash:net",
             SetKind::HashIpPort => "hash:ip,port",
         }
@@ -139,6 +108,7 @@ pub struct IpSet {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetMember {
+    Ip(IpAddr),
     Net(IpNet),
     IpPort(IpAddr, Protocol, u16),
 }
@@ -146,6 +116,7 @@ pub enum SetMember {
 impl fmt::Display for SetMember {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            SetMember::Ip(ip) => write!(f, "{ip}"),
             SetMember::Net(net) => write!(f, "{net}"),
             SetMember::IpPort(ip, proto, port) => {
                 write!(f, "{ip},{}:{port}", proto.as_kernel_str())

@@ -4,7 +4,7 @@
 //! union: ipset `nomatch` entries would be shared by every block in a set and give wrong answers
 //! when blocks overlap.
 
-use crate::state::Family;
+use crate::model::Family;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::{Ipv4Addr, Ipv6Addr};
 

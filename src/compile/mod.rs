@@ -1,0 +1,57 @@
+//! The pure core: a [`ClusterSnapshot`] and a node name in, the [`DesiredState`] of each family
+//! out. No I/O; the dataplane renders and writes what this produces.
+//!
+//! - [`Compiler`]: the one compile path. It keeps peer selections ([`peers`]) between calls, so
+//!   the agent's incremental syncs cost work in proportion to the change; a one-shot
+//!   `Compiler::new().compile(..)` gives the same result.
+//! - [`chains`]: dispatch, pod and policy chains and their rules; [`peers`]: the sets rules match,
+//!   one per distinct selection; [`selection`] and [`names`]: what a set selects, canonically, and
+//!   the kernel names derived from it; [`ir`]: the desired-state types; [`evaluate`]: walks a
+//!   desired state packet by packet as netfilter would.
+
+mod chains;
+pub mod evaluate;
+pub mod ir;
+pub mod names;
+mod peers;
+pub mod selection;
+#[cfg(test)]
+mod tests;
+
+pub use ir::DesiredState;
+
+use crate::model::{ClusterSnapshot, Family, PerFamily};
+
+/// Compiles snapshots for one node, remembering peer selections between calls.
+#[derive(Default)]
+pub struct Compiler {
+    selections: peers::Selections,
+}
+
+impl Compiler {
+    pub fn new() -> Compiler {
+        Compiler::default()
+    }
+
+    /// The desired state of both families on `node`. Equal to what a fresh `Compiler` gives for
+    /// the same snapshot, at a cost proportional to what changed since the previous call.
+    pub fn compile(&mut self, snapshot: &ClusterSnapshot, node: &str) -> PerFamily<DesiredState> {
+        self.selections.update(snapshot);
+        let states = PerFamily::from_fn(|family| {
+            chains::build(snapshot, node, family, &mut self.selections)
+        });
+        self.selections.evict_unused();
+        states
+    }
+
+    /// One family only (both are compiled; for tests and tools that look at one).
+    pub fn compile_family(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        node: &str,
+        family: Family,
+    ) -> DesiredState {
+        let mut states = self.compile(snapshot, node);
+        std::mem::take(&mut states[family])
+    }
+}
