@@ -21,7 +21,7 @@ fn pod_selector(meaning: usize, form: usize) -> Option<LabelSelector> {
     let mut sel = LabelSelector::default();
     match meaning {
         0 => {
-            if form % 2 == 0 {
+            if form == 0 {
                 return None;
             }
         }
@@ -29,7 +29,7 @@ fn pod_selector(meaning: usize, form: usize) -> Option<LabelSelector> {
             sel.match_labels.insert("app".into(), "db".into());
         }
         2 => {
-            let v = if form % 2 == 0 {
+            let v = if form == 0 {
                 vals(&["db", "web"])
             } else {
                 vals(&["web", "db", "web"])
@@ -41,7 +41,7 @@ fn pod_selector(meaning: usize, form: usize) -> Option<LabelSelector> {
                 Requirement::Exists("tier".into()),
                 Requirement::NotIn("app".into(), vals(&["cache"])),
             ];
-            if form % 2 == 1 {
+            if form == 1 {
                 e.reverse();
             }
             sel.match_expressions = e;
@@ -59,7 +59,7 @@ fn namespace_selector(meaning: usize, form: usize) -> LabelSelector {
             sel.match_labels.insert("team".into(), "blue".into());
         }
         _ => {
-            let v = if form % 2 == 0 {
+            let v = if form == 0 {
                 vals(&["blue", "red"])
             } else {
                 vals(&["red", "blue"])
@@ -106,14 +106,14 @@ fn generate(seed: u64) -> Generated {
             labels.insert("tier".into(), "back".into());
         }
         let mut ips: Vec<IpAddr> = vec![format!("10.1.{}.{}", i / 256, i % 256).parse().unwrap()];
-        if i % 7 != 0 {
+        if !i.is_multiple_of(7) {
             ips.push(format!("fd00::1:{i:x}").parse().unwrap());
         }
         s.pods.push(Pod {
             namespace: namespaces[rng.below(namespaces.len())].clone(),
             name: format!("p{i}"),
             labels,
-            node_name: Some(if i % 10 == 0 { "n1" } else { "n2" }.into()),
+            node_name: Some(if i.is_multiple_of(10) { "n1" } else { "n2" }.into()),
             ips,
             host_network: false,
             phase: PodPhase::Running,
