@@ -15,14 +15,11 @@
 //! Our chains only ever RETURN or REJECT, never ACCEPT, so the rules of kube-proxy, the CNI and the
 //! host firewall after our jump still run.
 
-use super::ir::{
-    DesiredState, FailedClosed, Hook, IpSet, MAX_NAMESPACE_BLOCK_ENTRIES, MAX_SET_MEMBERS, Match,
-    Members, Rule, SetDirection, SetKind, SetMember, Target,
-};
+use super::ir::{DesiredState, FailedClosed, Hook, Match, Rule, Target};
 use super::names;
-use super::peers::{self, Blocks, Selections, SetRef};
-use super::selection::PodSelection;
-use crate::model::{ClusterSnapshot, Family, Peer, Pod, Policy, PolicyRule, PortRef, Protocol};
+use super::peers::Selections;
+use super::rules::{Direction, RuleBuilder};
+use crate::model::{ClusterSnapshot, Family, Pod, Policy, Protocol};
 use ipnet::IpNet;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -31,33 +28,6 @@ use std::net::IpAddr;
 /// solicitation/advertisement, redirect): link-local plumbing between a pod and its node that
 /// policy must not break.
 const NEIGHBOUR_DISCOVERY_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Ingress,
-    Egress,
-}
-
-impl Direction {
-    fn is_ingress(self) -> bool {
-        self == Direction::Ingress
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        }
-    }
-
-    /// Which address of the packet a peer set matches.
-    fn peer_side(self) -> SetDirection {
-        match self {
-            Direction::Ingress => SetDirection::Src,
-            Direction::Egress => SetDirection::Dst,
-        }
-    }
-}
 
 /// The desired state of `family` on `node`; `selections` must be up to date with `snapshot`.
 pub(super) fn build(
@@ -91,15 +61,6 @@ struct LocalPod<'a> {
     ips: Vec<IpAddr>,
     ingress: Vec<&'a Policy>,
     egress: Vec<&'a Policy>,
-}
-
-/// The sets and rules of one policy rule, kept apart until the whole rule is known to fit.
-#[derive(Default)]
-struct RuleParts {
-    sets: Vec<(String, IpSet)>,
-    rules: Vec<Rule>,
-    /// ipBlock entries to charge to the policy's namespace: (set name, entries).
-    block_charge: Option<(String, usize)>,
 }
 
 impl<'a> ChainBuilder<'a> {
@@ -248,9 +209,15 @@ impl<'a> ChainBuilder<'a> {
             Direction::Ingress => &policy.ingress,
             Direction::Egress => &policy.egress,
         };
+        let local_pods: Vec<&Pod> = local.iter().map(|lp| lp.pod).collect();
         let mut out = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
-            match self.rule(policy, direction, rule, local) {
+            let builder = RuleBuilder {
+                family: self.family,
+                selections: &mut *self.selections,
+                block_entries_by_namespace: &self.block_entries_by_namespace,
+            };
+            match builder.rule(policy, direction, rule, &local_pods) {
                 Ok(parts) => {
                     if let Some((set, entries)) = parts.block_charge {
                         let used = self
@@ -273,229 +240,5 @@ impl<'a> ChainBuilder<'a> {
             }
         }
         out
-    }
-
-    /// The rules (and their sets) for one policy rule, or why it cannot be programmed (then it
-    /// fails closed: it allows nothing).
-    fn rule(
-        &mut self,
-        policy: &Policy,
-        direction: Direction,
-        rule: &PolicyRule,
-        local: &[LocalPod<'a>],
-    ) -> Result<RuleParts, String> {
-        let mut parts = RuleParts::default();
-        // `None`: any peer. Otherwise one match per distinct peer set.
-        let mut peer_matches: Option<Vec<Match>> = None;
-        let mut pod_selections: Vec<PodSelection> = Vec::new();
-        if let Some(peers) = &rule.peers {
-            let mut matches = Vec::new();
-            let mut blocks: Blocks = Vec::new();
-            for peer in peers {
-                match peer {
-                    Peer::Pods { namespaces, pods } => {
-                        let selection = PodSelection::of_peer(
-                            &policy.namespace,
-                            namespaces.as_ref(),
-                            pods.as_ref(),
-                        );
-                        if pod_selections.contains(&selection) {
-                            continue;
-                        }
-                        let set = self.selections.pod_set(&selection, self.family);
-                        self.check_size(&set.members, "peers")?;
-                        matches.push(self.add_set(
-                            &mut parts,
-                            set,
-                            SetKind::HashIp,
-                            direction.peer_side(),
-                        ));
-                        pod_selections.push(selection);
-                    }
-                    Peer::IpBlock { cidr, except } => blocks.push((*cidr, except.clone())),
-                }
-            }
-            if !blocks.is_empty() {
-                let set = self.selections.block_set(&blocks, self.family).map_err(|count| {
-                    format!(
-                        "its {} ipBlocks need a set of more than {MAX_SET_MEMBERS} entries ({count} or more)",
-                        self.family
-                    )
-                })?;
-                if let Some(set) = set {
-                    self.check_block_budget(policy, &set)?;
-                    parts.block_charge = Some((set.name.clone(), set.members.len()));
-                    matches.push(self.add_set(
-                        &mut parts,
-                        set,
-                        SetKind::HashNet,
-                        direction.peer_side(),
-                    ));
-                }
-            }
-            peer_matches = Some(matches);
-        }
-        let peer_alternatives: Vec<Option<Match>> = match &peer_matches {
-            None => vec![None],
-            Some(matches) => matches.iter().cloned().map(Some).collect(),
-        };
-        let Some(ports) = &rule.ports else {
-            for peer in &peer_alternatives {
-                parts.rules.push(Rule::new(
-                    peer.iter().cloned().collect(),
-                    Target::SetAllowMark,
-                ));
-            }
-            return Ok(parts);
-        };
-        for spec in ports {
-            let port_matches: Vec<Match> = match &spec.port {
-                None => vec![Match::Protocol(spec.protocol)],
-                Some(PortRef::Range { first, last }) => vec![
-                    Match::Protocol(spec.protocol),
-                    Match::DestinationPorts {
-                        first: *first,
-                        last: *last,
-                    },
-                ],
-                Some(PortRef::Named(port_name)) => {
-                    self.named_port_rules(
-                        &mut parts,
-                        policy,
-                        direction,
-                        rule,
-                        &pod_selections,
-                        &peer_alternatives,
-                        port_name,
-                        spec.protocol,
-                        local,
-                    )?;
-                    continue;
-                }
-            };
-            for peer in &peer_alternatives {
-                let mut matches: Vec<Match> = peer.iter().cloned().collect();
-                matches.extend(port_matches.iter().cloned());
-                parts.rules.push(Rule::new(matches, Target::SetAllowMark));
-            }
-        }
-        Ok(parts)
-    }
-
-    /// Rules for a named port. Ingress: resolved on the destination, the local pods the policy
-    /// selects, and combined with each peer. Egress: resolved on each peer selection's pods (every
-    /// pod when the rule has no peers; never on ipBlocks), which is the peer match itself.
-    #[allow(clippy::too_many_arguments)]
-    fn named_port_rules(
-        &mut self,
-        parts: &mut RuleParts,
-        policy: &Policy,
-        direction: Direction,
-        rule: &PolicyRule,
-        pod_selections: &[PodSelection],
-        peer_alternatives: &[Option<Match>],
-        port_name: &str,
-        protocol: Protocol,
-        local: &[LocalPod<'a>],
-    ) -> Result<(), String> {
-        let what = format!("its named port {port_name:?}");
-        match direction {
-            Direction::Ingress => {
-                let selected =
-                    PodSelection::of_peer(&policy.namespace, None, Some(&policy.pod_selector));
-                let members = local
-                    .iter()
-                    .filter(|lp| policy.selects(lp.pod))
-                    .flat_map(|lp| peers::named_pairs(lp.pod, port_name, protocol))
-                    .filter(
-                        |m| matches!(m, SetMember::IpPort(ip, ..) if Family::of(ip) == self.family),
-                    )
-                    .collect::<BTreeSet<_>>();
-                let set = SetRef {
-                    name: names::local_named_port_set(self.family, &selected, port_name, protocol),
-                    members: Members::new(members),
-                };
-                self.check_size(&set.members, &what)?;
-                let named = self.add_set(parts, set, SetKind::HashIpPort, SetDirection::DstDstPort);
-                for peer in peer_alternatives {
-                    let mut matches: Vec<Match> = peer.iter().cloned().collect();
-                    matches.push(named.clone());
-                    parts.rules.push(Rule::new(matches, Target::SetAllowMark));
-                }
-            }
-            Direction::Egress => {
-                let everything = [PodSelection::everything()];
-                let selections = match rule.peers {
-                    None => &everything[..],
-                    Some(_) => pod_selections,
-                };
-                for selection in selections {
-                    let set =
-                        self.selections
-                            .named_port_set(selection, port_name, protocol, self.family);
-                    self.check_size(&set.members, &what)?;
-                    let named =
-                        self.add_set(parts, set, SetKind::HashIpPort, SetDirection::DstDstPort);
-                    parts
-                        .rules
-                        .push(Rule::new(vec![named], Target::SetAllowMark));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Records `set` for the rule and returns the match on it.
-    fn add_set(
-        &self,
-        parts: &mut RuleParts,
-        set: SetRef,
-        kind: SetKind,
-        direction: SetDirection,
-    ) -> Match {
-        let m = Match::Set {
-            name: set.name.clone(),
-            direction,
-        };
-        parts.sets.push((
-            set.name,
-            IpSet {
-                kind,
-                family: self.family,
-                members: set.members,
-            },
-        ));
-        m
-    }
-
-    fn check_size(&self, members: &Members, what: &str) -> Result<(), String> {
-        if members.len() > MAX_SET_MEMBERS {
-            return Err(format!(
-                "{what} need a set of more than {MAX_SET_MEMBERS} {} entries ({})",
-                self.family,
-                members.len()
-            ));
-        }
-        Ok(())
-    }
-
-    /// One tenant must not add up, over many policies, what one set may not hold: the distinct
-    /// ipBlock sets of a namespace's policies share one budget.
-    fn check_block_budget(&self, policy: &Policy, set: &SetRef) -> Result<(), String> {
-        let (used, sets) = self
-            .block_entries_by_namespace
-            .get(&policy.namespace)
-            .map(|(u, s)| (*u, Some(s)))
-            .unwrap_or((0, None));
-        let entries = set.members.len();
-        if sets.is_some_and(|s| s.contains(&set.name))
-            || used + entries <= MAX_NAMESPACE_BLOCK_ENTRIES
-        {
-            return Ok(());
-        }
-        Err(format!(
-            "the ipBlocks of namespace {}'s policies need more than {MAX_NAMESPACE_BLOCK_ENTRIES} {} set entries in all ({used} before this rule, {entries} for it)",
-            policy.namespace, self.family
-        ))
     }
 }

@@ -14,6 +14,7 @@ pub mod evaluate;
 pub mod ir;
 pub mod names;
 mod peers;
+mod rules;
 pub mod selection;
 #[cfg(test)]
 mod tests;

@@ -64,3 +64,34 @@ fn incremental_rendering_writes_only_the_difference() {
     assert_eq!(drift.len(), 2, "{drift:?}");
     assert!(drift[0].contains("1 members missing"), "{drift:?}");
 }
+
+/// An upgrade: the kernel holds the sets the previous release wrote for the demo manifests (its
+/// per-peer-list `hash:net` sets and per-rule named-port sets). The first sync must create every
+/// set of the new layout and destroy every old one; none keeps its name with another type.
+#[test]
+fn the_previous_releases_sets_are_replaced_on_upgrade() {
+    use crate::compile::names;
+    use crate::dataplane::kernel::parse_ipset_save;
+    use crate::dataplane::render::{render_ipset_destroy, render_ipset_update};
+    let previous = parse_ipset_save(include_str!("previous_release_demo_sets.txt"));
+    assert_eq!(previous.sets.len(), 14);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/demo");
+    let snapshot = crate::manifests::load_dir(&dir).unwrap();
+    let states = Compiler::new().compile(&snapshot, "demo-node");
+    let desired = [&states.v4, &states.v6];
+    let destroy = render_ipset_destroy(desired, &previous);
+    for old in previous.sets.keys() {
+        assert!(names::is_generated_set(old), "{old}");
+        assert!(
+            destroy.lines().any(|l| l == format!("destroy {old}")),
+            "{old} stays behind:\n{destroy}"
+        );
+    }
+    let update = render_ipset_update(desired, &previous).unwrap();
+    for state in desired {
+        for (name, set) in &state.sets {
+            assert!(!previous.sets.contains_key(name), "{name} reused");
+            assert!(update.contains(&format!("create {name} {}", set.kind.ipset_type())));
+        }
+    }
+}
