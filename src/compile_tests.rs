@@ -647,7 +647,10 @@ fn incremental_rendering_writes_only_the_difference() {
     let drift = View::of_desired(&new).drift_from(&view);
     assert_eq!(drift.len(), 2, "{drift:?}");
     assert!(
-        matches!(drift[0], crate::dataplane::Drift::SetMembers { missing: 1, .. }),
+        matches!(
+            drift[0],
+            crate::dataplane::Drift::SetMembers { missing: 1, .. }
+        ),
         "{drift:?}"
     );
 }

@@ -15,6 +15,8 @@ mod drift;
 mod error;
 pub mod kernel;
 mod lock;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod other_engines;
 pub mod parse;
 mod probe;

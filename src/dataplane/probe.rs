@@ -182,3 +182,47 @@ pub fn probe_kernel(kernel: &(impl Kernel + ?Sized)) -> Result<()> {
         Err(DataplaneError::FeatureMissing(missing))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::Backend;
+    use crate::dataplane::memory::MemoryKernel;
+
+    #[test]
+    fn the_probe_leaves_nothing_behind() {
+        let kernel = MemoryKernel::new(Backend::Nft);
+        probe_kernel(&kernel).unwrap();
+        assert!(kernel.state().sets.is_empty());
+        for family in Family::ALL {
+            let saved = kernel.iptables_save(family).unwrap();
+            assert!(!saved.contains(PROBE_CHAIN), "{saved}");
+        }
+    }
+
+    #[test]
+    fn a_held_lock_is_not_a_missing_feature() {
+        let kernel = MemoryKernel::new(Backend::Legacy);
+        kernel.state().faults.lock_held = true;
+        let err = probe_kernel(&kernel).unwrap_err();
+        assert!(matches!(err, DataplaneError::LockHeld { .. }), "{err}");
+        assert!(kernel.state().sets.is_empty());
+    }
+
+    #[test]
+    fn refused_rules_are_named_with_their_modules() {
+        let kernel = MemoryKernel::new(Backend::Nft);
+        kernel.state().faults.reject_iptables = usize::MAX;
+        let err = probe_kernel(&kernel).unwrap_err();
+        let DataplaneError::FeatureMissing(missing) = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(missing.len(), 7, "every rule feature: {err}");
+        assert!(
+            err.to_string()
+                .contains("the set match (kernel module xt_set)"),
+            "{err}"
+        );
+        assert!(kernel.state().sets.is_empty());
+    }
+}
