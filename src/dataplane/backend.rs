@@ -1,10 +1,5 @@
-//! Which iptables backend (legacy or nft) the agent writes to, and how `auto` picks the one the
-//! host uses. No command-line types here: the CLI maps its own argument onto [`BackendChoice`].
-
-use super::error::{DataplaneError, Result};
-use super::parse;
-use super::process::Tables;
-use crate::state::Family;
+//! Which iptables backend (legacy or nft) the agent writes to (`detect.rs` picks one for
+//! `auto`). No command-line types here: the CLI maps its own argument onto [`BackendChoice`].
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
@@ -62,59 +57,6 @@ impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.suffix())
     }
-}
-
-/// Picks the backend the host uses, the way kube-proxy's iptables-wrapper does: the one where
-/// kubelet's canary chains live, else the one holding more rules (ours not counted), nft on a tie.
-pub fn detect_backend(choice: BackendChoice) -> Result<Tables> {
-    let pick = |b: Backend| Tables::find(b).ok_or(DataplaneError::BackendMissing(b));
-    match choice {
-        BackendChoice::Legacy => pick(Backend::Legacy),
-        BackendChoice::Nft => pick(Backend::Nft),
-        BackendChoice::Auto => {
-            let mut found: Vec<Tables> = Backend::ALL
-                .iter()
-                .filter_map(|b| Tables::find(*b))
-                .collect();
-            match found.len() {
-                0 => Err(DataplaneError::NoIptables),
-                1 => Ok(found.remove(0)),
-                _ => {
-                    let nft = found.remove(1);
-                    let legacy = found.remove(0);
-                    let chosen = if has_kubelet_canary(&nft) {
-                        nft
-                    } else if has_kubelet_canary(&legacy)
-                        || foreign_rule_count(&legacy) > foreign_rule_count(&nft)
-                    {
-                        legacy
-                    } else {
-                        nft
-                    };
-                    Ok(chosen)
-                }
-            }
-        }
-    }
-}
-
-/// Rules in this backend (both families, all tables) that are not ours: how much the host uses it.
-fn foreign_rule_count(tables: &Tables) -> usize {
-    Family::ALL
-        .iter()
-        .filter_map(|f| tables.save_all_tables(*f).ok())
-        .map(|text| parse::count_foreign_rules(&text))
-        .sum()
-}
-
-/// Whether kubelet or kube-proxy left their marker chains here (what kube-proxy's
-/// iptables-wrapper looks for first).
-fn has_kubelet_canary(tables: &Tables) -> bool {
-    Family::ALL.iter().any(|f| {
-        tables
-            .save_table(*f, "mangle")
-            .is_ok_and(|t| parse::has_kubelet_canary(&t))
-    })
 }
 
 #[cfg(test)]

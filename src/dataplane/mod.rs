@@ -5,12 +5,13 @@
 //! (our part of the kernel as data), [`parse`] (tool output → view), [`render`] (desired state →
 //! restore text; the only place that writes iptables/ipset syntax), [`drift`], [`kernel`] (the
 //! [`Kernel`] trait the sync talks to), [`process`] (its implementation with the tools), [`lock`]
-//! (the xtables lock), [`backend`] (legacy or nft), [`probe`] (kernel features), [`sets`] (our
+//! (the xtables lock), [`backend`] (legacy or nft) and [`detect`] (which one the host uses), [`probe`] (kernel features), [`sets`] (our
 //! set registry), [`cleanup`], [`canary`] (the cheap hook check) and [`other_engines`].
 
 mod backend;
 mod canary;
 mod cleanup;
+mod detect;
 mod drift;
 mod error;
 pub mod kernel;
@@ -26,8 +27,9 @@ mod sets;
 mod sync;
 pub mod view;
 
-pub use backend::{Backend, BackendChoice, detect_backend};
+pub use backend::{Backend, BackendChoice};
 pub use cleanup::{cleanup, cleanup_backend, remove_rules};
+pub use detect::detect_backend;
 pub use drift::Drift;
 pub use error::{BlamedLine, DataplaneError, MissingFeature};
 pub use kernel::Kernel;

@@ -1,6 +1,6 @@
 //! Our part of the kernel as data: sets and each family's filter table. The same types describe
-//! what was parsed from the kernel ([`super::parse`]) and what rendering the desired state yields
-//! ([`super::render`]), so the two can be compared; neither of those modules imports the other.
+//! what was parsed from the kernel (`parse.rs`) and what rendering the desired state yields
+//! (`render/`), so the two can be compared; both import this module, neither imports the other.
 
 use crate::state::{Family, Members, SetKind};
 use std::collections::{BTreeMap, BTreeSet};
