@@ -486,3 +486,6 @@ impl Kernel for MemoryKernel {
             .then(|| Box::new(self.through(self.backend.other())) as Box<dyn Kernel>)
     }
 }
+
+#[cfg(test)]
+mod tests;
