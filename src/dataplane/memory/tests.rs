@@ -47,7 +47,11 @@ fn a_set_in_use_is_not_destroyed_and_a_full_set_takes_no_more() {
     let err = kernel
         .ipset_restore("add KNI-4P-1 10.0.0.1\nadd KNI-4P-1 10.0.0.2\nadd KNI-4P-1 10.0.0.3\n")
         .unwrap_err();
-    assert!(err.to_string().contains("line 3"), "{err}");
+    let blamed = match &err {
+        DataplaneError::RestoreRejected { line, .. } => line.as_ref().map(|l| l.number),
+        _ => None,
+    };
+    assert_eq!(blamed, Some(3), "{err}");
     // ipset applies line by line: the first two stay.
     assert_eq!(kernel.state().sets["KNI-4P-1"].members.len(), 2);
     kernel.foreign_ipset("create KNI-4P-2 hash:net family inet maxelem 8\nadd KNI-4P-2 10.9.0.1\n");
