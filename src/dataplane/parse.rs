@@ -1,7 +1,7 @@
 //! Reading the kernel: `iptables-save -t filter`, `iptables -S`, `ipset save` and `ipset list -n`
 //! output → [`View`](super::view::View) parts (pure). Only what is ours is kept.
 
-use super::view::{HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_RULE};
+use super::view::{HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT};
 use crate::model::Protocol;
 use crate::names;
 use crate::state::{Family, SetKind, SetMember};
@@ -14,7 +14,7 @@ const BUILTIN_CHAINS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
 /// Our part of a filter table. Our prefix alone does not make a chain ours (another tool may use
 /// it too): ours are the chains our hooks (the built-in chains' jumps carrying our comment) lead to,
 /// through jumps in chains of ours, plus our fixed dispatch chains, chains we retired (see
-/// [`RETIRED_RULE`]) and chains with the exact shape of our generated names
+/// [`RETIRED_COMMENT`]) and chains with the exact shape of our generated names
 /// ([`names::is_generated_chain`]), which nothing may lead to after another tool flushed ours. That holds across restarts and for what earlier releases created, whose
 /// hooks carry the same comment. Everything else under our prefix is listed in `foreign`.
 pub fn parse_iptables_save(text: &str) -> KernelTable {
@@ -68,7 +68,7 @@ pub fn parse_iptables_save(text: &str) -> KernelTable {
         }
     }
     // Ours: reachable from our hooks and fixed chains, and retired chains.
-    let retired = [RETIRED_RULE.to_string()];
+    let retired = [format!("-m comment --comment \"{RETIRED_COMMENT}\"")];
     let mut todo: Vec<String> = table
         .jumps
         .iter()

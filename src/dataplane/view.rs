@@ -9,11 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// jump ours, across restarts and releases.
 pub const HOOK_COMMENT: &str = "kube-netpol-iptables";
 
-/// The only rule of a chain we no longer use but cannot delete yet (someone else's rule jumps to
-/// it): it matches everything and does nothing, so the chain marks nothing. Rules are held as
-/// iptables-save prints them, so this is that text.
-pub const RETIRED_RULE: &str =
-    "-m comment --comment \"kube-netpol-iptables: retired, still referenced\"";
+/// The comment of the only rule of a chain we no longer use but cannot delete yet (someone else's
+/// rule jumps to it): the rule matches everything and does nothing, so the chain marks nothing.
+pub const RETIRED_COMMENT: &str = "kube-netpol-iptables: retired, still referenced";
 
 /// Our part of one family's filter table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

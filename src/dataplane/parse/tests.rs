@@ -19,7 +19,9 @@ fn finds_our_chains_rules_and_jumps_only() {
 #[test]
 fn ours_is_what_our_hooks_lead_to_and_what_we_retired() {
     let save = format!(
-        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:FOREIGN - [0:0]\n:KNI-FORWARD - [0:0]\n:KNI-PODI-1 - [0:0]\n:KNI-POLI-1 - [0:0]\n:KNI-POLI-OLD - [0:0]\n:KNI-custom - [0:0]\n:KNI-custom-2 - [0:0]\n-A FORWARD -j KNI-custom\n-A FORWARD -m comment --comment kube-netpol-iptables -j KNI-FORWARD\n-A FOREIGN -j KNI-POLI-1\n-A KNI-FORWARD -d 10.0.0.1/32 -j KNI-PODI-1\n-A KNI-PODI-1 -j KNI-POLI-1\n-A KNI-POLI-1 -m set --match-set KNI-4P-1 src -j MARK --set-xmark 0x400000/0x400000\n-A KNI-POLI-OLD {RETIRED_RULE}\n-A KNI-custom -j KNI-custom-2\n-A KNI-custom-2 -j KNI-PODI-1\nCOMMIT\n"
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:FOREIGN - [0:0]\n:KNI-FORWARD - [0:0]\n:KNI-PODI-1 - [0:0]\n:KNI-POLI-1 - [0:0]\n:KNI-POLI-OLD - [0:0]\n:KNI-custom - [0:0]\n:KNI-custom-2 - [0:0]\n-A FORWARD -j KNI-custom\n-A FORWARD -m comment --comment kube-netpol-iptables -j KNI-FORWARD\n-A FOREIGN -j KNI-POLI-1\n-A KNI-FORWARD -d 10.0.0.1/32 -j KNI-PODI-1\n-A KNI-PODI-1 -j KNI-POLI-1\n-A KNI-POLI-1 -m set --match-set KNI-4P-1 src -j MARK --set-xmark 0x400000/0x400000\n-A KNI-POLI-OLD {}\n-A KNI-custom -j KNI-custom-2\n-A KNI-custom-2 -j KNI-PODI-1\nCOMMIT\n",
+        // Written by the renderer, recognised by the parser.
+        crate::dataplane::render::retired_rule()
     );
     let t = parse_iptables_save(&save);
     assert_eq!(

@@ -13,7 +13,7 @@ pub use ipset::{
 };
 
 use super::view::{
-    HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_RULE, View, maxelem_for,
+    HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT, View, maxelem_for,
 };
 use crate::state::{ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, Target};
 use std::collections::BTreeMap;
@@ -44,7 +44,7 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
     let (retained, deleted): (Vec<&String>, Vec<&String>) = stale
         .into_iter()
         .partition(|c| have.referenced.contains(*c));
-    let retired = vec![RETIRED_RULE.to_string()];
+    let retired = vec![retired_rule()];
     let retained: Vec<&String> = retained
         .into_iter()
         .filter(|c| have.rules.get(*c) != Some(&retired))
@@ -68,7 +68,7 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
         }
     }
     for chain in retained {
-        writeln!(out, "-A {chain} {RETIRED_RULE}").unwrap();
+        writeln!(out, "-A {chain} {}", retired_rule()).unwrap();
     }
     out.push_str(&hooks);
     for chain in deleted {
@@ -93,13 +93,18 @@ pub fn render_iptables_removal(kernel: &KernelTable) -> Option<String> {
     for chain in &kernel.chains {
         if kernel.referenced.contains(chain) {
             // Someone else's rule jumps here: emptied, deleted by a later cleanup.
-            writeln!(out, "-A {chain} {RETIRED_RULE}").unwrap();
+            writeln!(out, "-A {chain} {}", retired_rule()).unwrap();
         } else {
             writeln!(out, "-X {chain}").unwrap();
         }
     }
     out.push_str("COMMIT\n");
     Some(out)
+}
+
+/// The only rule of a chain we retired (see [`RETIRED_COMMENT`]), as iptables-save prints it.
+pub fn retired_rule() -> String {
+    format!("-m comment --comment \"{RETIRED_COMMENT}\"")
 }
 
 pub fn hook_spec(hook: &Hook) -> String {

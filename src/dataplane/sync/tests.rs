@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::dataplane::memory::{MemoryKernel, Write};
-use crate::dataplane::view::RETIRED_RULE;
+use crate::dataplane::render::retired_rule;
 use crate::dataplane::{Backend, DataplaneError, cleanup_backend};
 use crate::state::{Hook, IpSet, Match, Rule, SetDirection, SetKind, SetMember, Target};
 use std::sync::Arc;
@@ -237,11 +237,7 @@ fn a_chain_someone_else_still_jumps_to_is_kept_empty_until_released() {
         .table(Backend::Nft, Family::V4)
         .rules(&chain)
         .cloned();
-    assert_eq!(
-        kept,
-        Some(vec![RETIRED_RULE.to_string()]),
-        "emptied: marks nothing"
-    );
+    assert_eq!(kept, Some(vec![retired_rule()]), "emptied: marks nothing");
     assert!(!set_exists(&kernel, &peer_set(2)), "its set is free");
     let report = dp.sync(&want, SyncMode::Full).unwrap();
     assert_eq!((report.repairs, report.retained_chains), (vec![], 1));
@@ -384,6 +380,6 @@ fn cleanup_removes_everything_of_ours_and_keeps_a_chain_someone_jumps_to() {
     assert_eq!(left, Vec::<String>::new(), "sets and the registry are gone");
     let table = parse_iptables_save(&kernel.iptables_save(Family::V4).unwrap());
     assert_eq!(table.chains, [policy_chain(2)]);
-    assert_eq!(table.rules[&policy_chain(2)], [RETIRED_RULE]);
+    assert_eq!(table.rules[&policy_chain(2)], [retired_rule()]);
     assert!(table.jumps.is_empty());
 }
