@@ -50,12 +50,12 @@ pub fn sync_snapshot(
             if let Some(m) = metrics {
                 m.sync_failed(mode, true);
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     for repair in &report.repairs {
         tracing::warn!(
-            repair = repair.as_str(),
+            repair = %repair,
             "repaired drift: the kernel differed from what we had written"
         );
     }

@@ -47,7 +47,7 @@ pub enum Command {
         #[arg(long)]
         once: bool,
         /// iptables backend: auto picks the one the host uses, as kube-proxy does.
-        #[arg(long, env = "KNI_BACKEND", value_enum, default_value = "auto")]
+        #[arg(long, env = "KNI_BACKEND", value_parser = backend_choice(), default_value = "auto")]
         backend: BackendChoice,
         /// Address for /metrics, /healthz and /readyz; "off" disables them.
         #[arg(long, env = "KNI_METRICS_BIND_ADDRESS", default_value = metrics::DEFAULT_BIND)]
@@ -91,7 +91,7 @@ pub enum Command {
     /// Remove every chain, jump and set the agent owns (both families), and nothing else.
     Cleanup {
         /// Which backend to clean; auto cleans every installed one.
-        #[arg(long, env = "KNI_BACKEND", value_enum, default_value = "auto")]
+        #[arg(long, env = "KNI_BACKEND", value_parser = backend_choice(), default_value = "auto")]
         backend: BackendChoice,
     },
     /// Print the version.
@@ -147,6 +147,13 @@ fn show(d: Duration) -> String {
         _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
         _ => format!("{ms}ms"),
     }
+}
+
+/// `--backend`: the dataplane's plain enum, with its names listed in `--help`.
+fn backend_choice() -> impl clap::builder::TypedValueParser<Value = BackendChoice> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(BackendChoice::NAMES)
+        .try_map(|name| name.parse::<BackendChoice>())
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -320,8 +327,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 )
             })?;
             match backend {
-                BackendChoice::Auto => dataplane::cleanup(),
-                one => dataplane::cleanup_backend(&dataplane::detect_backend(one)?),
+                BackendChoice::Auto => Ok(dataplane::cleanup()?),
+                one => Ok(dataplane::cleanup_backend(&dataplane::detect_backend(
+                    one,
+                )?)?),
             }
         }
         Command::Version => {

@@ -1,0 +1,294 @@
+//! Pure rendering: desired state + what the kernel holds → `ipset restore` and
+//! `iptables-restore --noflush` text. The only place that writes iptables and ipset syntax; only
+//! our own chains, jumps and sets ever appear in it.
+
+mod ipset;
+#[cfg(test)]
+mod tests;
+
+pub use ipset::{
+    PROBE_PREFIX, REGISTRY, batch_line_set, check_batch, destroy_batch, keep_kernel_set_sizes,
+    list_batch, probe_set_create, register_batch, render_ipset_destroy, render_ipset_update,
+    with_registry,
+};
+
+use super::view::{
+    HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT, View, maxelem_for,
+};
+use crate::state::{ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, Target};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// `iptables-restore --noflush` text that turns one family's filter table from `have` into `want`
+/// (our part of it, as `View` describes it), or `None` when they already agree. Only chains whose
+/// rules differ are declared (which creates or flushes them) and refilled; stale chains of ours
+/// are flushed and deleted; each hook is made the single first rule of its built-in chain.
+/// Built-in chains are never flushed; only rules jumping to our chains are touched in them.
+pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String> {
+    let empty = Vec::new();
+    let changed: Vec<(&String, &Vec<String>)> = want
+        .chains
+        .iter()
+        .map(|chain| (chain, want.rules.get(chain).unwrap_or(&empty)))
+        .filter(|(chain, rules)| {
+            !have.chains.contains(chain) || have.rules.get(*chain).unwrap_or(&empty) != *rules
+        })
+        .collect();
+    let stale: Vec<&String> = have
+        .chains
+        .iter()
+        .filter(|c| !want.chains.contains(c))
+        .collect();
+    // A stale chain someone else's rule still jumps to cannot be deleted: it is emptied instead
+    // (it then marks nothing, so allows nothing) and deleted by a later sync once released.
+    let (retained, deleted): (Vec<&String>, Vec<&String>) = stale
+        .into_iter()
+        .partition(|c| have.referenced.contains(*c));
+    let retired = vec![retired_rule()];
+    let retained: Vec<&String> = retained
+        .into_iter()
+        .filter(|c| have.rules.get(*c) != Some(&retired))
+        .collect();
+    let hooks = render_hooks(&want.jumps, have);
+    if changed.is_empty() && retained.is_empty() && deleted.is_empty() && hooks.is_empty() {
+        return None;
+    }
+    let mut out = String::from("*filter\n");
+    for chain in changed
+        .iter()
+        .map(|(c, _)| *c)
+        .chain(retained.iter().copied())
+        .chain(deleted.iter().copied())
+    {
+        writeln!(out, ":{chain} - [0:0]").unwrap();
+    }
+    for (chain, rules) in &changed {
+        for rule in *rules {
+            writeln!(out, "-A {chain} {rule}").unwrap();
+        }
+    }
+    for chain in retained {
+        writeln!(out, "-A {chain} {}", retired_rule()).unwrap();
+    }
+    out.push_str(&hooks);
+    for chain in deleted {
+        writeln!(out, "-X {chain}").unwrap();
+    }
+    out.push_str("COMMIT\n");
+    Some(out)
+}
+
+/// Text removing every chain and jump of ours from one family's filter table.
+pub fn render_iptables_removal(kernel: &KernelTable) -> Option<String> {
+    if kernel.chains.is_empty() && kernel.jumps.is_empty() {
+        return None;
+    }
+    let mut out = String::from("*filter\n");
+    for chain in &kernel.chains {
+        writeln!(out, ":{chain} - [0:0]").unwrap();
+    }
+    for jump in &kernel.jumps {
+        writeln!(out, "-D {} {}", jump.builtin, jump.spec).unwrap();
+    }
+    for chain in &kernel.chains {
+        if kernel.referenced.contains(chain) {
+            // Someone else's rule jumps here: emptied, deleted by a later cleanup.
+            writeln!(out, "-A {chain} {}", retired_rule()).unwrap();
+        } else {
+            writeln!(out, "-X {chain}").unwrap();
+        }
+    }
+    out.push_str("COMMIT\n");
+    Some(out)
+}
+
+/// The only rule of a chain we retired (see [`RETIRED_COMMENT`]), as iptables-save prints it.
+pub fn retired_rule() -> String {
+    format!("-m comment --comment \"{RETIRED_COMMENT}\"")
+}
+
+pub fn hook_spec(hook: &Hook) -> String {
+    format!("-m comment --comment {HOOK_COMMENT} -j {}", hook.target)
+}
+
+fn render_hooks(want: &[Jump], have: &KernelTable) -> String {
+    let mut out = String::new();
+    for hook in want {
+        let ours: Vec<_> = have
+            .jumps
+            .iter()
+            .filter(|j| j.builtin == hook.builtin)
+            .collect();
+        // Already exactly right: our single jump, first in the chain.
+        if let [only] = ours.as_slice()
+            && only.position == 1
+            && only.spec == hook.spec
+        {
+            continue;
+        }
+        for jump in ours {
+            writeln!(out, "-D {} {}", jump.builtin, jump.spec).unwrap();
+        }
+        writeln!(out, "-I {} 1 {}", hook.builtin, hook.spec).unwrap();
+    }
+    // Jumps of ours from built-in chains we no longer hook.
+    for jump in &have.jumps {
+        if !want.iter().any(|h| h.builtin == jump.builtin) {
+            writeln!(out, "-D {} {}", jump.builtin, jump.spec).unwrap();
+        }
+    }
+    out
+}
+
+/// One rule in iptables-save's canonical form (addresses and protocol first), without `-A CHAIN`.
+pub fn render_rule(family: Family, rule: &Rule) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for m in &rule.matches {
+        match m {
+            Match::Source(net) => parts.push(format!("-s {net}")),
+            Match::Destination(net) => parts.push(format!("-d {net}")),
+            Match::Protocol(p) => parts.push(format!("-p {}", p.as_kernel_str())),
+            Match::Icmp6Type(_) => parts.push("-p ipv6-icmp".into()),
+            _ => {}
+        }
+    }
+    if let Some(c) = &rule.comment {
+        parts.push(format!("-m comment --comment \"{}\"", sanitize_comment(c)));
+    }
+    for m in &rule.matches {
+        match m {
+            Match::Source(_) | Match::Destination(_) | Match::Protocol(_) => {}
+            Match::Icmp6Type(t) => parts.push(format!("-m icmp6 --icmpv6-type {t}")),
+            Match::EstablishedOrRelated => {
+                parts.push("-m conntrack --ctstate RELATED,ESTABLISHED".into())
+            }
+            Match::SourceIsLocal => parts.push("-m addrtype --src-type LOCAL".into()),
+            Match::DestinationPorts { first, last } => {
+                if first == last {
+                    parts.push(format!("-m multiport --dports {first}"))
+                } else {
+                    parts.push(format!("-m multiport --dports {first}:{last}"))
+                }
+            }
+            Match::Set { name, direction } => {
+                let flags = match direction {
+                    SetDirection::Src => "src",
+                    SetDirection::Dst => "dst",
+                    SetDirection::DstDstPort => "dst,dst",
+                };
+                parts.push(format!("-m set --match-set {name} {flags}"))
+            }
+            Match::AllowMarkSet => {
+                parts.push(format!("-m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"))
+            }
+        }
+    }
+    parts.push(match &rule.target {
+        Target::Jump(chain) => format!("-j {chain}"),
+        Target::Return => "-j RETURN".into(),
+        Target::SetAllowMark => format!("-j MARK --set-xmark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"),
+        Target::ClearAllowMark => format!("-j MARK --set-xmark 0x0/{ALLOW_MARK:#x}"),
+        Target::RejectWithTcpReset => "-j REJECT --reject-with tcp-reset".into(),
+        Target::Reject => match family {
+            Family::V4 => "-j REJECT --reject-with icmp-port-unreachable".into(),
+            Family::V6 => "-j REJECT --reject-with icmp6-port-unreachable".into(),
+        },
+    });
+    parts.join(" ")
+}
+
+/// Comments only ever carry validated Kubernetes names; this is a second line of defence so that
+/// nothing can break out of the quoted argument in the restore text.
+fn sanitize_comment(c: &str) -> String {
+    c.chars()
+        .filter(|ch| ch.is_ascii_alphanumeric() || " ./:_-".contains(*ch))
+        .take(200)
+        .collect()
+}
+
+/// Everything `run` would write to a node with none of our state yet, for `render`.
+pub fn render_fresh(states: &[(Family, DesiredState)]) -> String {
+    let empty_sets = KernelSets::default();
+    let empty_table = KernelTable::default();
+    let want = View::of_desired(states);
+    let mut out = String::from("# ipset restore\n");
+    out.push_str(
+        &render_ipset_update(states.iter().map(|(_, s)| s), &empty_sets)
+            .expect("an empty kernel has no conflicting sets"),
+    );
+    for (family, _) in states {
+        let tool = match family {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        };
+        writeln!(out, "# {tool} --noflush ({family})").unwrap();
+        out.push_str(&render_iptables(&want.tables[family], &empty_table).unwrap_or_default());
+    }
+    out
+}
+
+/// A restore batch declaring (creating or flushing) `chain` and appending `rules` to it.
+pub fn chain_batch(family: Family, chain: &str, rules: &[&Rule]) -> String {
+    let mut out = format!("*filter\n:{chain} - [0:0]\n");
+    for rule in rules {
+        writeln!(out, "-A {chain} {}", render_rule(family, rule)).unwrap();
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// A restore batch flushing and deleting `chain`.
+pub fn delete_chain_batch(chain: &str) -> String {
+    format!("*filter\n:{chain} - [0:0]\n-X {chain}\nCOMMIT\n")
+}
+
+impl View {
+    /// The view the kernel shows once `desired` is written.
+    pub fn of_desired(desired: &[(Family, DesiredState)]) -> View {
+        let mut view = View::default();
+        for (family, state) in desired {
+            for (name, set) in &state.sets {
+                view.sets.sets.insert(
+                    name.clone(),
+                    KernelSet {
+                        kind: Some(set.kind),
+                        family: Some(set.family),
+                        maxelem: Some(maxelem_for(set.members.len())),
+                        members: set.members.clone(),
+                        unparsed_members: vec![],
+                    },
+                );
+            }
+            let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
+            let table = KernelTable {
+                chains: state.chains.keys().cloned().collect(),
+                jumps: state
+                    .hooks
+                    .iter()
+                    .map(|h| {
+                        let pos = positions.entry(h.builtin).or_insert(0);
+                        *pos += 1;
+                        Jump {
+                            builtin: h.builtin.to_string(),
+                            position: *pos,
+                            spec: hook_spec(h),
+                        }
+                    })
+                    .collect(),
+                rules: state
+                    .chains
+                    .iter()
+                    .map(|(c, rules)| {
+                        (
+                            c.clone(),
+                            rules.iter().map(|r| render_rule(*family, r)).collect(),
+                        )
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            view.tables.insert(*family, table);
+        }
+        view
+    }
+}

@@ -1,0 +1,176 @@
+use super::ipset::hashsize_for;
+use super::*;
+use crate::dataplane::view::maxelem_fits;
+
+#[test]
+fn sets_are_sized_to_what_they_hold_and_rebuilt_only_when_far_off() {
+    assert_eq!(maxelem_for(0), 65_536);
+    assert_eq!(maxelem_for(3), 65_536);
+    assert_eq!(maxelem_for(40_000), 131_072);
+    assert_eq!(maxelem_for(crate::state::MAX_SET_MEMBERS), 524_288);
+    for members in [
+        0,
+        1,
+        1000,
+        32_768,
+        32_769,
+        100_000,
+        crate::state::MAX_SET_MEMBERS,
+    ] {
+        let made = maxelem_for(members);
+        assert!(made as usize >= members);
+        assert!(maxelem_fits(Some(made), members));
+        // A set made for this many keeps fitting while it grows until it would overflow...
+        assert!(!maxelem_fits(Some(made), made as usize + 1));
+        // ...and a small change never rebuilds it.
+        assert!(maxelem_fits(Some(made), members + members / 4));
+    }
+    // What older releases created (1,048,576 for every set) is rebuilt for small sets.
+    assert!(!maxelem_fits(Some(1_048_576), 3));
+    assert!(!maxelem_fits(Some(16), 3));
+    assert!(!maxelem_fits(None, 3));
+    assert_eq!(hashsize_for(10), 1024);
+    assert_eq!(hashsize_for(200_000), 65_536);
+}
+
+fn hosts(count: u32) -> crate::state::Members {
+    std::sync::Arc::new(
+        (0..count)
+            .map(|i| {
+                crate::state::SetMember::Net(ipnet::IpNet::from(std::net::IpAddr::from(
+                    std::net::Ipv4Addr::from(0x0a00_0000 + i),
+                )))
+            })
+            .collect(),
+    )
+}
+
+/// A set that grows across several incremental syncs is rebuilt before an `add` would
+/// overflow the `maxelem` it was created with ("Hash is full"), even though a new set of the
+/// intermediate size would have been created larger.
+#[test]
+fn a_growing_set_is_rebuilt_before_it_overflows() {
+    use crate::dataplane::view::KernelSet;
+    use crate::state::{IpSet, SetKind};
+    let state = |count| DesiredState {
+        sets: [(
+            "KNI-4P-x".to_string(),
+            IpSet {
+                kind: SetKind::HashNet,
+                family: Family::V4,
+                members: hosts(count),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    // What the kernel holds: created small, so with ipset's default maxelem.
+    let mut kernel = KernelSets::default();
+    kernel.sets.insert(
+        "KNI-4P-x".into(),
+        KernelSet {
+            kind: Some(SetKind::HashNet),
+            family: Some(Family::V4),
+            maxelem: Some(65_536),
+            members: hosts(10),
+            unparsed_members: vec![],
+        },
+    );
+    // Growing to 40,000 fits in place; the remembered size stays 65,536.
+    let grown = state(40_000);
+    let text = render_ipset_update([&grown], &kernel).unwrap();
+    assert!(!text.contains("swap"));
+    let mut remembered = View::of_desired(&[(Family::V4, grown)]).sets;
+    keep_kernel_set_sizes(&mut remembered, &kernel);
+    assert_eq!(remembered.sets["KNI-4P-x"].maxelem, Some(65_536));
+    // Growing on to 70,000 would overflow it: rebuilt with room, and swapped in.
+    let text = render_ipset_update([&state(70_000)], &remembered).unwrap();
+    assert!(text.contains("maxelem 262144"), "{}", &text[..200]);
+    assert!(text.contains("swap KNI-4P-x-T"), "rebuilt");
+}
+
+#[test]
+fn every_rendered_command_names_a_set_of_ours() {
+    use crate::state::{DesiredState, Family, IpSet, SetKind, SetMember};
+    let set = |members: &[&str]| IpSet {
+        kind: SetKind::HashNet,
+        family: Family::V4,
+        members: std::sync::Arc::new(
+            members
+                .iter()
+                .map(|m| SetMember::Net(m.parse().unwrap()))
+                .collect(),
+        ),
+    };
+    let mut desired = DesiredState::default();
+    for name in ["KNI-4P-new", "KNI-4P-changed", "KNI-4P-rebuilt"] {
+        desired
+            .sets
+            .insert(name.into(), set(&["10.0.0.1/32", "10.1.0.0/16"]));
+    }
+    // In the kernel: one set to change in place, one with other parameters (rebuilt by
+    // swap), one no longer wanted (destroyed).
+    let mut kernel = crate::dataplane::parse::parse_ipset_save(
+        "create KNI-4P-changed hash:net family inet maxelem 1048576\nadd KNI-4P-changed 10.9.9.9\ncreate KNI-4P-rebuilt hash:net family inet maxelem 16\ncreate KNI-4P-stale hash:net family inet maxelem 1048576\n",
+    );
+    kernel.sets.get_mut("KNI-4P-changed").unwrap().maxelem = desired_maxelem();
+    let update = render_ipset_update([&desired], &kernel).unwrap();
+    let destroy = render_ipset_destroy([&desired], &kernel);
+    for command in ["create", "add", "del", "flush", "swap", "destroy"] {
+        assert!(
+            update
+                .lines()
+                .chain(destroy.lines())
+                .any(|l| l.starts_with(command)),
+            "the test covers {command}:\n{update}{destroy}"
+        );
+    }
+    check_batch(&update).unwrap();
+    check_batch(&destroy).unwrap();
+}
+
+/// The maxelem `render` gives our sets, whatever it is.
+fn desired_maxelem() -> Option<u32> {
+    View::of_desired(&[(crate::state::Family::V4, {
+        let mut d = crate::state::DesiredState::default();
+        d.sets.insert(
+            "KNI-4P-x".into(),
+            crate::state::IpSet {
+                kind: crate::state::SetKind::HashNet,
+                family: crate::state::Family::V4,
+                members: Default::default(),
+            },
+        );
+        d
+    })])
+    .sets
+    .sets["KNI-4P-x"]
+        .maxelem
+}
+
+#[test]
+fn created_sets_are_registered_and_taken_out_before_destroy() {
+    assert_eq!(
+        with_registry(
+            "create KNI-4P-1 hash:net family inet\nadd KNI-4P-1 10.0.0.1\ncreate KNI-4P-2 hash:net family inet\ndestroy KNI-4P-3\ncreate KNI-PROBE-NET4 hash:net\ndestroy KNI-PROBE-NET4\n"
+        ),
+        format!(
+            "create {REGISTRY} list:set size 1048576\ncreate KNI-4P-1 hash:net family inet\nadd {REGISTRY} KNI-4P-1\nadd KNI-4P-1 10.0.0.1\ncreate KNI-4P-2 hash:net family inet\nadd {REGISTRY} KNI-4P-2\ndel {REGISTRY} KNI-4P-3\ndestroy KNI-4P-3\ncreate KNI-PROBE-NET4 hash:net\ndestroy KNI-PROBE-NET4\n"
+        )
+    );
+}
+
+#[test]
+fn a_command_without_its_set_name_is_refused() {
+    assert!(check_batch("create KNI-4P-1 hash:net family inet\nadd KNI-4P-1 10.0.0.1\nflush KNI-4P-1-T\nswap KNI-4P-1-T KNI-4P-1\ndestroy KNI-4P-1-T\n").is_ok());
+    for bad in [
+        "flush",
+        "destroy\n",
+        "flush \n",
+        "add KNI-4P-1 1.2.3.4\ndestroy",
+        "destroy other-set",
+        "flus KNI-4P-1",
+    ] {
+        assert!(check_batch(bad).is_err(), "{bad:?}");
+    }
+}
