@@ -353,6 +353,68 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    fn config(args: &[&str]) -> Result<Config> {
+        let argv = ["k"].iter().chain(args);
+        Cli::try_parse_from(argv).unwrap().into_config()
+    }
+
+    #[test]
+    fn run_flags_become_a_plain_config() {
+        let Config::Run(run) = config(&[
+            "run",
+            "--node-name",
+            "n1",
+            "--manifests",
+            "/m",
+            "--backend",
+            "nft",
+            "--metrics-bind-address",
+            "127.0.0.1:9000",
+            "--sync-debounce",
+            "250ms",
+        ])
+        .unwrap() else {
+            panic!("not run");
+        };
+        assert_eq!(
+            run.source,
+            SourceConfig::Manifests {
+                dir: "/m".into(),
+                max_file_bytes: manifests::DEFAULT_MAX_FILE_BYTES,
+                poll_interval: Duration::from_millis(200),
+            }
+        );
+        assert_eq!(run.node_name, "n1");
+        assert_eq!(run.backend, BackendChoice::Nft);
+        assert_eq!(run.metrics_bind, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(run.timing.debounce, Duration::from_millis(250));
+        assert!(!run.once);
+
+        let Config::Run(run) =
+            config(&["run", "--node-name", "n1", "--metrics-bind-address", "off"]).unwrap()
+        else {
+            panic!("not run");
+        };
+        assert_eq!(run.source, SourceConfig::Kube { kubeconfig: None });
+        assert_eq!(run.metrics_bind, None);
+    }
+
+    #[test]
+    fn unusable_run_flags_are_refused_with_the_reason() {
+        let err = config(&["run", "--node-name", ""]).unwrap_err().to_string();
+        assert!(err.contains("no node name"), "{err}");
+        let err = config(&[
+            "run",
+            "--node-name",
+            "n",
+            "--metrics-bind-address",
+            "localhost",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--metrics-bind-address"), "{err}");
+    }
+
     #[test]
     fn manifests_and_kubeconfig_exclude_each_other() {
         assert!(

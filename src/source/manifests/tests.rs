@@ -261,3 +261,33 @@ fn file_size_is_capped_and_large_valid_files_load() {
         "{err}"
     );
 }
+
+/// The directory source's own polling: a changed file bumps the generation and wakes the waiter;
+/// an unchanged directory does not.
+#[tokio::test]
+async fn polling_sees_a_changed_file() {
+    use crate::source::Source;
+    const NS_A: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    let dir = TempDir::new("poll");
+    dir.write("a.yaml", NS_A);
+    let source = DirSource::new(dir.0.clone(), DEFAULT_MAX_FILE_BYTES);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poller = tokio::spawn(
+        source
+            .clone()
+            .poll(std::time::Duration::from_millis(10), stop.clone()),
+    );
+    let (first, snapshot) = source.snapshot().unwrap().unwrap();
+    assert!(snapshot.namespaces.contains_key("a"));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(source.generation(), Some(first), "nothing changed");
+    dir.write("b.yaml", &NS_A.replace("name: a", "name: b"));
+    tokio::time::timeout(std::time::Duration::from_secs(5), source.changed())
+        .await
+        .expect("no change seen");
+    let (second, snapshot) = source.snapshot().unwrap().unwrap();
+    assert!(second > first);
+    assert!(snapshot.namespaces.contains_key("b"));
+    stop.cancel();
+    poller.await.unwrap();
+}
