@@ -15,6 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::cli";
+
 pub fn run(config: Config) -> Result<()> {
     match config {
         Config::Run(config) => run_agent(config),
@@ -60,7 +64,7 @@ fn run_agent(config: RunConfig) -> Result<()> {
     }
     let mut tables = dataplane::detect_backend(config.backend)?;
     tables.lock_wait = config.xtables_wait;
-    tracing::info!(backend = %tables.backend, node = config.node_name, "starting");
+    tracing::info!(target: LOG_TARGET, backend = %tables.backend, node = config.node_name, "starting");
     // Liveness allows for the slowest legitimate gap: a resync plus its retries.
     let metrics = Metrics::new((config.timing.resync_period * 2).max(Duration::from_secs(120)));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -142,7 +146,7 @@ async fn cancel_on_signal(stop: CancellationToken) {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!("signal received: finishing the sync in progress");
+    tracing::info!(target: LOG_TARGET, "signal received: finishing the sync in progress");
     stop.cancel();
 }
 
@@ -153,9 +157,9 @@ async fn serve_metrics(bind: std::net::SocketAddr, metrics: Arc<Metrics>, holder
     if let Err(e) = metrics::serve(bind, metrics).await {
         match holder {
             Some(holder) => {
-                tracing::error!("{e:#}; {holder}: two agents on one node would fight, exiting")
+                tracing::error!(target: LOG_TARGET, "{e:#}; {holder}: two agents on one node would fight, exiting")
             }
-            None => tracing::error!("{e:#}"),
+            None => tracing::error!(target: LOG_TARGET, "{e:#}"),
         }
         std::process::exit(1);
     }
@@ -173,13 +177,13 @@ async fn wait_for_instance_lock(
             Ok(lock) => {
                 metrics.set_waiting(None);
                 if logged {
-                    tracing::info!("the other instance is gone: took over the node lock");
+                    tracing::info!(target: LOG_TARGET, "the other instance is gone: took over the node lock");
                 }
                 return Ok(Some(lock));
             }
             Err(holder) => {
                 if !logged {
-                    tracing::warn!(
+                    tracing::warn!(target: LOG_TARGET,
                         "{holder}: waiting for it to exit; until then this instance writes nothing and is not ready"
                     );
                     logged = true;

@@ -15,6 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::metrics";
+
 /// The default for `--metrics-bind-address`. Clear of kube-proxy (10249, 10256), kubelet
 /// (10248, 10250, 10255), node-exporter (9100) and kube-network-policies (9080).
 pub const DEFAULT_BIND: &str = "0.0.0.0:9847";
@@ -78,7 +82,7 @@ pub async fn serve(bind: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
     let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-bind-address {bind}: {e}"))?;
-    tracing::info!(%bind, "serving /metrics, /healthz and /readyz");
+    tracing::info!(target: LOG_TARGET, %bind, "serving /metrics, /healthz and /readyz");
     let listener = LimitedListener {
         inner: listener,
         open: Arc::new(OpenConnections {

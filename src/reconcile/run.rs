@@ -13,6 +13,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::agent";
+
 /// The loop's longest sleep without a change (it keeps /healthz and the metrics current, and
 /// lets the canary run).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -64,7 +68,7 @@ pub async fn run<S: Source, T: Target>(
     let mut waiting_logged = false;
     loop {
         if stop.is_cancelled() {
-            tracing::info!(
+            tracing::info!(target: LOG_TARGET,
                 "stopping; the programmed state stays in the kernel (use `cleanup` to remove it)"
             );
             return Ok(());
@@ -76,7 +80,7 @@ pub async fn run<S: Source, T: Target>(
         match source.generation() {
             None => {
                 if !waiting_logged {
-                    tracing::info!("{}", source.waiting_for());
+                    tracing::info!(target: LOG_TARGET, "{}", source.waiting_for());
                     waiting_logged = true;
                 }
             }
@@ -130,7 +134,7 @@ pub async fn once<S: Source, T: Target>(
     let mut waiting_logged = false;
     while source.generation().is_none() {
         if !waiting_logged {
-            tracing::info!("{}", source.waiting_for());
+            tracing::info!(target: LOG_TARGET, "{}", source.waiting_for());
             waiting_logged = true;
         }
         tokio::select! {

@@ -5,6 +5,10 @@ use crate::dataplane::SyncMode;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::agent";
+
 /// The loop's timing, from the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -53,7 +57,7 @@ impl Schedule {
     pub fn canary_checked(&mut self, now: Instant, damage: Option<String>) {
         self.last_canary = now;
         if let Some(what) = damage {
-            tracing::warn!(
+            tracing::warn!(target: LOG_TARGET,
                 damage = what.as_str(),
                 "our rules were changed by someone else: repairing with a full sync now"
             );
@@ -112,7 +116,7 @@ impl Schedule {
                 }
             }
             Err(e) => {
-                tracing::error!(
+                tracing::error!(target: LOG_TARGET,
                     "sync failed, the last good state stays in the kernel; retrying in {:?}: {e:#}",
                     self.backoff
                 );

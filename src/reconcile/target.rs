@@ -12,6 +12,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::agent";
+
 /// Where snapshots are enforced. Both calls may block (they run processes): the loop makes them
 /// off the async threads.
 pub trait Target: Send + 'static {
@@ -81,7 +85,7 @@ impl NodeTarget {
             }
         };
         for repair in &report.repairs {
-            tracing::warn!(
+            tracing::warn!(target: LOG_TARGET,
                 repair = repair.as_str(),
                 "repaired drift: the kernel differed from what we had written"
             );
@@ -89,7 +93,7 @@ impl NodeTarget {
         if let Some(m) = metrics {
             m.sync_succeeded(mode, started.elapsed(), &report, &desired);
         }
-        tracing::info!(
+        tracing::info!(target: LOG_TARGET,
             node,
             ?mode,
             pods = snapshot.pods.len(),
@@ -134,12 +138,12 @@ fn report_failed_closed(desired: &[(Family, DesiredState)], metrics: Option<&Met
         return;
     }
     for rule in &rules {
-        tracing::warn!(
+        tracing::warn!(target: LOG_TARGET,
             rule = rule.as_str(),
             "a policy rule could not be programmed: it allows nothing (fail closed); everything else is enforced as usual"
         );
     }
     if rules.is_empty() && !before.is_empty() {
-        tracing::info!("every policy rule is programmed again");
+        tracing::info!(target: LOG_TARGET, "every policy rule is programmed again");
     }
 }

@@ -12,6 +12,10 @@ use std::fmt::Debug;
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::kube_source";
+
 #[derive(Default)]
 pub(super) struct Store {
     namespaces: BTreeMap<String, Namespace>,
@@ -148,7 +152,7 @@ pub(super) fn convert_recorded<K: Kind>(store: &mut Store, obj: &K) -> Option<(S
             Some((key, model))
         }
         Err(e) => {
-            tracing::error!(
+            tracing::error!(target: LOG_TARGET,
                 kind = K::NAME,
                 object = key,
                 "ignoring an invalid object: {e}"
@@ -190,9 +194,9 @@ pub(super) fn apply_event<K: Kind>(
             // The first list is worth a line; later ones (410, a kind that may not be watched)
             // are routine, and changes of readability are logged by `Health`.
             if store.inner.lock().unwrap().listed[K::INDEX] {
-                tracing::debug!(kind = K::NAME, objects = listed.len(), "listed");
+                tracing::debug!(target: LOG_TARGET, kind = K::NAME, objects = listed.len(), "listed");
             } else {
-                tracing::info!(kind = K::NAME, objects = listed.len(), "listed");
+                tracing::info!(target: LOG_TARGET, kind = K::NAME, objects = listed.len(), "listed");
             }
             store.update(|s| {
                 *K::map(s) = listed;

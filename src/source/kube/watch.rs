@@ -10,6 +10,10 @@ use kube::{Api, Client};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::kube_source";
+
 /// Why a list or watch failed, as far as retrying and reporting care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failure {
@@ -159,7 +163,7 @@ impl Health {
             m.api_error(self.kind, failure.label());
         }
         if failure == Failure::Expired {
-            tracing::debug!(kind = self.kind, "{error}; listing again");
+            tracing::debug!(target: LOG_TARGET, kind = self.kind, "{error}; listing again");
             return;
         }
         if self.failing == Some(failure) {
@@ -167,7 +171,7 @@ impl Health {
         }
         self.failing = Some(failure);
         let problem = format!("cannot read {}: {error}", self.kind);
-        tracing::warn!(
+        tracing::warn!(target: LOG_TARGET,
             kind = self.kind,
             reason = failure.label(),
             "{problem} (will keep retrying with backoff; the last state stays enforced)"
@@ -179,7 +183,7 @@ impl Health {
 
     fn readable(&mut self) {
         if self.failing.take().is_some() {
-            tracing::info!(kind = self.kind, "{} readable again", self.kind);
+            tracing::info!(target: LOG_TARGET, kind = self.kind, "{} readable again", self.kind);
         }
         if let Some(m) = &self.metrics {
             m.set_api_problem(self.kind, None);

@@ -11,6 +11,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::manifests";
+
 #[derive(Default)]
 pub(super) struct Loader {
     snapshot: ClusterSnapshot,
@@ -125,7 +129,7 @@ impl Loader {
                 format!("unsupported apiVersion {api_version:?} for {kind}"),
             )),
             _ => {
-                tracing::debug!(%at, kind, "skipping object of a kind the agent does not use");
+                tracing::debug!(target: LOG_TARGET, %at, kind, "skipping object of a kind the agent does not use");
                 Ok(())
             }
         }
