@@ -1,10 +1,7 @@
 //! NetworkPolicy objects → `Policy`: rules, peers, ports and selectors, with the API server's
 //! defaults and validation.
 
-use super::validate::{
-    validate_label_key, validate_label_value, validate_labels, validate_port_name,
-};
-use super::{InvalidField, invalid, namespace_of, required_name};
+use super::validate::*;
 use crate::model::{
     LabelSelector, Peer, Policy, PolicyRule, PortRef, PortSpec, Protocol, Requirement,
 };
@@ -202,9 +199,6 @@ pub(super) fn protocol(p: Option<&str>, path: &str) -> Result<Protocol, InvalidF
         }),
     }
 }
-
-/// IANA service names, as Kubernetes requires for named ports: 1-15 characters, lower-case
-/// letters, digits and '-', at least one letter, no '-' at either end or twice in a row.
 pub(super) fn selector(
     s: Option<&meta::LabelSelector>,
     path: &str,

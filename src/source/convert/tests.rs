@@ -1,6 +1,13 @@
-use super::*;
-use crate::model::{LabelSelector, Peer, Policy, PolicyRule, PortRef, PortSpec, Protocol};
+use super::pod::*;
+use super::policy::*;
+use super::validate::*;
+use crate::model::{
+    ContainerPort, LabelSelector, Peer, Pod, PodPhase, Policy, PolicyRule, PortRef, PortSpec,
+    Protocol,
+};
+use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
+use std::net::IpAddr;
 
 fn policy_from(yaml: &str) -> Result<Policy, InvalidField> {
     let p: net::NetworkPolicy = serde_yaml_ng::from_str(yaml).unwrap();

@@ -1,8 +1,23 @@
-//! The API server's validation of names, labels and port names, as far as enforcement needs it.
+//! The API server's validation of names, labels and port names, and the error it reports.
 
-use super::{InvalidField, invalid};
 use crate::model::Labels;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{path}: {message}")]
+pub struct InvalidField {
+    pub path: String,
+    pub message: String,
+}
+
+pub(super) fn invalid(path: impl Into<String>, message: impl Into<String>) -> InvalidField {
+    InvalidField {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// A DNS-1123 label: 1-63 lower-case alphanumerics or '-', alphanumeric at both ends.
 pub(super) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -66,6 +81,49 @@ pub(super) fn validate_labels(labels: &Labels, path: &str) -> Result<(), Invalid
     Ok(())
 }
 
+pub(super) fn labels_of(meta: &meta::ObjectMeta) -> Result<Labels, InvalidField> {
+    let labels = meta.labels.clone().unwrap_or_default();
+    validate_labels(&labels, "metadata.labels")?;
+    Ok(labels)
+}
+
+/// `metadata.name`, which must be a DNS-1123 subdomain (or label, for namespaces).
+pub(super) fn required_name(
+    meta: &meta::ObjectMeta,
+    label_only: bool,
+) -> Result<String, InvalidField> {
+    let name = match meta.name.as_deref() {
+        Some(n) if !n.is_empty() => n,
+        _ => return Err(invalid("metadata.name", "is required")),
+    };
+    let ok = if label_only {
+        is_dns_label(name)
+    } else {
+        is_dns_subdomain(name)
+    };
+    if !ok {
+        let rule = if label_only {
+            "a DNS-1123 label: 1-63 of [a-z0-9-], alphanumeric at both ends"
+        } else {
+            "a DNS-1123 subdomain: at most 253 characters of dot-separated DNS labels"
+        };
+        return Err(invalid("metadata.name", format!("{name:?} is not {rule}")));
+    }
+    Ok(name.to_string())
+}
+
+pub(super) fn namespace_of(meta: &meta::ObjectMeta) -> Result<String, InvalidField> {
+    match meta.namespace.as_deref() {
+        None | Some("") => Ok("default".to_string()),
+        Some(ns) if is_dns_label(ns) => Ok(ns.to_string()),
+        Some(ns) => Err(invalid(
+            "metadata.namespace",
+            format!("{ns:?} is not a valid namespace name"),
+        )),
+    }
+}
+/// IANA service names, as Kubernetes requires for named ports: 1-15 characters, lower-case
+/// letters, digits and '-', at least one letter, no '-' at either end or twice in a row.
 pub(super) fn validate_port_name(name: &str, path: &str) -> Result<(), InvalidField> {
     let ok = !name.is_empty()
         && name.len() <= 15

@@ -1,6 +1,7 @@
 //! The store of converted objects the watchers fill and the reconcile loop reads.
 
 use crate::model::{ClusterSnapshot, Namespace, Pod, Policy};
+use crate::source::Source;
 use crate::source::convert::{self, InvalidField};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
@@ -222,4 +223,22 @@ pub(super) fn apply_event<K: Kind>(
         }),
     }
     false
+}
+
+impl Source for ClusterStore {
+    fn generation(&self) -> Option<u64> {
+        ClusterStore::generation(self)
+    }
+
+    async fn changed(&self) {
+        ClusterStore::changed(self).await
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Option<(u64, ClusterSnapshot)>> {
+        Ok(ClusterStore::snapshot(self))
+    }
+
+    fn waiting_for(&self) -> &'static str {
+        "waiting for the first list of namespaces, pods and network policies"
+    }
 }

@@ -1,7 +1,7 @@
 //! The YAML/JSON parsing of manifest files: strict (no duplicate keys, bounded nesting), then
 //! typed and converted object by object.
 
-use super::{LoadError, Location, MAX_DEPTH};
+use super::read::{LoadError, Location, MAX_DEPTH};
 use crate::model::ClusterSnapshot;
 use crate::source::convert;
 use k8s_openapi::api::core::v1 as core;

@@ -1,6 +1,7 @@
 //! The manifests directory as a [`Source`]: polled for changes, loaded whole on demand.
 
-use super::load_dir_with_limit;
+use super::load::load_dir_with_limit;
+use super::read::manifest_files;
 use crate::model::ClusterSnapshot;
 use crate::source::Source;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ type Fingerprint = Option<Vec<(PathBuf, u64, SystemTime, u64)>>;
 
 fn fingerprint(dir: &Path) -> Fingerprint {
     use std::os::unix::fs::MetadataExt;
-    let files = super::manifest_files(dir).ok()?;
+    let files = manifest_files(dir).ok()?;
     Some(
         files
             .into_iter()

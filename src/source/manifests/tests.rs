@@ -1,7 +1,9 @@
 use super::parse::flow_nesting_beyond;
+use super::read::read_manifest;
 use super::*;
 use crate::source::convert;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 struct TempDir(PathBuf);
 impl TempDir {
