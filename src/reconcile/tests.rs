@@ -100,6 +100,8 @@ struct FakeTarget {
     damage: Arc<Mutex<Option<String>>>,
     /// When set, each sync says it started and then waits to be released.
     gate: Option<Gate>,
+    /// Called with the generation being synced, inside the sync.
+    during_sync: Option<Arc<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl FakeTarget {
@@ -110,6 +112,7 @@ impl FakeTarget {
             failures: Default::default(),
             damage: Default::default(),
             gate: None,
+            during_sync: None,
         }
     }
 
@@ -131,6 +134,9 @@ impl Target for FakeTarget {
         let generation = snapshot.namespaces.keys().next().unwrap()[4..]
             .parse()
             .unwrap();
+        if let Some(during) = &self.during_sync {
+            during(generation);
+        }
         let ok = self
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -302,6 +308,32 @@ async fn a_change_during_backoff_is_not_lost() {
     sleep(Duration::from_secs(2)).await;
     let last = target.log().last().cloned().unwrap();
     assert!(last.ok && last.generation == 2, "{:?}", target.log());
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_during_a_sync_is_synced_after_it() {
+    let source = FakeSource::ready();
+    let mut target = FakeTarget::new();
+    let changing = source.clone();
+    target.during_sync = Some(Arc::new(move |generation| {
+        if generation == 1 {
+            changing.bump();
+        }
+    }));
+    let (stop, handle) = start(&source, &target, timing());
+    sleep(10 * MS).await;
+    source.bump();
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        target.modes(),
+        [
+            (SyncMode::Full, 0),
+            (SyncMode::Incremental, 1),
+            (SyncMode::Incremental, 2)
+        ]
+    );
     stop.cancel();
     handle.await.unwrap().unwrap();
 }
