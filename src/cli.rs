@@ -1,14 +1,13 @@
-//! The command line. Lives in the library so tests can check deployment manifests against the
-//! real parser.
+//! The command line: clap types, turned into a plain [`Config`] for the application. Nothing else
+//! sees clap types. Lives in the library so tests can check deployment manifests against the real
+//! parser.
 
-use crate::agent;
-use crate::dataplane::{self, BackendChoice, Dataplane, SyncMode, render};
-use crate::instance_lock::{self, InstanceLock};
-use crate::kube_source;
-use crate::manifests;
-use crate::metrics::{self, Metrics};
+use crate::dataplane::BackendChoice;
+use crate::metrics;
+use crate::reconcile::Timing;
+use crate::source::manifests;
 use anyhow::{Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,8 +46,8 @@ pub enum Command {
         #[arg(long)]
         once: bool,
         /// iptables backend: auto picks the one the host uses, as kube-proxy does.
-        #[arg(long, env = "KNI_BACKEND", value_parser = backend_choice(), default_value = "auto")]
-        backend: BackendChoice,
+        #[arg(long, env = "KNI_BACKEND", value_enum, default_value = "auto")]
+        backend: BackendFlag,
         /// Address for /metrics, /healthz and /readyz; "off" disables them.
         #[arg(long, env = "KNI_METRICS_BIND_ADDRESS", default_value = metrics::DEFAULT_BIND)]
         metrics_bind_address: String,
@@ -91,8 +90,8 @@ pub enum Command {
     /// Remove every chain, jump and set the agent owns (both families), and nothing else.
     Cleanup {
         /// Which backend to clean; auto cleans every installed one.
-        #[arg(long, env = "KNI_BACKEND", value_parser = backend_choice(), default_value = "auto")]
-        backend: BackendChoice,
+        #[arg(long, env = "KNI_BACKEND", value_enum, default_value = "auto")]
+        backend: BackendFlag,
     },
     /// Print the version.
     Version,
@@ -149,242 +148,128 @@ fn show(d: Duration) -> String {
     }
 }
 
-/// `--backend`: the dataplane's plain enum, with its names listed in `--help`.
-fn backend_choice() -> impl clap::builder::TypedValueParser<Value = BackendChoice> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(BackendChoice::NAMES)
-        .try_map(|name| name.parse::<BackendChoice>())
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendFlag {
+    Auto,
+    Legacy,
+    Nft,
 }
 
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Run {
-            manifests,
-            max_manifest_bytes,
-            kubeconfig,
-            node_name,
-            once,
-            backend,
-            metrics_bind_address,
-            poll_interval,
-            sync_debounce,
-            sync_max_delay,
-            resync_period,
-            xtables_wait,
-        } => {
-            manifests::set_max_file_bytes(max_manifest_bytes);
-            let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
-                bail!(
-                    "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
-                );
-            };
-            let bind: Option<SocketAddr> = match metrics_bind_address.as_str() {
-                "off" | "" => None,
-                addr => Some(addr.parse().map_err(|_| {
-                    anyhow::anyhow!("--metrics-bind-address {addr:?} is not an address like 0.0.0.0:9847 (or \"off\")")
-                })?),
-            };
-            raise_open_file_limit();
-            // A one-shot sync refuses at once; the agent waits (see below).
-            let mut lock_attempt = instance_lock::try_acquire()?;
-            if once {
-                lock_attempt = Ok(lock_attempt.map_err(|holder| {
-                    anyhow::anyhow!("{holder}: a second writer would fight it; stop it first")
-                })?);
-            }
-            let mut tables = dataplane::detect_backend(backend)?;
-            tables.lock_wait = xtables_wait;
-            tracing::info!(backend = %tables.backend, node = node_name, "starting");
-            let options = agent::WatchOptions {
+impl From<BackendFlag> for BackendChoice {
+    fn from(flag: BackendFlag) -> BackendChoice {
+        match flag {
+            BackendFlag::Auto => BackendChoice::Auto,
+            BackendFlag::Legacy => BackendChoice::Legacy,
+            BackendFlag::Nft => BackendChoice::Nft,
+        }
+    }
+}
+
+/// What to do, as plain values: the command line checked and decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Config {
+    Run(RunConfig),
+    Render {
+        manifests: PathBuf,
+        max_manifest_bytes: u64,
+        node_name: String,
+    },
+    Cleanup {
+        backend: BackendChoice,
+    },
+    Version,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    pub source: SourceConfig,
+    pub node_name: String,
+    /// Sync once and exit.
+    pub once: bool,
+    pub backend: BackendChoice,
+    /// Where to serve /metrics, /healthz and /readyz; `None`: not at all.
+    pub metrics_bind: Option<SocketAddr>,
+    pub timing: Timing,
+    pub xtables_wait: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    Manifests {
+        dir: PathBuf,
+        max_file_bytes: u64,
+        poll_interval: Duration,
+    },
+    /// The Kubernetes API, from this kubeconfig or the in-cluster configuration.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+impl Cli {
+    /// The configuration the command line asks for, or why it is not usable.
+    pub fn into_config(self) -> Result<Config> {
+        Ok(match self.command {
+            Command::Run {
+                manifests,
+                max_manifest_bytes,
+                kubeconfig,
+                node_name,
+                once,
+                backend,
+                metrics_bind_address,
                 poll_interval,
-                debounce: sync_debounce,
-                max_delay: sync_max_delay,
+                sync_debounce,
+                sync_max_delay,
                 resync_period,
-            };
-            // Liveness allows for the slowest legitimate gap: a resync plus its retries.
-            let metrics = Metrics::new((resync_period * 2).max(Duration::from_secs(120)));
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                tokio::spawn(async {
-                    use tokio::signal::unix::{SignalKind, signal};
-                    let (Ok(mut term), Ok(mut int)) = (
-                        signal(SignalKind::terminate()),
-                        signal(SignalKind::interrupt()),
-                    ) else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                    tracing::info!("signal received: finishing the sync in progress");
-                    agent::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
-                });
-                if let (Some(bind), false) = (bind, once) {
-                    let m = metrics.clone();
-                    // Two agents with the same port: the port clash is the first thing to fail.
-                    let holder = lock_attempt.as_ref().err().cloned();
-                    tokio::spawn(async move {
-                        if let Err(e) = metrics::serve(bind, m).await {
-                            match holder {
-                                Some(holder) => tracing::error!(
-                                    "{e:#}; {holder}: two agents on one node would fight, exiting"
-                                ),
-                                None => tracing::error!("{e:#}"),
-                            }
-                            std::process::exit(1);
-                        }
-                    });
-                }
-                // Held until the process exits. Waiting rather than exiting lets a rolling update
-                // overlap without a crash loop, and keeps a second deployment visible (not ready)
-                // instead of fighting the first.
-                let Some(_lock) = (match lock_attempt {
-                    Ok(lock) => Some(lock),
-                    Err(_) => wait_for_instance_lock(&metrics).await?,
-                }) else {
-                    return Ok(());
-                };
-                dataplane::probe_kernel(&tables)?;
-                agent::check_bridge_netfilter();
-                dataplane::other_engines::report();
-                let mut dataplane = Dataplane::new(tables);
-                match (manifests, once) {
-                    (Some(dir), true) => {
-                        let mut cache = Default::default();
-                        agent::sync_from_dir(
-                            &mut dataplane,
-                            &mut cache,
-                            &dir,
-                            &node_name,
-                            SyncMode::Full,
-                            None,
-                        )
-                        .map(drop)
-                    }
-                    (Some(dir), false) => {
-                        tokio::task::spawn_blocking(move || {
-                            agent::watch_dir(
-                                &mut dataplane,
-                                &dir,
-                                &node_name,
-                                &options,
-                                Some(&metrics),
-                            )
-                        })
-                        .await?
-                    }
-                    (None, once) => {
-                        let client = kube_source::client(kubeconfig.as_deref()).await?;
-                        let store = kube_source::start(client, (!once).then(|| metrics.clone()));
-                        if once {
-                            let snapshot = loop {
-                                if let Some((_, s)) = store.snapshot() {
-                                    break s;
-                                }
-                                store.changed().await;
-                            };
-                            tokio::task::spawn_blocking(move || {
-                                let mut cache = Default::default();
-                                agent::sync_snapshot(
-                                    &mut dataplane,
-                                    &mut cache,
-                                    &snapshot,
-                                    &node_name,
-                                    SyncMode::Full,
-                                    None,
-                                )
-                                .map(drop)
-                            })
-                            .await?
-                        } else {
-                            agent::watch_cluster(dataplane, store, node_name, options, metrics)
-                                .await
-                        }
-                    }
-                }
-            })
-        }
-        Command::Render {
-            manifests,
-            max_manifest_bytes,
-            node_name,
-        } => {
-            let snapshot = manifests::load_dir_with_limit(&manifests, max_manifest_bytes)?;
-            print!(
-                "{}",
-                render::render_fresh(&agent::desired_states(&snapshot, &node_name))
-            );
-            Ok(())
-        }
-        Command::Cleanup { backend } => {
-            let _lock = instance_lock::try_acquire()?.map_err(|holder| {
-                anyhow::anyhow!(
-                    "{holder}: stop the agent before cleaning up, or it would fight the cleanup"
-                )
-            })?;
-            match backend {
-                BackendChoice::Auto => Ok(dataplane::cleanup()?),
-                one => Ok(dataplane::cleanup_backend(&dataplane::detect_backend(
-                    one,
-                )?)?),
-            }
-        }
-        Command::Version => {
-            println!("kube-netpol-iptables {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
-        }
-    }
-}
-
-/// Waits until no other instance runs in this network namespace, not ready meanwhile. `None`
-/// if told to stop while waiting.
-async fn wait_for_instance_lock(metrics: &Metrics) -> Result<Option<InstanceLock>> {
-    let mut logged = false;
-    loop {
-        match instance_lock::try_acquire()? {
-            Ok(lock) => {
-                metrics.set_waiting(None);
-                if logged {
-                    tracing::info!("the other instance is gone: took over the node lock");
-                }
-                return Ok(Some(lock));
-            }
-            Err(holder) => {
-                if !logged {
-                    tracing::warn!(
-                        "{holder}: waiting for it to exit; until then this instance writes nothing and is not ready"
+                xtables_wait,
+            } => {
+                let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
+                    bail!(
+                        "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
                     );
-                    logged = true;
-                }
-                metrics.set_waiting(Some(format!("{holder}; waiting for it to exit")));
-                metrics.heartbeat();
-                if agent::STOP.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Ok(None);
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+                let metrics_bind = match metrics_bind_address.as_str() {
+                    "off" | "" => None,
+                    addr => Some(addr.parse().map_err(|_| {
+                        anyhow::anyhow!("--metrics-bind-address {addr:?} is not an address like 0.0.0.0:9847 (or \"off\")")
+                    })?),
+                };
+                let source = match manifests {
+                    Some(dir) => SourceConfig::Manifests {
+                        dir,
+                        max_file_bytes: max_manifest_bytes,
+                        poll_interval,
+                    },
+                    None => SourceConfig::Kube { kubeconfig },
+                };
+                Config::Run(RunConfig {
+                    source,
+                    node_name,
+                    once,
+                    backend: backend.into(),
+                    metrics_bind,
+                    timing: Timing {
+                        debounce: sync_debounce,
+                        max_delay: sync_max_delay,
+                        resync_period,
+                    },
+                    xtables_wait,
+                })
             }
-        }
-    }
-}
-
-/// Raises the soft limit on open files to the hard limit, as Go programs (kube-proxy, kubelet) do
-/// at start: the default soft limit of 1024 is easily reached by a node's worth of work.
-fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+            Command::Render {
+                manifests,
+                max_manifest_bytes,
+                node_name,
+            } => Config::Render {
+                manifests,
+                max_manifest_bytes,
+                node_name,
+            },
+            Command::Cleanup { backend } => Config::Cleanup {
+                backend: backend.into(),
+            },
+            Command::Version => Config::Version,
+        })
     }
 }
 
@@ -466,6 +351,68 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    fn config(args: &[&str]) -> Result<Config> {
+        let argv = ["k"].iter().chain(args);
+        Cli::try_parse_from(argv).unwrap().into_config()
+    }
+
+    #[test]
+    fn run_flags_become_a_plain_config() {
+        let Config::Run(run) = config(&[
+            "run",
+            "--node-name",
+            "n1",
+            "--manifests",
+            "/m",
+            "--backend",
+            "nft",
+            "--metrics-bind-address",
+            "127.0.0.1:9000",
+            "--sync-debounce",
+            "250ms",
+        ])
+        .unwrap() else {
+            panic!("not run");
+        };
+        assert_eq!(
+            run.source,
+            SourceConfig::Manifests {
+                dir: "/m".into(),
+                max_file_bytes: manifests::DEFAULT_MAX_FILE_BYTES,
+                poll_interval: Duration::from_millis(200),
+            }
+        );
+        assert_eq!(run.node_name, "n1");
+        assert_eq!(run.backend, BackendChoice::Nft);
+        assert_eq!(run.metrics_bind, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(run.timing.debounce, Duration::from_millis(250));
+        assert!(!run.once);
+
+        let Config::Run(run) =
+            config(&["run", "--node-name", "n1", "--metrics-bind-address", "off"]).unwrap()
+        else {
+            panic!("not run");
+        };
+        assert_eq!(run.source, SourceConfig::Kube { kubeconfig: None });
+        assert_eq!(run.metrics_bind, None);
+    }
+
+    #[test]
+    fn unusable_run_flags_are_refused_with_the_reason() {
+        let err = config(&["run", "--node-name", ""]).unwrap_err().to_string();
+        assert!(err.contains("no node name"), "{err}");
+        let err = config(&[
+            "run",
+            "--node-name",
+            "n",
+            "--metrics-bind-address",
+            "localhost",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--metrics-bind-address"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The code path the fuzz target (fuzz/) drives, shared with the test that replays its corpus.
 
-use crate::agent::desired_states;
 use crate::dataplane::render::render_fresh;
-use crate::manifests;
+use crate::reconcile::desired_states;
+use crate::source::manifests;
 
 /// Parses `data` as a manifests file, compiles it for the node of its first pod (or "node") and
 /// renders the restore text. Returns the text, or `None` if the input is rejected; must never

@@ -1,26 +1,31 @@
 //! kube-netpol-iptables: Kubernetes NetworkPolicy enforced with ipset and iptables-restore batches.
 //!
-//! - [`model`]: the cluster as the core sees it; [`convert`] builds it from Kubernetes objects.
+//! - [`model`]: the cluster as the core sees it; [`source`] builds it from Kubernetes objects
+//!   (a manifests directory or the API).
 //! - [`compile`]: the pure core, snapshot → [`compile::DesiredState`] per family for one node.
 //! - [`dataplane`]: renders, diffs and writes that state to the kernel.
-//! - [`manifests`] and [`kube_source`]: the sources; [`agent`]: the sync loops; [`metrics`]:
-//!   Prometheus metrics and health endpoints; [`cli`]: the command line.
+//! - [`reconcile`]: the one sync loop; [`metrics`]: Prometheus metrics and health endpoints;
+//!   [`app`]: the runtime and commands; [`cli`]: the command line.
+//!
+//! See docs/design.md for the map of the code.
 
-pub mod agent;
+pub mod app;
 pub mod cli;
 pub mod compile;
-pub mod convert;
 pub mod dataplane;
 pub mod fuzzing;
-pub mod instance_lock;
-pub mod kube_source;
-pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod reconcile;
+pub mod source;
 
-// The paths these modules had before `model/` and `compile/`, kept so callers still build.
+// The paths these modules had before the layout of issue 10, for tests, benches and examples.
+pub use app::instance_lock;
 pub use compile::{ir as state, names};
 pub use model::cidr;
+pub use reconcile as agent;
+pub use source::kube as kube_source;
+pub use source::{convert, manifests};
 pub mod peer_cache {
     //! The peer cache now lives inside [`crate::compile::Compiler`].
     pub use crate::compile::Compiler as PeerCache;

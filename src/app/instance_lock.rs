@@ -9,6 +9,10 @@ use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::instance_lock";
+
 /// The abstract socket name (`@kube-netpol-iptables` in `ss -xl`).
 pub const NAME: &[u8] = b"kube-netpol-iptables";
 
@@ -81,7 +85,7 @@ pub fn try_acquire() -> io::Result<Result<InstanceLock, Holder>> {
             }
             // Waiting for a squatter would let it switch enforcement off; going on is what an
             // unprivileged process cannot stop. (A second agent still finds the name taken.)
-            tracing::warn!(
+            tracing::warn!(target: LOG_TARGET,
                 pid = holder.pid,
                 uid = holder.uid,
                 "the node lock @{} is held by a process that is no agent (it does not answer, or runs as another user): ignoring it",

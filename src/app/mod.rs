@@ -1,0 +1,202 @@
+//! The application: the runtime, one cancellation token for SIGTERM/SIGINT, the node lock, the
+//! metrics server, and the commands `run` (with `--once`), `render` and `cleanup`.
+
+pub mod host;
+pub mod instance_lock;
+
+use crate::cli::{Config, RunConfig, SourceConfig};
+use crate::dataplane::{self, BackendChoice, Dataplane, render};
+use crate::metrics::{self, Metrics};
+use crate::reconcile::{self, NodeTarget, Timing};
+use crate::source::{Source, kube, manifests};
+use anyhow::Result;
+use instance_lock::{Holder, InstanceLock};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The log target from before the module layout of issue 10, kept so users' log filters still
+/// match.
+const LOG_TARGET: &str = "kube_netpol_iptables::cli";
+
+pub fn run(config: Config) -> Result<()> {
+    match config {
+        Config::Run(config) => run_agent(config),
+        Config::Render {
+            manifests,
+            max_manifest_bytes,
+            node_name,
+        } => {
+            let snapshot = manifests::load_dir_with_limit(&manifests, max_manifest_bytes)?;
+            print!(
+                "{}",
+                render::render_fresh(&reconcile::desired_states(&snapshot, &node_name))
+            );
+            Ok(())
+        }
+        Config::Cleanup { backend } => {
+            let _lock = instance_lock::try_acquire()?.map_err(|holder| {
+                anyhow::anyhow!(
+                    "{holder}: stop the agent before cleaning up, or it would fight the cleanup"
+                )
+            })?;
+            match backend {
+                BackendChoice::Auto => Ok(dataplane::cleanup()?),
+                one => Ok(dataplane::cleanup_backend(&dataplane::detect_backend(
+                    one,
+                )?)?),
+            }
+        }
+        Config::Version => {
+            println!("kube-netpol-iptables {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
+
+/// `run`: until a signal, or one sync with `--once`.
+fn run_agent(config: RunConfig) -> Result<()> {
+    host::raise_open_file_limit();
+    // A one-shot sync refuses at once; the agent waits (see below).
+    let mut lock_attempt = instance_lock::try_acquire()?;
+    if config.once {
+        lock_attempt = Ok(lock_attempt.map_err(|holder| {
+            anyhow::anyhow!("{holder}: a second writer would fight it; stop it first")
+        })?);
+    }
+    let mut tables = dataplane::detect_backend(config.backend)?;
+    tables.lock_wait = config.xtables_wait;
+    tracing::info!(target: LOG_TARGET, backend = %tables.backend, node = config.node_name, "starting");
+    // Liveness allows for the slowest legitimate gap: a resync plus its retries.
+    let metrics = Metrics::new((config.timing.resync_period * 2).max(Duration::from_secs(120)));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(stop.clone()));
+        if let (Some(bind), false) = (config.metrics_bind, config.once) {
+            let holder = lock_attempt.as_ref().err().cloned();
+            tokio::spawn(serve_metrics(bind, metrics.clone(), holder));
+        }
+        // Held until the process exits. Waiting rather than exiting lets a rolling update
+        // overlap without a crash loop, and keeps a second deployment visible (not ready)
+        // instead of fighting the first.
+        let Some(_lock) = (match lock_attempt {
+            Ok(lock) => Some(lock),
+            Err(_) => wait_for_instance_lock(&metrics, &stop).await?,
+        }) else {
+            return Ok(());
+        };
+        dataplane::probe_kernel(&tables)?;
+        host::check_bridge_netfilter();
+        dataplane::other_engines::report();
+        let dataplane = Dataplane::new(tables);
+        let node = config.node_name;
+        let run_mode = (config.once, config.timing);
+        match config.source {
+            SourceConfig::Manifests {
+                dir,
+                max_file_bytes,
+                poll_interval,
+            } => {
+                let source = manifests::DirSource::new(dir, max_file_bytes);
+                if !config.once {
+                    tokio::spawn(source.clone().poll(poll_interval, stop.clone()));
+                }
+                enforce(source, dataplane, node, run_mode, metrics, stop).await
+            }
+            SourceConfig::Kube { kubeconfig } => {
+                let client = kube::client(kubeconfig.as_deref()).await?;
+                let source = kube::start(client, (!config.once).then(|| metrics.clone()));
+                enforce(source, dataplane, node, run_mode, metrics, stop).await
+            }
+        }
+    })
+}
+
+/// Syncs `source` into the node: once, or until `stop`.
+async fn enforce<S: Source>(
+    source: Arc<S>,
+    dataplane: Dataplane,
+    node: String,
+    (once, timing): (bool, Timing),
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<()> {
+    if once {
+        let target = NodeTarget::new(dataplane, node, None);
+        reconcile::once(source, target, stop).await
+    } else {
+        let target = NodeTarget::new(dataplane, node, Some(metrics.clone()));
+        reconcile::run(source, target, timing, Some(metrics), stop).await
+    }
+}
+
+/// Cancels `stop` on SIGTERM or SIGINT: the loop finishes the sync in progress (a batch is never
+/// cut in half) and returns.
+async fn cancel_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(target: LOG_TARGET, "signal received: finishing the sync in progress");
+    stop.cancel();
+}
+
+/// Serves the metrics until the process ends; exits the process if the port cannot be bound.
+/// With two agents on one port the clash is the first thing to fail: `holder` says who the other
+/// one is.
+async fn serve_metrics(bind: std::net::SocketAddr, metrics: Arc<Metrics>, holder: Option<Holder>) {
+    if let Err(e) = metrics::serve(bind, metrics).await {
+        match holder {
+            Some(holder) => {
+                tracing::error!(target: LOG_TARGET, "{e:#}; {holder}: two agents on one node would fight, exiting")
+            }
+            None => tracing::error!(target: LOG_TARGET, "{e:#}"),
+        }
+        std::process::exit(1);
+    }
+}
+
+/// Waits until no other instance runs in this network namespace, not ready meanwhile. `None`
+/// if told to stop while waiting.
+async fn wait_for_instance_lock(
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) -> Result<Option<InstanceLock>> {
+    let mut logged = false;
+    loop {
+        match instance_lock::try_acquire()? {
+            Ok(lock) => {
+                metrics.set_waiting(None);
+                if logged {
+                    tracing::info!(target: LOG_TARGET, "the other instance is gone: took over the node lock");
+                }
+                return Ok(Some(lock));
+            }
+            Err(holder) => {
+                if !logged {
+                    tracing::warn!(target: LOG_TARGET,
+                        "{holder}: waiting for it to exit; until then this instance writes nothing and is not ready"
+                    );
+                    logged = true;
+                }
+                metrics.set_waiting(Some(format!("{holder}; waiting for it to exit")));
+                metrics.heartbeat();
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Kubernetes objects (k8s-openapi types) → the core's validated model. Shared by every source.
+//!
+//! Applies the defaults the API server would (policyTypes, protocol TCP, the namespace name label)
+//! and rejects what its validation would reject, with a message that says where.
+
+mod pod;
+mod policy;
+mod validate;
+
+pub use pod::{NAMESPACE_NAME_LABEL, implicit_namespace, namespace, parse_ip_sloppy, pod};
+pub use policy::policy;
+pub use validate::InvalidField;
+
+#[cfg(test)]
+mod tests;
