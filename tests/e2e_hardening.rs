@@ -100,7 +100,7 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
     // Stands in for ipset: a restore that fills our peer sets starts only after a pause (in which
     // the test kills the agent), then passes on exactly what it was given, keeping a copy.
     let (shim_dir, path) = lab.shims(&[("ipset", &format!(
-            "#!/bin/bash\nif [ \"$*\" = \"-exist restore\" ]; then\n  IFS= read -r first\n  case \"$first\" in\n    \"create KNI-SETS \"*|\"create KNI-4P-\"*) touch {m}/started; sleep 2; {{ printf '%s\\n' \"$first\"; cat; }} | tee {m}/input | /usr/sbin/ipset \"$@\"; rc=$?; touch {m}/done; exit $rc;;\n  esac\n  {{ printf '%s\\n' \"$first\"; cat; }} | /usr/sbin/ipset \"$@\"; exit $?\nfi\nexec /usr/sbin/ipset \"$@\"\n",
+            "#!/bin/bash\nif [ \"$*\" = \"-exist restore\" ]; then\n  IFS= read -r first\n  case \"$first\" in\n    \"create KNI-SETS \"*|\"create KNI-4S-\"*) touch {m}/started; sleep 2; {{ printf '%s\\n' \"$first\"; cat; }} | tee {m}/input | /usr/sbin/ipset \"$@\"; rc=$?; touch {m}/done; exit $rc;;\n  esac\n  {{ printf '%s\\n' \"$first\"; cat; }} | /usr/sbin/ipset \"$@\"; exit $?\nfi\nexec /usr/sbin/ipset \"$@\"\n",
             m = marks.display()
         ))]);
     ipset_restore(&lab, "create foreign hash:ip\nadd foreign 192.0.2.1\n");
@@ -200,7 +200,7 @@ fn a_full_sync_reads_only_our_sets() {
     }
     let text = std::fs::read_to_string(&read).unwrap();
     assert!(
-        text.contains("create KNI-4P-"),
+        text.contains("create KNI-4S-"),
         "the agent read its own sets back: {text}"
     );
     assert!(
@@ -687,7 +687,7 @@ fn chains_orphaned_by_a_flushed_dispatch_chain_are_still_cleaned_up() {
     let state = lab.our_state("nft");
     assert!(!state.contains(&from_y), "{state}");
     assert!(
-        !state.contains("KNI-4P-"),
+        !state.contains("KNI-4S-"),
         "the policy's peer set is gone:\n{state}"
     );
     assert!(
