@@ -68,6 +68,13 @@ pub fn isolated_set(family: Family, ingress: bool) -> String {
     set_name(family, kind, encoding)
 }
 
+/// Whether `name` is one of the dispatch's isolation sets (which exist whatever the policies).
+pub fn is_isolation_set(name: &str) -> bool {
+    Family::ALL
+        .iter()
+        .any(|f| [true, false].iter().any(|i| isolated_set(*f, *i) == name))
+}
+
 /// The `hash:ip` set of the addresses of the pods one selection chooses.
 pub fn pod_set(family: Family, selection: &PodSelection) -> String {
     set_name(family, 'S', &selection.encode())
