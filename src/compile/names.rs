@@ -184,6 +184,13 @@ mod tests {
     fn generated_chain_names_are_recognised_by_their_shape() {
         assert!(is_generated_chain(&pod_chain(true, "x/a")));
         assert!(is_generated_chain(&policy_chain(false, "x/p")));
+        assert!(is_generated_chain(EGRESS_DISPATCH_CHAIN));
+        assert!(is_generated_chain(INGRESS_DISPATCH_CHAIN));
+        assert!(is_isolation_set(&isolated_set(Family::V6, true)));
+        assert!(!is_isolation_set(&pod_set(
+            Family::V6,
+            &PodSelection::everything()
+        )));
         for other in [
             "KNI-custom",
             "KNI-FORWARD",
