@@ -161,7 +161,7 @@ fn a_set_someone_else_still_uses_is_destroyed_later_and_never_breaks_a_sync() {
     let set = lab
         .node_cmd(0, &["ipset", "list", "-n"])
         .lines()
-        .find(|l| l.starts_with("KNI-4P-"))
+        .find(|l| l.starts_with("KNI-4S-"))
         .unwrap()
         .to_string();
     // Another firewall's rule uses our set.
@@ -353,7 +353,7 @@ fn a_policy_can_select_thousands_of_peers() {
     let sets = lab.node_cmd(0, &["ipset", "save"]);
     let members = sets
         .lines()
-        .filter(|l| l.starts_with("add KNI-4P-"))
+        .filter(|l| l.starts_with("add KNI-4S-"))
         .count();
     assert!(
         members >= 5003,

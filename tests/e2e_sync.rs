@@ -95,8 +95,8 @@ fn drift_is_repaired_on_resync() {
     let good = lab.our_state(backend);
     let set = good
         .lines()
-        .find_map(|l| l.strip_prefix("create KNI-4P-"))
-        .map(|rest| format!("KNI-4P-{}", rest.split_whitespace().next().unwrap()))
+        .find_map(|l| l.strip_prefix("create KNI-4S-"))
+        .map(|rest| format!("KNI-4S-{}", rest.split_whitespace().next().unwrap()))
         .expect("a peer set");
     let policy_chain = good
         .lines()
@@ -256,14 +256,14 @@ fn a_set_with_other_parameters_is_replaced_by_swap() {
     let rendered = lab.render();
     let set = rendered
         .lines()
-        .find_map(|l| l.strip_prefix("create KNI-4P-"))
-        .map(|rest| format!("KNI-4P-{}", rest.split_whitespace().next().unwrap()))
+        .find_map(|l| l.strip_prefix("create KNI-4S-"))
+        .map(|rest| format!("KNI-4S-{}", rest.split_whitespace().next().unwrap()))
         .unwrap();
     // A set of our name left with other parameters and wrong members (e.g. by an older version).
     lab.node_cmd(
         0,
         &[
-            "ipset", "create", &set, "hash:net", "family", "inet", "maxelem", "16",
+            "ipset", "create", &set, "hash:ip", "family", "inet", "maxelem", "16",
         ],
     );
     lab.node_cmd(0, &["ipset", "add", &set, "10.244.1.9"]);

@@ -2,9 +2,9 @@
 //!
 //! Layout (per family, filter table):
 //! - `FORWARD`, `INPUT` and `OUTPUT` each jump first thing to a dispatch chain of ours.
-//! - A dispatch chain lets replies of allowed flows through, then sends traffic from each
-//!   egress-isolated local pod to that pod's egress chain and traffic to each ingress-isolated local
-//!   pod to its ingress chain. A same-node flow passes both. Pod→node traffic (INPUT) meets the
+//! - A dispatch chain lets replies of allowed flows through, then sends traffic from an
+//!   egress-isolated local pod (one `hash:ip` set lookup) to the egress dispatch chain, which jumps
+//!   to that pod's egress chain, and likewise traffic to an ingress-isolated local pod. A same-node flow passes both. Pod→node traffic (INPUT) meets the
 //!   pod's egress chain only; traffic the node itself sends (OUTPUT from a local address) is allowed.
 //! - A pod chain clears our mark bit, jumps to the chain of every policy that selects the pod for
 //!   that direction, returns if one of them set the mark, and rejects otherwise.
@@ -15,7 +15,10 @@
 //! Our chains only ever RETURN or REJECT, never ACCEPT, so the rules of kube-proxy, the CNI and the
 //! host firewall after our jump still run.
 
-use super::ir::{DesiredState, FailedClosed, Hook, Match, Rule, Target};
+use super::ir::{
+    DesiredState, FailedClosed, Hook, IpSet, Match, Members, Rule, SetDirection, SetKind,
+    SetMember, Target,
+};
 use super::names;
 use super::peers::Selections;
 use super::rules::{Direction, RuleBuilder};
@@ -117,6 +120,54 @@ impl<'a> ChainBuilder<'a> {
             }
         }
 
+        // A new flow walks one set lookup per direction, not one rule per isolated local pod:
+        // the per-pod jumps sit behind "isolated for egress/ingress" sets of local addresses.
+        let mut to_dispatch = Vec::new();
+        for (direction, chain, rules) in [
+            (
+                Direction::Egress,
+                names::EGRESS_DISPATCH_CHAIN,
+                egress_dispatch,
+            ),
+            (
+                Direction::Ingress,
+                names::INGRESS_DISPATCH_CHAIN,
+                ingress_dispatch,
+            ),
+        ] {
+            // The subject pod: the source of its egress, the destination of its ingress.
+            let side = match direction {
+                Direction::Egress => SetDirection::Src,
+                Direction::Ingress => SetDirection::Dst,
+            };
+            let set = names::isolated_set(self.family, direction.is_ingress());
+            let members = rules
+                .iter()
+                .flat_map(|r| &r.matches)
+                .filter_map(|m| match m {
+                    Match::Source(net) | Match::Destination(net) => Some(SetMember::Ip(net.addr())),
+                    _ => None,
+                })
+                .collect();
+            self.state.sets.insert(
+                set.clone(),
+                IpSet {
+                    kind: SetKind::HashIp,
+                    family: self.family,
+                    members: Members::new(members),
+                },
+            );
+            self.state.chains.insert(chain.to_string(), rules);
+            to_dispatch.push(Rule::new(
+                vec![Match::Set {
+                    name: set,
+                    direction: side,
+                }],
+                Target::Jump(chain.to_string()),
+            ));
+        }
+        let [egress_dispatch, ingress_dispatch] = [&to_dispatch[0], &to_dispatch[1]];
+
         let established = Rule::new(vec![Match::EstablishedOrRelated], Target::Return);
         let clear_mark = Rule::new(vec![], Target::ClearAllowMark);
         let neighbour_discovery: Vec<Rule> = match self.family {
@@ -127,14 +178,16 @@ impl<'a> ChainBuilder<'a> {
                 .collect(),
         };
 
-        let mut forward = vec![established.clone()];
-        forward.extend(egress_dispatch.iter().cloned());
-        forward.extend(ingress_dispatch.iter().cloned());
-        forward.push(clear_mark.clone());
+        let forward = vec![
+            established.clone(),
+            egress_dispatch.clone(),
+            ingress_dispatch.clone(),
+            clear_mark.clone(),
+        ];
 
         let mut input = vec![established.clone()];
         input.extend(neighbour_discovery.iter().cloned());
-        input.extend(egress_dispatch.iter().cloned());
+        input.push(egress_dispatch.clone());
         input.push(clear_mark.clone());
 
         let mut output = vec![established];
@@ -142,8 +195,8 @@ impl<'a> ChainBuilder<'a> {
         // The node may always reach its pods (kubelet probes); only traffic that merely leaves
         // through OUTPUT with a pod's source address (e.g. IPVS-forwarded) is judged.
         output.push(Rule::new(vec![Match::SourceIsLocal], Target::Return));
-        output.extend(egress_dispatch);
-        output.extend(ingress_dispatch);
+        output.push(egress_dispatch.clone());
+        output.push(ingress_dispatch.clone());
         output.push(clear_mark);
 
         for (builtin, chain, rules) in [

@@ -18,6 +18,10 @@ pub const MAX_SET_NAME: usize = 31;
 pub const FORWARD_CHAIN: &str = "KNI-FORWARD";
 pub const INPUT_CHAIN: &str = "KNI-INPUT";
 pub const OUTPUT_CHAIN: &str = "KNI-OUTPUT";
+/// Behind the dispatch chains: one jump per isolated local pod address, reached only by traffic
+/// of isolated pods (see [`isolated_set`]).
+pub const EGRESS_DISPATCH_CHAIN: &str = "KNI-DISPATCH-E";
+pub const INGRESS_DISPATCH_CHAIN: &str = "KNI-DISPATCH-I";
 
 /// 64 bits of SHA-256 in hex: collisions need ~4 billion objects of one kind on one node.
 fn digest(parts: &[&str]) -> String {
@@ -52,6 +56,23 @@ fn set_name(family: Family, kind: char, encoding: &str) -> String {
     };
     let tag = format!("{family}{kind}-");
     format!("{PREFIX}{tag}{}", digest(&[&tag, encoding]))
+}
+
+/// The `hash:ip` set of the addresses of local pods isolated for ingress (or egress).
+pub fn isolated_set(family: Family, ingress: bool) -> String {
+    let (kind, encoding) = if ingress {
+        ('I', "isolated;ingress")
+    } else {
+        ('E', "isolated;egress")
+    };
+    set_name(family, kind, encoding)
+}
+
+/// Whether `name` is one of the dispatch's isolation sets (which exist whatever the policies).
+pub fn is_isolation_set(name: &str) -> bool {
+    Family::ALL
+        .iter()
+        .any(|f| [true, false].iter().any(|i| isolated_set(*f, *i) == name))
 }
 
 /// The `hash:ip` set of the addresses of the pods one selection chooses.
@@ -127,8 +148,10 @@ fn has_generated_shape(name: &str, tags: &[&str]) -> bool {
 }
 
 /// Set tags of this release: pod selections, ipBlocks, named ports on peers, named ports on local
-/// pods.
-const SET_TAGS: [&str; 8] = ["4S-", "6S-", "4B-", "6B-", "4N-", "6N-", "4L-", "6L-"];
+/// pods, local pods isolated for ingress and egress.
+const SET_TAGS: [&str; 12] = [
+    "4S-", "6S-", "4B-", "6B-", "4N-", "6N-", "4L-", "6L-", "4I-", "6I-", "4E-", "6E-",
+];
 /// Set tags of the previous release (peer sets per rule's peer list, `hash:net`): still
 /// recognised so that the first sync after an upgrade removes them.
 const PREVIOUS_SET_TAGS: [&str; 2] = ["4P-", "6P-"];
@@ -143,9 +166,13 @@ pub fn is_generated_set(name: &str) -> bool {
 /// a kind tag, 16 lowercase hex digits). Such a chain is ours even when nothing of ours leads to
 /// it any more (e.g. another tool flushed our dispatch chains while the agent was down), so it is
 /// cleaned up rather than left behind as someone else's.
-/// The previous release generated the same chain shapes.
+/// The previous release generated the same pod and policy chain shapes; the dispatch chains
+/// behind the isolation sets are new and, like the pod chains, may be left unreachable when
+/// another tool flushes ours.
 pub fn is_generated_chain(name: &str) -> bool {
     has_generated_shape(name, &["PODI-", "PODE-", "POLI-", "POLE-"])
+        || name == EGRESS_DISPATCH_CHAIN
+        || name == INGRESS_DISPATCH_CHAIN
 }
 
 #[cfg(test)]
@@ -157,6 +184,13 @@ mod tests {
     fn generated_chain_names_are_recognised_by_their_shape() {
         assert!(is_generated_chain(&pod_chain(true, "x/a")));
         assert!(is_generated_chain(&policy_chain(false, "x/p")));
+        assert!(is_generated_chain(EGRESS_DISPATCH_CHAIN));
+        assert!(is_generated_chain(INGRESS_DISPATCH_CHAIN));
+        assert!(is_isolation_set(&isolated_set(Family::V6, true)));
+        assert!(!is_isolation_set(&pod_set(
+            Family::V6,
+            &PodSelection::everything()
+        )));
         for other in [
             "KNI-custom",
             "KNI-FORWARD",
@@ -177,6 +211,8 @@ mod tests {
                 block_set(family, &["10.0.0.0/8".parse().unwrap()]),
                 named_port_set(family, &everything, "http", Protocol::Tcp),
                 local_named_port_set(family, &everything, "http", Protocol::Tcp),
+                isolated_set(family, true),
+                isolated_set(family, false),
             ] {
                 assert!(is_generated_set(&name), "{name}");
                 assert!(!is_generated_set(&temporary_set(&name)), "{name}");

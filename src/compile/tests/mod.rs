@@ -149,3 +149,18 @@ pub(super) fn compile(s: &ClusterSnapshot, node: &str, family: Family) -> Desire
 pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
+
+/// The sets rules match peers with (all but the dispatch's isolation sets).
+pub(super) fn peer_sets(state: &DesiredState) -> impl Iterator<Item = &crate::compile::ir::IpSet> {
+    state
+        .sets
+        .iter()
+        .filter(|(name, set)| {
+            !Family::ALL.iter().any(|f| {
+                [true, false].iter().any(|ingress| {
+                    crate::compile::names::isolated_set(*f, *ingress) == **name && set.family == *f
+                })
+            })
+        })
+        .map(|(_, set)| set)
+}

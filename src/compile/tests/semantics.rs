@@ -403,7 +403,7 @@ fn host_network_and_finished_pods_are_neither_subjects_nor_peers() {
     );
     let state = compile(&s, "n1", Family::V4);
     assert!(
-        state.sets.values().all(|set| set.members.is_empty()),
+        peer_sets(&state).all(|set| set.members.is_empty()),
         "no peer is relevant"
     );
     assert!(
