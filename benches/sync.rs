@@ -6,9 +6,8 @@
 //!   cargo bench --bench sync -- [--namespaces N] [--pods N] [--local-pods N] [--policies N]
 //!                               [--rules-per-policy N] [--skip-iperf]
 
-#[path = "support/synthetic.rs"]
-mod synthetic;
-
+use kni_testlab::lab::{add_netns, add_pod_netns, run_with_stdin};
+use kni_testlab::synthetic::{self, LOCAL_NODE, Params};
 use kube_netpol_iptables::agent::{desired_states, desired_states_cached};
 use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable, View};
 use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
@@ -16,11 +15,10 @@ use kube_netpol_iptables::dataplane::{self, Backend, Dataplane, SyncMode, Tables
 use kube_netpol_iptables::model::ClusterSnapshot;
 use kube_netpol_iptables::peer_cache::PeerCache;
 use kube_netpol_iptables::state::{DesiredState, Family};
-use std::io::Write;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use synthetic::{LOCAL_NODE, Params};
 
 type States = Vec<(Family, DesiredState)>;
 
@@ -35,27 +33,6 @@ fn sh(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pipe(args: &[&str], input: &str) {
-    let mut child = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn ms(d: Duration) -> String {
@@ -137,9 +114,9 @@ fn restore_bin(backend: Backend, family: Family) -> String {
 fn bare_restore(backend: Backend, states: &States) -> Duration {
     let (ipset, tables) = payload(states);
     let start = Instant::now();
-    pipe(&["ipset", "restore"], &ipset);
+    run_with_stdin(&["ipset", "restore"], &ipset);
     for (family, text) in &tables {
-        pipe(
+        run_with_stdin(
             &[&restore_bin(backend, *family), "--noflush", "--wait", "10"],
             text,
         );
@@ -241,7 +218,7 @@ fn rule_by_rule(backend: Backend, states: &States) -> (Duration, usize, usize) {
 
 fn enter_new_netns(name: &str) {
     let _ = Command::new("ip").args(["netns", "del", name]).output();
-    sh(&["ip", "netns", "add", name]);
+    add_netns(name);
     let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
     // Single-threaded at this point: every process we start from now on lives in the namespace.
     assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
@@ -457,54 +434,12 @@ fn iperf(node_ns: &str, snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, St
             )
         })
         .collect();
-    for (i, (ns, ip)) in pods.iter().enumerate() {
-        sh(&["ip", "netns", "add", ns]);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &format!("vb{i}"),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns,
-        ]);
-        for cmd in [
-            vec!["ip", "-n", ns, "link", "set", "lo", "up"],
-            vec!["ip", "-n", ns, "link", "set", "eth0", "up"],
-            vec![
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "eth0",
-            ],
-            vec!["ip", "-n", ns, "route", "add", "169.254.1.1", "dev", "eth0"],
-            vec![
-                "ip",
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ],
-        ] {
-            sh(&cmd);
-        }
-        let host = format!("vb{i}");
-        sh(&["ip", "link", "set", &host, "up"]);
-        sh(&["ip", "addr", "add", "169.254.1.1/32", "dev", &host]);
-        sh(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host]);
+    for (i, (ns, _)) in pods.iter().enumerate() {
+        let ips = &snapshot.pods[i].ips;
+        let (IpAddr::V4(v4), IpAddr::V6(v6)) = (ips[0], ips[1]) else {
+            panic!("synthetic pods have an IPv4 and an IPv6 address")
+        };
+        add_pod_netns(node_ns, ns, &format!("vb{i}"), v4, v6);
     }
     let mut with_iperf = snapshot.clone();
     for j in 0..2 {
