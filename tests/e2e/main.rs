@@ -13,6 +13,7 @@ mod kube;
 mod matrix;
 mod other_engines;
 mod sync;
+mod upgrade;
 
 /// The agent binary under test.
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-netpol-iptables");
