@@ -74,11 +74,14 @@ pub fn run_with_stdin(args: &[&str], input: &str) -> Output {
     // A tool that fails early closes its stdin: its output says why, not the broken pipe.
     let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
     let out = child.wait_with_output().unwrap();
+    // Benchmark payloads run to hundreds of thousands of lines: their start is enough to see.
+    let head: Vec<&str> = input.lines().take(40).collect();
     assert!(
         out.status.success(),
-        "{args:?} failed: {}{}\ninput:\n{input}",
+        "{args:?} failed: {}{}\ninput (first 40 lines):\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
+        head.join("\n")
     );
     out
 }
