@@ -1,14 +1,14 @@
 //! Sync benchmark: programs a real network namespace with a synthetic cluster and reports, from
 //! one run, our full and incremental sync times, the ratio to the bare restore floor, the ratio to
-//! writing rule by rule, legacy vs nft, dataplane throughput with and without rules, and the
-//! agent's peak memory. Needs root. Run with hack/bench.sh (which installs iperf3), or:
+//! writing rule by rule, legacy vs nft, dataplane throughput and new-connection rate with and
+//! without rules, and the agent's peak memory. Needs root. Run with hack/bench.sh (which installs
+//! iperf3), or:
 //!
 //!   cargo bench --bench sync -- [--namespaces N] [--pods N] [--local-pods N] [--policies N]
-//!                               [--rules-per-policy N] [--skip-iperf]
+//!                               [--rules-per-policy N] [--connections N] [--skip-iperf]
 
-#[path = "support/synthetic.rs"]
-mod synthetic;
-
+use kni_testlab::lab::{add_netns, add_pod_netns, in_netns, run_with_stdin};
+use kni_testlab::synthetic::{self, LOCAL_NODE, Params};
 use kube_netpol_iptables::agent::{desired_states, desired_states_cached};
 use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable, View};
 use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
@@ -16,11 +16,11 @@ use kube_netpol_iptables::dataplane::{self, Backend, Dataplane, SyncMode, Tables
 use kube_netpol_iptables::model::ClusterSnapshot;
 use kube_netpol_iptables::peer_cache::PeerCache;
 use kube_netpol_iptables::state::{DesiredState, Family};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use synthetic::{LOCAL_NODE, Params};
 
 type States = Vec<(Family, DesiredState)>;
 
@@ -37,34 +37,21 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn pipe(args: &[&str], input: &str) {
-    let mut child = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+struct Options {
+    params: Params,
+    skip_iperf: bool,
+    /// New connections per run of the connection-rate measure.
+    connections: usize,
+}
+
 /// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it, and
-/// then a small case checks that the benchmark still works, without the throughput part.
-fn parse_args() -> (Params, bool) {
+/// then a small case checks that the benchmark still works, without iperf and with few
+/// connections.
+fn parse_args() -> Options {
     let all: Vec<String> = std::env::args().skip(1).collect();
     if !all.iter().any(|a| a == "--bench") {
         let smoke = Params {
@@ -74,10 +61,18 @@ fn parse_args() -> (Params, bool) {
             policies: 12,
             rules_per_policy: 2,
         };
-        return (smoke, true);
+        return Options {
+            params: smoke,
+            skip_iperf: true,
+            connections: 200,
+        };
     }
-    let mut p = Params::default();
-    let mut skip_iperf = false;
+    let mut opts = Options {
+        params: Params::default(),
+        skip_iperf: false,
+        connections: 5000,
+    };
+    let p = &mut opts.params;
     let args: Vec<String> = all.into_iter().filter(|a| a != "--bench").collect();
     let mut i = 0;
     while i < args.len() {
@@ -92,8 +87,9 @@ fn parse_args() -> (Params, bool) {
             "--local-pods" => p.local_pods = value(),
             "--policies" => p.policies = value(),
             "--rules-per-policy" => p.rules_per_policy = value(),
+            "--connections" => opts.connections = value(),
             "--skip-iperf" => {
-                skip_iperf = true;
+                opts.skip_iperf = true;
                 i += 1;
                 continue;
             }
@@ -101,11 +97,12 @@ fn parse_args() -> (Params, bool) {
         }
         i += 2;
     }
+    let p = &opts.params;
     assert!(
         p.local_pods >= 2 && p.local_pods <= p.pods,
         "need at least 2 local pods"
     );
-    (p, skip_iperf)
+    opts
 }
 
 /// The restore text a fresh node needs: (ipset, [(family, iptables)]).
@@ -137,9 +134,9 @@ fn restore_bin(backend: Backend, family: Family) -> String {
 fn bare_restore(backend: Backend, states: &States) -> Duration {
     let (ipset, tables) = payload(states);
     let start = Instant::now();
-    pipe(&["ipset", "restore"], &ipset);
+    run_with_stdin(&["ipset", "restore"], &ipset);
     for (family, text) in &tables {
-        pipe(
+        run_with_stdin(
             &[&restore_bin(backend, *family), "--noflush", "--wait", "10"],
             text,
         );
@@ -241,7 +238,7 @@ fn rule_by_rule(backend: Backend, states: &States) -> (Duration, usize, usize) {
 
 fn enter_new_netns(name: &str) {
     let _ = Command::new("ip").args(["netns", "del", name]).output();
-    sh(&["ip", "netns", "add", name]);
+    add_netns(name);
     let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
     // Single-threaded at this point: every process we start from now on lives in the namespace.
     assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
@@ -261,7 +258,8 @@ fn main() {
         let required = std::env::var_os("KNI_E2E_REQUIRED").is_some();
         std::process::exit(if benchmarking || required { 1 } else { 0 });
     }
-    let (params, skip_iperf) = parse_args();
+    let opts = parse_args();
+    let params = opts.params.clone();
     let node_ns = format!("kni-bench-{}", std::process::id());
     enter_new_netns(&node_ns);
     let mut rows: Vec<Row> = Vec::new();
@@ -426,9 +424,7 @@ fn main() {
         ),
     );
 
-    if !skip_iperf {
-        iperf(&node_ns, &snapshot, &mut row);
-    }
+    pod_to_pod(&node_ns, &snapshot, &opts, &mut row);
     peak_memory(&snapshot, &mut row);
     clean();
     let _ = Command::new("ip").args(["netns", "del", &node_ns]).output();
@@ -438,134 +434,183 @@ fn main() {
     }
 }
 
-/// TCP throughput between two local pods, with the large case programmed and with no rules.
-fn iperf(node_ns: &str, snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, String)) {
-    if Command::new("iperf3").arg("--version").output().is_err() {
+/// What the rules cost the traffic between two local pods, with the large case programmed and
+/// with no rules: TCP throughput (one long stream, iperf3; only its first packet reaches our
+/// chains) and the rate of new connections (every one walks our dispatch and policy chains).
+fn pod_to_pod(
+    node_ns: &str,
+    snapshot: &ClusterSnapshot,
+    opts: &Options,
+    row: &mut dyn FnMut(&str, String),
+) {
+    let iperf = !opts.skip_iperf && Command::new("iperf3").arg("--version").output().is_ok();
+    if !iperf {
         row(
             "throughput",
-            "skipped: iperf3 not installed (hack/bench.sh installs it)".into(),
+            "skipped: iperf3 not installed (hack/bench.sh installs it) or --skip-iperf".into(),
         );
-        return;
     }
-    // Pods 0 and 1 of the synthetic cluster are local and isolated; give their addresses to two
-    // real pod namespaces, and allow iperf between them with one more policy.
-    let pods: Vec<(String, String)> = (0..2)
-        .map(|j| {
-            (
-                format!("{node_ns}-p{j}"),
-                snapshot.pods[j].ips[0].to_string(),
-            )
+    // The two local pods whose keys sort last: the longest walk while dispatch is one rule per
+    // local pod in key order. Real pod namespaces get their addresses, and one more policy
+    // allows traffic between them (it isolates them too, so both are in our chains).
+    let mut local: Vec<usize> = (0..snapshot.pods.len())
+        .filter(|&j| snapshot.pods[j].node_name.as_deref() == Some(LOCAL_NODE))
+        .collect();
+    local.sort_by_key(|&j| snapshot.pods[j].key());
+    let chosen = &local[local.len() - 2..];
+    let pods: Vec<(String, Ipv4Addr)> = chosen
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| {
+            let ns = format!("{node_ns}-p{i}");
+            let ips = &snapshot.pods[j].ips;
+            let (IpAddr::V4(v4), IpAddr::V6(v6)) = (ips[0], ips[1]) else {
+                panic!("synthetic pods have an IPv4 and an IPv6 address")
+            };
+            add_pod_netns(node_ns, &ns, &format!("vb{i}"), v4, v6);
+            (ns, v4)
         })
         .collect();
-    for (i, (ns, ip)) in pods.iter().enumerate() {
-        sh(&["ip", "netns", "add", ns]);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &format!("vb{i}"),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns,
-        ]);
-        for cmd in [
-            vec!["ip", "-n", ns, "link", "set", "lo", "up"],
-            vec!["ip", "-n", ns, "link", "set", "eth0", "up"],
-            vec![
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "eth0",
-            ],
-            vec!["ip", "-n", ns, "route", "add", "169.254.1.1", "dev", "eth0"],
-            vec![
-                "ip",
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ],
-        ] {
-            sh(&cmd);
-        }
-        let host = format!("vb{i}");
-        sh(&["ip", "link", "set", &host, "up"]);
-        sh(&["ip", "addr", "add", "169.254.1.1/32", "dev", &host]);
-        sh(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host]);
-    }
-    let mut with_iperf = snapshot.clone();
-    for j in 0..2 {
-        with_iperf.pods[j]
+    let mut with_bench = snapshot.clone();
+    for &j in chosen {
+        with_bench.pods[j]
             .labels
-            .insert("bench".into(), "iperf".into());
+            .insert("bench".into(), "pod-to-pod".into());
     }
     let allow: kube_netpol_iptables::model::Policy = {
-        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: iperf, namespace: placeholder}\nspec:\n  podSelector: {matchLabels: {bench: iperf}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: iperf}}}]}]";
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bench, namespace: placeholder}\nspec:\n  podSelector: {matchLabels: {bench: pod-to-pod}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: pod-to-pod}}}]}]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: pod-to-pod}}}]}]";
         let p: k8s_openapi::api::networking::v1::NetworkPolicy =
             serde_yaml_ng::from_str(yaml).unwrap();
         kube_netpol_iptables::convert::policy(&p).unwrap()
     };
-    for j in 0..2 {
+    for (i, &j) in chosen.iter().enumerate() {
         let mut p = allow.clone();
-        p.namespace = with_iperf.pods[j].namespace.clone();
-        p.name = format!("iperf-{j}");
-        with_iperf.policies.push(p);
+        p.namespace = with_bench.pods[j].namespace.clone();
+        p.name = format!("bench-{i}");
+        with_bench.policies.push(p);
     }
-    let server = Command::new("ip")
-        .args(["netns", "exec", &pods[1].0, "iperf3", "-s", "-1"])
-        .stdout(Stdio::null())
-        .spawn();
-    let run_client = || -> f64 {
-        std::thread::sleep(Duration::from_millis(300));
-        let out = sh(&[
-            "ip", "netns", "exec", &pods[0].0, "iperf3", "-c", &pods[1].1, "-t", "3", "-J",
-        ]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap()
-            / 1e9
-    };
-    let mut dp = Dataplane::new(Tables::find(Backend::Nft).unwrap());
-    dp.sync(&desired_states(&with_iperf, LOCAL_NODE), SyncMode::Full)
-        .unwrap();
-    let with_rules = run_client();
-    let _ = server.map(|mut s| s.wait());
-    clean();
-    let server = Command::new("ip")
-        .args(["netns", "exec", &pods[1].0, "iperf3", "-s", "-1"])
-        .stdout(Stdio::null())
-        .spawn();
-    let without = run_client();
-    let _ = server.map(|mut s| s.wait());
+    // With rules and without, alternately, best of each: on a shared machine, load that comes
+    // and goes then weighs on both sides of the ratio alike.
+    let states = desired_states(&with_bench, LOCAL_NODE);
+    let (mut conns_with, mut conns_without) = (0.0f64, 0.0f64);
+    let (mut tput_with, mut tput_without) = (None, None);
+    for round in 0..CONNECTION_ROUNDS {
+        let mut dp = Dataplane::new(Tables::find(Backend::Nft).unwrap());
+        dp.sync(&states, SyncMode::Full).unwrap();
+        if round == 0 && iperf {
+            tput_with = Some(iperf_gbits(&pods[0].0, &pods[1].0, pods[1].1));
+        }
+        conns_with = conns_with.max(connection_rate(&pods, opts.connections));
+        clean();
+        if round == 0 && iperf {
+            tput_without = Some(iperf_gbits(&pods[0].0, &pods[1].0, pods[1].1));
+        }
+        conns_without = conns_without.max(connection_rate(&pods, opts.connections));
+    }
+    if let (Some(with_rules), Some(without)) = (tput_with, tput_without) {
+        row(
+            "[nft] TCP throughput pod to pod, large case programmed",
+            format!("{with_rules:.2} Gbit/s"),
+        );
+        row(
+            "[nft] TCP throughput pod to pod, no rules",
+            format!("{without:.2} Gbit/s"),
+        );
+        row(
+            "throughput with rules / without",
+            format!("{:.1}%", 100.0 * with_rules / without),
+        );
+    }
     row(
-        "[nft] TCP throughput pod to pod, large case programmed",
-        format!("{with_rules:.2} Gbit/s"),
+        "[nft] new TCP connections pod to pod, large case programmed",
+        format!(
+            "{conns_with:.0}/s (best of {CONNECTION_ROUNDS} × {})",
+            opts.connections
+        ),
     );
     row(
-        "[nft] TCP throughput pod to pod, no rules",
-        format!("{without:.2} Gbit/s"),
+        "[nft] new TCP connections pod to pod, no rules",
+        format!(
+            "{conns_without:.0}/s (best of {CONNECTION_ROUNDS} × {})",
+            opts.connections
+        ),
     );
     row(
-        "throughput with rules / without",
-        format!("{:.1}%", 100.0 * with_rules / without),
+        "new-connection rate with rules / without",
+        format!("{:.1}%", 100.0 * conns_with / conns_without),
     );
     for (ns, _) in &pods {
         let _ = Command::new("ip").args(["netns", "del", ns]).output();
     }
+}
+
+/// One 3 s iperf3 stream from `client_ns` to the server at `server_ip` in `server_ns`.
+fn iperf_gbits(client_ns: &str, server_ns: &str, server_ip: Ipv4Addr) -> f64 {
+    let server = Command::new("ip")
+        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    let ip = server_ip.to_string();
+    let out = sh(&[
+        "ip", "netns", "exec", client_ns, "iperf3", "-c", &ip, "-t", "3", "-J",
+    ]);
+    let _ = server.map(|mut s| s.wait());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e9
+}
+
+/// Empties the node's conntrack table, so that runs start alike (each connection leaves an
+/// entry behind for minutes).
+fn forget_flows() {
+    let _ = Command::new("conntrack").arg("-F").output();
+}
+
+const CONNECTION_PORT: u16 = 8080;
+/// Rounds of the connection-rate measure, each with rules and without.
+const CONNECTION_ROUNDS: usize = 3;
+
+/// New TCP connections per second from the first of `pods` to a server in the second, one after
+/// the other: connect, send one request, read the answer until the server closes (so the server,
+/// not the client, holds TIME_WAIT and the client's ports never run out). `count` connections
+/// after a tenth as many to warm up, from an empty conntrack table.
+fn connection_rate(pods: &[(String, Ipv4Addr)], count: usize) -> f64 {
+    forget_flows();
+    let warm_up = count / 10;
+    let listener = in_netns(&pods[1].0, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, CONNECTION_PORT)).expect("bind")
+    })
+    .join()
+    .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut request = [0u8; 16];
+        for _ in 0..warm_up + count {
+            let (mut s, _) = listener.accept().expect("accept");
+            let _ = s.read(&mut request);
+            let _ = s.write_all(b"ok");
+        }
+    });
+    let addr = SocketAddr::from((pods[1].1, CONNECTION_PORT));
+    let rate = in_netns(&pods[0].0, move || {
+        let one = || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+            s.write_all(b"GET\n").unwrap();
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer).unwrap();
+            assert_eq!(answer, b"ok");
+        };
+        (0..warm_up).for_each(|_| one());
+        let start = Instant::now();
+        (0..count).for_each(|_| one());
+        count as f64 / start.elapsed().as_secs_f64()
+    })
+    .join()
+    .unwrap();
+    server.join().unwrap();
+    rate
 }
 
 /// Peak resident memory of the real agent binary syncing the cluster from a manifests directory.

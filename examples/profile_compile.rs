@@ -1,8 +1,6 @@
 //! Profiling aid: replays the benchmark's incremental changes through the cached compile.
 //! `cargo build --release --example profile_compile && perf record -g target/release/examples/profile_compile`
-#[allow(dead_code)] // the manifests writer is only for the benchmark
-#[path = "../benches/support/synthetic.rs"]
-mod synthetic;
+use kni_testlab::synthetic;
 use kube_netpol_iptables::agent::desired_states_cached;
 use kube_netpol_iptables::peer_cache::PeerCache;
 use std::time::Instant;

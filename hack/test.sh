@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check: formatting, clippy, unit tests, and the network-namespace end-to-end suite
 # (which needs root; without it those tests say SKIPPED and pass). With KNI_IMAGE_TEST=1 (as CI
-# sets) it also builds the container image and runs it (tests/e2e_image.rs).
+# sets) it also builds the container image and runs it (tests/e2e/image.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . hack/lib.sh
@@ -15,7 +15,7 @@ cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 if [ "${KNI_IMAGE_TEST:-}" = 1 ]; then
-  # tests/e2e_image.rs runs the image in a lab namespace; without KNI_IMAGE_TEST it says SKIPPED.
+  # tests/e2e/image.rs runs the image in a lab namespace; without KNI_IMAGE_TEST it says SKIPPED.
   echo "== container image (hack/image.sh)"
   hack/image.sh
 fi

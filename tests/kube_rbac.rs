@@ -2,7 +2,7 @@
 //! often it is asked, what is logged, counted and reported as readiness. Alone in its binary
 //! because it captures the process's log.
 
-mod fakeapi;
+use kni_testlab::fakeapi;
 
 use fakeapi::{
     FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, until_within,

@@ -2,7 +2,7 @@
 //! kube::Client, checking what the core receives and what the API server is asked, and how
 //! often. No root needed.
 
-mod fakeapi;
+use kni_testlab::fakeapi;
 
 use fakeapi::{
     FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, watching,

@@ -1,5 +1,5 @@
 //! Golden test of the exact restore text for the demo manifests. Packets prove behaviour (see
-//! e2e.rs); this pins the rendered form so changes to it are seen in review.
+//! tests/e2e/); this pins the rendered form so changes to it are seen in review.
 //! Regenerate after an intended change: KNI_BLESS=1 cargo test --test render_golden
 
 use std::process::Command;

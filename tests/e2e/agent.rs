@@ -2,7 +2,7 @@
 //! from previous state, leaving other firewalls alone, cleanup, bad input, watching the directory,
 //! and switching backends. Needs root; without it every test says SKIPPED loudly and passes.
 
-mod lab;
+use kni_testlab::lab;
 
 use lab::{Lab, Proto, probe, skip_unless_root};
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ const DENY_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmet
 const ALLOW_X_FROM_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: web}]}]";
 
 fn one_node_lab() -> Lab {
-    Lab::new(1, |_, _| 0)
+    Lab::new(crate::AGENT, 1, |_, _| 0)
 }
 
 /// Rules and chains of both families, per table, without counters: for exact comparisons. Empty

@@ -5,7 +5,7 @@
 //! Runs when KNI_IMAGE_TEST=1 (CI sets it after `hack/image.sh` built the image); otherwise every
 //! test says SKIPPED loudly and passes. Needs root and podman.
 
-mod lab;
+use kni_testlab::lab;
 
 use lab::{Lab, is_root};
 use std::path::{Path, PathBuf};
@@ -265,7 +265,7 @@ fn image_enforces_policies_in_a_node_namespace_with_both_backends() {
     if skip_unless_image_test("image_enforces_policies_in_a_node_namespace_with_both_backends") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let podman = Podman::new(lab.manifests_dir());
     let common = Podman::node_container_args(&lab);
     let agent_args = |backend: &'static str| {

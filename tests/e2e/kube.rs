@@ -3,8 +3,8 @@
 //! through the API changes real reachability. Also checks /metrics, /healthz and /readyz.
 //! Needs root; without it the test says SKIPPED loudly and passes.
 
-mod fakeapi;
-mod lab;
+use kni_testlab::fakeapi;
+use kni_testlab::lab;
 
 use fakeapi::{FakeApi, Kind};
 use lab::{Lab, Proto, http_get, in_netns, probe, skip_unless_root, wait_until};
@@ -16,7 +16,7 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
     if skip_unless_root("a_policy_created_through_the_api_changes_real_reachability") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -4,7 +4,7 @@
 //! backend detection. Faults that cannot be caused for real (a missing module) are injected with
 //! tool shims on PATH. Needs root; without it every test says SKIPPED loudly and passes.
 
-mod lab;
+use kni_testlab::lab;
 
 use lab::{Lab, Proto, http_get, probe, remote_pods, skip_unless_root, wait_until};
 use std::process::Command;
@@ -18,7 +18,7 @@ fn a_missing_kernel_feature_is_named_and_nothing_is_programmed() {
     if skip_unless_root("a_missing_kernel_feature_is_named_and_nothing_is_programmed") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     // An ipset whose kernel lacks hash:ip,port.
     let (shim_dir, path) = lab.shims(
@@ -45,7 +45,7 @@ fn a_rejected_line_is_quoted_and_the_last_good_state_stays() {
     if skip_unless_root("a_rejected_line_is_quoted_and_the_last_good_state_stays") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     lab.sync_all("nft");
     let good = lab.our_state("nft");
@@ -86,7 +86,7 @@ fn a_held_xtables_lock_fails_the_write_keeps_the_state_and_shows_in_readiness() 
     ) {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     let mut agent = lab.spawn_agent("legacy", &["--xtables-wait", "1s"]);
     let node = lab.nodes[0].netns.clone();
@@ -155,7 +155,7 @@ fn a_set_someone_else_still_uses_is_destroyed_later_and_never_breaks_a_sync() {
     {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
     lab.sync_all("nft");
     let set = lab
@@ -218,7 +218,7 @@ fn sigterm_finishes_the_sync_and_leaves_a_complete_state() {
     if skip_unless_root("sigterm_finishes_the_sync_and_leaves_a_complete_state") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     // Many remote pods make the first sync take a while.
     let mut docs = vec![ALLOW_X_FROM_Y.to_string()];
     docs.extend(remote_pods("y", 3000));
@@ -253,7 +253,7 @@ fn a_vanished_manifests_directory_keeps_the_last_state_and_recovers() {
     if skip_unless_root("a_vanished_manifests_directory_keeps_the_last_state_and_recovers") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     let mut agent = lab.spawn_agent("nft", &["--resync-period", "1s"]);
     wait_until("enforced", Duration::from_secs(10), || {
@@ -282,7 +282,7 @@ fn names_at_the_limits_and_hostile_labels() {
     if skip_unless_root("names_at_the_limits_and_hostile_labels") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let long_ns = "n".repeat(63);
     let long_name = format!(
         "{}.{}.{}.{}",
@@ -344,7 +344,7 @@ fn a_policy_can_select_thousands_of_peers() {
     if skip_unless_root("a_policy_can_select_thousands_of_peers") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let mut docs = vec![ALLOW_X_FROM_Y.to_string()];
     docs.extend(remote_pods("y", 5000));
     let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
@@ -368,7 +368,7 @@ fn other_firewalls_keep_working_and_detection_picks_the_hosts_backend() {
     if skip_unless_root("other_firewalls_keep_working_and_detection_picks_the_hosts_backend") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     // The host's firewall lives in nft and marks it as kubelet's (as kubelet does).
     lab.node_cmd(
         0,
@@ -422,7 +422,7 @@ fn other_firewalls_keep_working_and_detection_picks_the_hosts_backend() {
     );
 
     // With the kubelet canary in legacy instead, auto picks legacy.
-    let lab2 = Lab::new(1, |_, _| 0);
+    let lab2 = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab2.node_cmd(
         0,
         &[
@@ -464,7 +464,7 @@ fn an_oversized_policy_fails_closed_and_every_other_change_still_applies() {
     const DENY_Y: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: y}\nspec: {podSelector: {}, policyTypes: [Ingress]}";
 
     for backend in ["nft", "legacy"] {
-        let lab = Lab::new(1, |_, _| 0);
+        let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
         lab.write_cluster_manifests(&[&huge]);
         let _agent = lab.spawn_agent(backend, &[]);
         let node = lab.nodes[0].netns.clone();

@@ -19,7 +19,6 @@
 //!   from before it get 410 as from a restarted kube-apiserver, whose cache starts at "now".
 //!
 //! Every request is recorded (kind, query, User-Agent) for tests to check what clients send.
-#![allow(dead_code)]
 
 use axum::Router;
 use axum::body::{Body, Bytes};

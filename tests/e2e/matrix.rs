@@ -2,7 +2,7 @@
 //! namespaces decide pass or fail, on IPv4 and IPv6, both iptables backends, one and two nodes.
 //! Needs root; without it every test says SKIPPED loudly and passes.
 
-mod lab;
+use kni_testlab::lab;
 
 use lab::{Lab, Probe, Proto, check_matrix, skip_unless_root};
 
@@ -338,7 +338,9 @@ fn run_cases(test: &str, backend: &str, nodes: usize) {
         return;
     }
     // Two nodes: pods c live on node 2, so flows are same-node and cross-node.
-    let lab = Lab::new(nodes, |_, pod| if nodes == 2 && pod == "c" { 1 } else { 0 });
+    let lab = Lab::new(crate::AGENT, nodes, |_, pod| {
+        if nodes == 2 && pod == "c" { 1 } else { 0 }
+    });
     let mut failures = Vec::new();
     for c in cases() {
         let mut docs: Vec<&str> = c.policies.iter().map(String::as_str).collect();

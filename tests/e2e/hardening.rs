@@ -2,10 +2,9 @@
 //! sets that must not be read or touched, the xtables lock, legacy tables on nft-only nodes, and
 //! drift that is not there. Needs root; without it every test says SKIPPED loudly and passes.
 
-mod lab;
+use kni_testlab::lab;
 
 use lab::{Lab, skip_unless_root, wait_until};
-use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -38,22 +37,6 @@ fn succeeded(out: &Output) -> String {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{log}");
     log
-}
-
-/// Feeds `text` to `ipset restore` in node 1's namespace.
-fn ipset_restore(lab: &Lab, text: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.nodes[0].netns, "ipset", "restore"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
 }
 
 /// Remote pods of namespace y (peers of ALLOW_X_FROM_Y) whose addresses all have three-digit
@@ -94,7 +77,7 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
     if skip_unless_root("a_kill_mid_write_never_hands_ipset_a_cut_batch") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let marks = lab.manifests_dir().with_extension("marks");
     std::fs::create_dir_all(&marks).unwrap();
     // Stands in for ipset: a restore that fills our peer sets starts only after a pause (in which
@@ -103,7 +86,7 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
             "#!/bin/bash\nif [ \"$*\" = \"-exist restore\" ]; then\n  IFS= read -r first\n  case \"$first\" in\n    \"create KNI-SETS \"*|\"create KNI-4S-\"*) touch {m}/started; sleep 2; {{ printf '%s\\n' \"$first\"; cat; }} | tee {m}/input | /usr/sbin/ipset \"$@\"; rc=$?; touch {m}/done; exit $rc;;\n  esac\n  {{ printf '%s\\n' \"$first\"; cat; }} | /usr/sbin/ipset \"$@\"; exit $?\nfi\nexec /usr/sbin/ipset \"$@\"\n",
             m = marks.display()
         ))]);
-    ipset_restore(&lab, "create foreign hash:ip\nadd foreign 192.0.2.1\n");
+    lab.ipset_restore(0, "create foreign hash:ip\nadd foreign 192.0.2.1\n");
     for short in 0..3 {
         let _ = std::fs::remove_file(marks.join("started"));
         let _ = std::fs::remove_file(marks.join("done"));
@@ -179,7 +162,7 @@ fn a_full_sync_reads_only_our_sets() {
     if skip_unless_root("a_full_sync_reads_only_our_sets") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     // Someone's blocklist of 200,000 addresses.
     let mut blocklist =
         String::from("create blocklist hash:ip family inet hashsize 65536 maxelem 400000\n");
@@ -187,7 +170,7 @@ fn a_full_sync_reads_only_our_sets() {
         let [_, b, c, d] = (0x0a00_0000 | (200 << 16) | i).to_be_bytes();
         blocklist.push_str(&format!("add blocklist 10.{b}.{c}.{d}\n"));
     }
-    ipset_restore(&lab, &blocklist);
+    lab.ipset_restore(0, &blocklist);
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
     // Stands in for ipset and keeps a copy of everything ipset printed for the agent.
     let read = lab.manifests_dir().with_extension("read");
@@ -241,7 +224,7 @@ fn the_nft_backend_never_waits_for_the_xtables_lock() {
     if skip_unless_root("the_nft_backend_never_waits_for_the_xtables_lock") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     let lock = hold_xtables_lock();
     // nft: probe, first sync and a change all go through while the lock is held.
@@ -279,7 +262,7 @@ fn the_nft_backend_never_creates_legacy_tables() {
     if skip_unless_root("the_nft_backend_never_creates_legacy_tables") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     assert_eq!(
         legacy_tables(&lab),
         "",
@@ -346,7 +329,7 @@ fn resyncs_of_an_untouched_kernel_write_nothing() {
     let compatible = odd("compat", "::10.0.0.77");
     let mapped = odd("mapped", "::ffff:10.0.0.78");
     for backend in ["legacy", "nft"] {
-        let lab = Lab::new(1, |_, _| 0);
+        let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
         lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, &compatible, &mapped]);
         let log = succeeded(&lab.once(backend, &[], &[]));
         let (first, _) = writes_and_repairs(&log);
@@ -396,7 +379,7 @@ fn a_chain_someone_else_jumps_to_is_kept_empty_and_never_blocks_a_sync() {
         return;
     }
     for backend in ["legacy", "nft"] {
-        let lab = Lab::new(1, |_, _| 0);
+        let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
         let ipt = format!("iptables-{backend}");
         lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
         let mut agent = lab.spawn_agent(backend, &["--resync-period", "3s"]);
@@ -465,7 +448,7 @@ fn a_flushed_chain_or_a_removed_jump_is_repaired_within_seconds() {
         return;
     }
     for backend in ["legacy", "nft"] {
-        let lab = Lab::new(1, |_, _| 0);
+        let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
         let ipt = format!("iptables-{backend}");
         lab.write_cluster_manifests(&[DENY_X]);
         // Full resyncs are far away: only the canary check can notice.
@@ -533,7 +516,7 @@ fn objects_under_our_prefix_that_we_did_not_create_are_left_alone() {
         return;
     }
     for backend in ["legacy", "nft"] {
-        let lab = Lab::new(1, |_, _| 0);
+        let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
         let ipt = format!("iptables-{backend}");
         // Another tool's chain, its jump and its set, all named like ours.
         for args in [
@@ -545,7 +528,7 @@ fn objects_under_our_prefix_that_we_did_not_create_are_left_alone() {
             cmd.extend(args);
             lab.node_cmd(0, &cmd);
         }
-        ipset_restore(&lab, "create KNI-foo hash:ip\nadd KNI-foo 192.0.2.8\n");
+        lab.ipset_restore(0, "create KNI-foo hash:ip\nadd KNI-foo 192.0.2.8\n");
         let foreign = || {
             [
                 mentions(&lab, backend, "KNI-custom"),
@@ -601,7 +584,7 @@ fn sets_of_an_earlier_release_without_a_registry_are_adopted() {
     if skip_unless_root("sets_of_an_earlier_release_without_a_registry_are_adopted") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
     succeeded(&lab.once("nft", &[], &[]));
     // What an earlier release left: the same sets and rules, no registry.
@@ -647,7 +630,7 @@ fn a_kernel_without_list_set_is_named_at_start() {
     if skip_unless_root("a_kernel_without_list_set_is_named_at_start") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X]);
     // An ipset whose kernel lacks list:set, the type of our registry.
     let (shim_dir, path) = lab.shims(&[("ipset", "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *list:set*) echo 'ipset v7.17: Kernel error received: set type not supported' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/ipset \"$@\"\n")]);
@@ -675,7 +658,7 @@ fn chains_orphaned_by_a_flushed_dispatch_chain_are_still_cleaned_up() {
     if skip_unless_root("chains_orphaned_by_a_flushed_dispatch_chain_are_still_cleaned_up") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X, ALLOW_X_FROM_Y]);
     succeeded(&lab.once("nft", &[], &[]));
     let from_y = kube_netpol_iptables::names::policy_chain(true, "x/from-y");

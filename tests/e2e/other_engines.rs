@@ -2,7 +2,7 @@
 //! (kube-network-policies, or kind's kindnetd that embeds it). The tables are made with `nft` in
 //! the lab node's own network namespace. Needs root and `nft` (hack/lib.sh installs nftables).
 
-mod lab;
+use kni_testlab::lab;
 
 use lab::{Lab, skip_unless_root};
 
@@ -35,7 +35,7 @@ fn logs_other_engines_tables_present_on_the_node() {
     {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[]);
 
     // A table that is not an engine's must not be reported.

@@ -1,7 +1,7 @@
 //! End-to-end: incremental writes, drift repair, and restarts that never flip a probe.
 //! Needs root; without it every test says SKIPPED loudly and passes.
 
-mod lab;
+use kni_testlab::lab;
 
 use lab::{Lab, Proto, probe, skip_unless_root, wait_until};
 use std::process::Command;
@@ -38,7 +38,7 @@ fn unchanged_input_writes_nothing_and_a_change_writes_only_what_it_touches() {
         return;
     }
     for backend in ["legacy", "nft"] {
-        let lab = Lab::new(1, |_, _| 0);
+        let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
         lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_DB, FROM_Z]);
         let (sets, rules) = once(&lab, backend);
         assert!(sets > 0 && rules > 0);
@@ -85,7 +85,7 @@ fn drift_is_repaired_on_resync() {
     if skip_unless_root("drift_is_repaired_on_resync") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_DB]);
     let backend = "nft";
     let mut agent = lab.spawn_agent(backend, &["--resync-period", "2s"]);
@@ -160,7 +160,7 @@ fn restarts_and_kills_never_flip_a_probe() {
         return;
     }
     let backend = "legacy";
-    let lab = Arc::new(Lab::new(1, |_, _| 0));
+    let lab = Arc::new(Lab::new(crate::AGENT, 1, |_, _| 0));
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_Z]);
     let mut agent = lab.spawn_agent(
         backend,
@@ -251,7 +251,7 @@ fn a_set_with_other_parameters_is_replaced_by_swap() {
     if skip_unless_root("a_set_with_other_parameters_is_replaced_by_swap") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
     let rendered = lab.render();
     let set = rendered

@@ -3,8 +3,8 @@
 //! namespace, and idle connections to the metrics port. Every check is a real flow in the lab.
 //! Needs root; without it every test says SKIPPED loudly and passes.
 
-mod fakeapi;
-mod lab;
+use kni_testlab::fakeapi;
+use kni_testlab::lab;
 
 use fakeapi::{FakeApi, Kind};
 use lab::{AgentProcess, Lab, http_get, in_netns, skip_unless_root, wait_until};
@@ -51,7 +51,7 @@ fn configmap_updates_apply_and_unreadable_entries_keep_the_last_state() {
     if skip_unless_root("configmap_updates_apply_and_unreadable_entries_keep_the_last_state") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let dir = lab.manifests_dir().to_path_buf();
     let node_ns = lab.nodes[0].netns.clone();
     lab.write_cluster_manifests(&[]);
@@ -125,7 +125,7 @@ fn a_pod_claiming_the_loopback_address_is_reported_and_loopback_keeps_working() 
     ) {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -207,7 +207,7 @@ fn a_second_agent_in_the_namespace_waits_writes_nothing_and_takes_over() {
     if skip_unless_root("a_second_agent_in_the_namespace_waits_writes_nothing_and_takes_over") {
         return;
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let node_ns = lab.nodes[0].netns.clone();
     lab.write_cluster_manifests(&[DENY_X]);
     let mut first = lab.spawn_agent("legacy", &[]);
@@ -314,7 +314,7 @@ fn idle_metrics_connections_starve_neither_syncs_nor_probes() {
         limit.rlim_cur = limit.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
     }
-    let lab = Lab::new(1, |_, _| 0);
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     let node_ns = lab.nodes[0].netns.clone();
     lab.write_cluster_manifests(&[DENY_X]);
     let log = std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap();

@@ -5,7 +5,6 @@
 //!
 //! Servers and probes run on threads of the test process that have entered the namespace with
 //! setns(2): sockets belong to the namespace they were created in.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -62,38 +61,82 @@ pub fn sh(args: &[&str]) -> Output {
     out
 }
 
-/// Runs `ip -batch -` inside a namespace (or the root namespace for `None`).
-fn ip_batch(netns: Option<&str>, lines: &[String]) {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "ip", "-batch", "-"]);
-            c
-        }
-        None => {
-            let mut c = Command::new("ip");
-            c.args(["-batch", "-"]);
-            c
-        }
-    };
-    let mut child = cmd
+/// Runs a command with `input` on its stdin (generated text never reaches a shell); panics with
+/// its output if it fails.
+pub fn run_with_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(args[0])
+        .args(&args[1..])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("ip");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(lines.join("\n").as_bytes())
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    // A tool that fails early closes its stdin: its output says why, not the broken pipe.
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
     let out = child.wait_with_output().unwrap();
+    // Benchmark payloads run to hundreds of thousands of lines: their start is enough to see.
+    let head: Vec<&str> = input.lines().take(40).collect();
     assert!(
         out.status.success(),
-        "ip batch in {netns:?} failed: {}\n{}",
+        "{args:?} failed: {}{}\ninput (first 40 lines):\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        lines.join("\n")
+        head.join("\n")
+    );
+    out
+}
+
+/// Runs `ip -batch -` inside a namespace.
+fn ip_batch(netns: &str, lines: &[String]) {
+    run_with_stdin(
+        &["ip", "netns", "exec", netns, "ip", "-batch", "-"],
+        &lines.join("\n"),
+    );
+}
+
+/// Creates a network namespace; fails if the name is taken (never someone else's).
+pub fn add_netns(name: &str) {
+    sh(&["ip", "netns", "add", name]);
+}
+
+/// A pod namespace wired to its node as Calico-style routing CNIs do: a veth pair (`eth0` in the
+/// pod, `host_if` on the node), the pod's /32 and /128 on `eth0` with a default route via the
+/// link-local gateway 169.254.1.1 / fe80::1 that the node answers on `host_if`, and host routes
+/// to the pod's addresses on the node. The pod namespace is created here; the node's exists.
+pub fn add_pod_netns(node_netns: &str, pod_netns: &str, host_if: &str, v4: Ipv4Addr, v6: Ipv6Addr) {
+    add_netns(pod_netns);
+    sysctl(
+        pod_netns,
+        &[
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    );
+    sh(&[
+        "ip", "-n", node_netns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0",
+        "netns", pod_netns,
+    ]);
+    ip_batch(
+        pod_netns,
+        &[
+            "link set lo up".into(),
+            "link set eth0 up".into(),
+            format!("addr add {v4}/32 dev eth0"),
+            format!("addr add {v6}/128 dev eth0 nodad"),
+            "route add 169.254.1.1 dev eth0".into(),
+            "route add default via 169.254.1.1 dev eth0".into(),
+            "route add ::/0 via fe80::1 dev eth0".into(),
+        ],
+    );
+    ip_batch(
+        node_netns,
+        &[
+            format!("link set {host_if} up"),
+            format!("addr add 169.254.1.1/32 dev {host_if}"),
+            format!("addr add fe80::1/64 dev {host_if} nodad"),
+            format!("route add {v4}/32 dev {host_if}"),
+            format!("route add {v6}/128 dev {host_if}"),
+        ],
     );
 }
 
@@ -146,6 +189,8 @@ impl LabPod {
 }
 
 pub struct Lab {
+    /// The agent binary under test (`env!("CARGO_BIN_EXE_kube-netpol-iptables")` in its tests).
+    pub agent_bin: PathBuf,
     pub prefix: String,
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
@@ -157,8 +202,13 @@ pub struct Lab {
 static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 impl Lab {
-    /// `node_of(namespace, pod)` places each pod on a node (index into `node_count` nodes).
-    pub fn new(node_count: usize, node_of: impl Fn(&str, &str) -> usize) -> Lab {
+    /// `node_of(namespace, pod)` places each pod on a node (index into `node_count` nodes);
+    /// `agent_bin` is the agent binary the lab's helpers run.
+    pub fn new(
+        agent_bin: impl Into<PathBuf>,
+        node_count: usize,
+        node_of: impl Fn(&str, &str) -> usize,
+    ) -> Lab {
         let id = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("kni{}-{id}", std::process::id() % 100_000);
         let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
@@ -166,6 +216,7 @@ impl Lab {
         std::fs::create_dir_all(&manifests).unwrap();
 
         let mut lab = Lab {
+            agent_bin: agent_bin.into(),
             prefix: prefix.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
@@ -175,7 +226,7 @@ impl Lab {
         };
         for n in 0..node_count {
             let netns = format!("{prefix}-n{}", n + 1);
-            sh(&["ip", "netns", "add", &netns]);
+            add_netns(&netns);
             sysctl(
                 &netns,
                 &[
@@ -241,6 +292,9 @@ impl Lab {
                 ));
             }
         }
+        for (i, lines) in node_lines.iter().enumerate() {
+            ip_batch(&lab.nodes[i].netns, lines);
+        }
         for (ni, ns) in NAMESPACES.iter().enumerate() {
             for (pi, pod) in PODS.iter().enumerate() {
                 let node = node_of(ns, pod);
@@ -249,47 +303,7 @@ impl Lab {
                 let k = (ni * 3 + pi + 2) as u8;
                 let v4 = Ipv4Addr::new(10, 244, node as u8 + 1, k);
                 let v6: Ipv6Addr = format!("fd00:244:{}::{k}", node + 1).parse().unwrap();
-                sh(&["ip", "netns", "add", &netns]);
-                sysctl(
-                    &netns,
-                    &[
-                        "net.ipv6.conf.all.accept_dad=0",
-                        "net.ipv6.conf.default.accept_dad=0",
-                    ],
-                );
-                sh(&[
-                    "ip",
-                    "-n",
-                    &lab.nodes[node].netns,
-                    "link",
-                    "add",
-                    &host_if,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &netns,
-                ]);
-                ip_batch(
-                    Some(&netns),
-                    &[
-                        "link set lo up".into(),
-                        "link set eth0 up".into(),
-                        format!("addr add {v4}/32 dev eth0"),
-                        format!("addr add {v6}/128 dev eth0 nodad"),
-                        "route add 169.254.1.1 dev eth0".into(),
-                        "route add default via 169.254.1.1 dev eth0".into(),
-                        "route add ::/0 via fe80::1 dev eth0".into(),
-                    ],
-                );
-                let lines = &mut node_lines[node];
-                lines.push(format!("link set {host_if} up"));
-                lines.push(format!("addr add 169.254.1.1/32 dev {host_if}"));
-                lines.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
-                lines.push(format!("route add {v4}/32 dev {host_if}"));
-                lines.push(format!("route add {v6}/128 dev {host_if}"));
+                add_pod_netns(&lab.nodes[node].netns, &netns, &host_if, v4, v6);
                 lab.pods.push(LabPod {
                     namespace: ns.to_string(),
                     name: pod.to_string(),
@@ -299,9 +313,6 @@ impl Lab {
                     v6,
                 });
             }
-        }
-        for (i, lines) in node_lines.iter().enumerate() {
-            ip_batch(Some(&lab.nodes[i].netns), lines);
         }
         let targets: Vec<(String, String)> = lab
             .pods
@@ -422,7 +433,7 @@ impl Lab {
     }
 
     pub fn agent(&self, node: usize, args: &[&str]) -> Output {
-        let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
+        let bin = self.agent_bin.to_str().unwrap();
         let mut full: Vec<&str> = vec!["netns", "exec", &self.nodes[node].netns, bin];
         full.extend_from_slice(args);
         Command::new("ip")
@@ -475,6 +486,21 @@ impl Lab {
         }
     }
 
+    /// `ipset restore` of `text` in node `node`'s namespace.
+    pub fn ipset_restore(&self, node: usize, text: &str) {
+        run_with_stdin(
+            &[
+                "ip",
+                "netns",
+                "exec",
+                &self.nodes[node].netns,
+                "ipset",
+                "restore",
+            ],
+            text,
+        );
+    }
+
     /// Runs a command inside a node's namespace and returns stdout.
     pub fn node_cmd(&self, node: usize, args: &[&str]) -> String {
         let mut full = vec!["ip", "netns", "exec", &self.nodes[node].netns];
@@ -514,7 +540,7 @@ impl Lab {
     }
 
     fn agent_args<'a>(&'a self, dir: &'a str, backend: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-        let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
+        let bin = self.agent_bin.to_str().unwrap();
         let mut args = vec![
             "netns",
             "exec",

@@ -1,0 +1,7 @@
+//! Support shared by the test binaries, the benchmark and the profiling example (never shipped):
+//! the network-namespace lab with real probes ([`lab`]), the in-process fake Kubernetes API
+//! server ([`fakeapi`]) and the deterministic synthetic cluster ([`synthetic`]).
+
+pub mod fakeapi;
+pub mod lab;
+pub mod synthetic;
