@@ -50,7 +50,8 @@ pub fn sync_snapshot(
     metrics: Option<&Metrics>,
 ) -> Result<SyncReport> {
     let started = Instant::now();
-    let desired = desired_states_cached(snapshot, node, cache);
+    let mut desired = desired_states_cached(snapshot, node, cache);
+    crate::enforcement::apply(&mut desired, &dataplane.enforcement);
     let compiled = started.elapsed();
     report_failed_closed(&desired, metrics);
     let report = match dataplane.sync(&desired, mode) {
@@ -70,6 +71,12 @@ pub fn sync_snapshot(
     }
     if let Some(m) = metrics {
         m.sync_succeeded(mode, started.elapsed(), &report, &desired);
+    }
+    // Strict mode: flows the new rules deny stop now, not when they end.
+    if dataplane.enforcement.strict_mode
+        && (report.ipset_lines + report.iptables_lines > 0 || mode == SyncMode::Full)
+    {
+        crate::dataplane::conntrack::cut_after_sync(&desired, metrics);
     }
     tracing::info!(
         node,

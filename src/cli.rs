@@ -3,6 +3,7 @@
 
 use crate::agent;
 use crate::dataplane::{self, BackendChoice, Dataplane, SyncMode, render};
+use crate::enforcement::{self, DenyAction};
 use crate::instance_lock::{self, InstanceLock};
 use crate::kube_source;
 use crate::manifests;
@@ -74,6 +75,15 @@ pub enum Command {
         #[arg(long, env = "KNI_XTABLES_WAIT", default_value = "10s",
               value_parser = |s: &str| parse_duration_at_most(s, MAX_XTABLES_WAIT))]
         xtables_wait: Duration,
+        /// What happens to traffic no policy allows: drop (the sender times out) or reject (TCP
+        /// reset, ICMP port unreachable).
+        #[arg(long, env = "KNI_DENY_ACTION", value_enum, default_value = "drop")]
+        deny_action: DenyAction,
+        /// After a sync that changes the rules, cut the established conntrack flows the new
+        /// rules deny (otherwise they go on until they end).
+        #[arg(long, env = "KNI_STRICT_MODE", default_value_t = true, action = clap::ArgAction::Set,
+              num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+        strict_mode: bool,
     },
     /// Print the ipset and iptables-restore text `run` would write to a fresh node; touches nothing.
     Render {
@@ -87,6 +97,9 @@ pub enum Command {
         max_manifest_bytes: u64,
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
+        /// As for `run`.
+        #[arg(long, env = "KNI_DENY_ACTION", value_enum, default_value = "drop")]
+        deny_action: DenyAction,
     },
     /// Remove every chain, jump and set the agent owns (both families), and nothing else.
     Cleanup {
@@ -164,6 +177,8 @@ pub fn run(cli: Cli) -> Result<()> {
             sync_max_delay,
             resync_period,
             xtables_wait,
+            deny_action,
+            strict_mode,
         } => {
             manifests::set_max_file_bytes(max_manifest_bytes);
             let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
@@ -245,6 +260,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 agent::check_bridge_netfilter();
                 dataplane::other_engines::report();
                 let mut dataplane = Dataplane::new(tables);
+                dataplane.enforcement = enforcement::Options {
+                    deny_action,
+                    strict_mode,
+                };
                 match (manifests, once) {
                     (Some(dir), true) => {
                         let mut cache = Default::default();
@@ -305,12 +324,16 @@ pub fn run(cli: Cli) -> Result<()> {
             manifests,
             max_manifest_bytes,
             node_name,
+            deny_action,
         } => {
             let snapshot = manifests::load_dir_with_limit(&manifests, max_manifest_bytes)?;
-            print!(
-                "{}",
-                render::render_fresh(&agent::desired_states(&snapshot, &node_name))
-            );
+            let mut states = agent::desired_states(&snapshot, &node_name);
+            let options = enforcement::Options {
+                deny_action,
+                ..Default::default()
+            };
+            enforcement::apply(&mut states, &options);
+            print!("{}", render::render_fresh(&states));
             Ok(())
         }
         Command::Cleanup { backend } => {

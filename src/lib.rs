@@ -12,6 +12,7 @@ pub mod cli;
 pub mod compile;
 pub mod convert;
 pub mod dataplane;
+pub mod enforcement;
 pub mod fuzzing;
 pub mod instance_lock;
 pub mod kube_source;
@@ -20,9 +21,9 @@ pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod peer_cache;
+pub mod simulate;
 pub mod state;
+pub mod strict;
 
 #[cfg(test)]
 mod compile_tests;
-#[cfg(test)]
-mod simulate;

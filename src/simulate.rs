@@ -1,6 +1,7 @@
-//! Test-only: walks a `DesiredState` the way netfilter would walk the rendered rules, so compile()
-//! semantics can be checked packet by packet without root. The end-to-end suite checks the same
-//! semantics against the real kernel.
+//! Walks a `DesiredState` the way netfilter walks the rendered rules: compile() semantics are
+//! checked packet by packet without root, and strict mode (`crate::strict`) decides with it which
+//! established flows a new state denies, so that decision and the rules cannot disagree. The
+//! end-to-end suite checks the same semantics against the real kernel.
 
 use crate::model::Protocol;
 use crate::state::{ALLOW_MARK, DesiredState, Match, SetDirection, SetMember, Target};
@@ -38,18 +39,25 @@ impl Packet {
 enum Outcome {
     Continue,
     Return,
-    Rejected,
+    /// Rejected or dropped, by a rule of this chain.
+    Rejected(String),
 }
 
-/// True if the packet gets through the hook of `builtin` (our rules only RETURN or REJECT).
+/// True if the packet gets through the hook of `builtin` (our rules only RETURN, REJECT or DROP).
 pub fn passes(state: &DesiredState, builtin: &str, packet: &Packet) -> bool {
+    denying_chain(state, builtin, packet).is_none()
+}
+
+/// The chain whose rule rejects or drops the packet in the hook of `builtin`, or `None` if it
+/// gets through.
+pub fn denying_chain(state: &DesiredState, builtin: &str, packet: &Packet) -> Option<String> {
     let mut mark = 0u32;
     for hook in state.hooks.iter().filter(|h| h.builtin == builtin) {
-        if walk(state, &hook.target, packet, &mut mark, 0) == Outcome::Rejected {
-            return false;
+        if let Outcome::Rejected(chain) = walk(state, &hook.target, packet, &mut mark, 0) {
+            return Some(chain);
         }
     }
-    true
+    None
 }
 
 fn walk(
@@ -74,13 +82,15 @@ fn walk(
         }
         match &rule.target {
             Target::Jump(next) => match walk(state, next, packet, mark, depth + 1) {
-                Outcome::Rejected => return Outcome::Rejected,
+                Outcome::Rejected(by) => return Outcome::Rejected(by),
                 Outcome::Return | Outcome::Continue => {}
             },
             Target::Return => return Outcome::Return,
             Target::SetAllowMark => *mark |= ALLOW_MARK,
             Target::ClearAllowMark => *mark &= !ALLOW_MARK,
-            Target::RejectWithTcpReset | Target::Reject => return Outcome::Rejected,
+            Target::RejectWithTcpReset | Target::Reject | Target::Drop => {
+                return Outcome::Rejected(chain.to_string());
+            }
         }
     }
     Outcome::Continue

@@ -6,6 +6,7 @@
 //! any more are destroyed last.
 
 mod canary;
+pub mod conntrack;
 mod ipset;
 pub mod kernel;
 pub mod other_engines;
@@ -378,6 +379,8 @@ pub struct Dataplane {
     retained: BTreeSet<(Family, String)>,
     /// Objects under our prefix that are not ours, already warned about.
     warned_foreign: BTreeSet<String>,
+    /// Deny action and strict mode, applied by the sync path (`agent::sync_snapshot`).
+    pub enforcement: crate::enforcement::Options,
 }
 
 impl Dataplane {
@@ -388,6 +391,7 @@ impl Dataplane {
             undestroyed: BTreeSet::new(),
             retained: BTreeSet::new(),
             warned_foreign: BTreeSet::new(),
+            enforcement: Default::default(),
         }
     }
 

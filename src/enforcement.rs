@@ -1,0 +1,122 @@
+//! How denied traffic is treated, beyond which traffic is denied: the deny action (drop or
+//! reject), strict mode (cutting established flows a new state denies, see [`crate::strict`]).
+//!
+//! `compile()` states policy semantics only; the choices here are applied to its output by
+//! [`apply`], still pure, before the dataplane renders it.
+
+use crate::state::{DesiredState, Family, Target};
+
+/// What happens to a packet no policy allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DenyAction {
+    /// Drop silently: the sender times out (what kube-network-policies, Calico and Cilium do,
+    /// and what the ClusterNetworkPolicy conformance tests expect).
+    #[default]
+    Drop,
+    /// Answer with a TCP reset, or ICMP(v6) port unreachable for other protocols: callers fail
+    /// fast.
+    Reject,
+}
+
+/// The node-wide enforcement choices, from the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub deny_action: DenyAction,
+    /// Cut the conntrack flows a newly written state denies.
+    pub strict_mode: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            deny_action: DenyAction::Drop,
+            strict_mode: true,
+        }
+    }
+}
+
+/// Applies the choices to compiled states (one per family).
+pub fn apply(states: &mut [(Family, DesiredState)], options: &Options) {
+    for (_, state) in states.iter_mut() {
+        apply_deny_action(state, options.deny_action);
+    }
+}
+
+/// `compile()` ends every pod chain with a TCP reset for TCP and an ICMP unreachable for the
+/// rest. With `Drop`, both become one DROP.
+pub fn apply_deny_action(state: &mut DesiredState, action: DenyAction) {
+    if action == DenyAction::Reject {
+        return;
+    }
+    for rules in state.chains.values_mut() {
+        rules.retain(|r| r.target != Target::RejectWithTcpReset);
+        for rule in rules.iter_mut() {
+            if rule.target == Target::Reject {
+                rule.target = Target::Drop;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+    use crate::simulate::{L4, Packet, passes};
+    use crate::state::Rule;
+
+    fn pod_chain_state() -> DesiredState {
+        crate::compile::compile(
+            &crate::model::ClusterSnapshot::default(),
+            "node",
+            Family::V4,
+        )
+    }
+
+    #[test]
+    fn drop_replaces_both_rejects_and_keeps_the_verdicts() {
+        let mut state = pod_chain_state();
+        // A pod chain as compile() ends it: reset for TCP, unreachable for the rest.
+        state.chains.insert(
+            "KNI-POD".into(),
+            vec![
+                Rule::new(
+                    vec![crate::state::Match::Protocol(Protocol::Tcp)],
+                    Target::RejectWithTcpReset,
+                ),
+                Rule::new(vec![], Target::Reject),
+            ],
+        );
+        state
+            .chains
+            .get_mut(crate::names::FORWARD_CHAIN)
+            .unwrap()
+            .insert(
+                0,
+                Rule::new(
+                    vec![crate::state::Match::Destination(
+                        "10.0.0.1/32".parse().unwrap(),
+                    )],
+                    Target::Jump("KNI-POD".into()),
+                ),
+            );
+        let rejected = state.clone();
+        apply_deny_action(&mut state, DenyAction::Drop);
+        assert_eq!(
+            state.chains["KNI-POD"],
+            vec![Rule::new(vec![], Target::Drop)]
+        );
+        for l4 in [
+            L4::Port(Protocol::Tcp, 80),
+            L4::Port(Protocol::Udp, 53),
+            L4::Icmp,
+        ] {
+            let p = Packet::new("10.0.0.2", "10.0.0.1", l4);
+            assert!(!passes(&state, "FORWARD", &p));
+            assert!(!passes(&rejected, "FORWARD", &p));
+        }
+        let mut kept = rejected.clone();
+        apply_deny_action(&mut kept, DenyAction::Reject);
+        assert_eq!(kept, rejected);
+    }
+}
