@@ -8,6 +8,7 @@ use crate::instance_lock::{self, InstanceLock};
 use crate::kube_source;
 use crate::manifests;
 use crate::metrics::{self, Metrics};
+use crate::new_pod_isolation::NewPodIsolation;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -84,6 +85,19 @@ pub enum Command {
         #[arg(long, env = "KNI_STRICT_MODE", default_value_t = true, action = clap::ArgAction::Set,
               num_args = 0..=1, default_missing_value = "true", require_equals = true)]
         strict_mode: bool,
+        /// Drop connections to addresses in this node's pod CIDRs that no known pod holds, until
+        /// the pod is known and programmed (`both`: such addresses cannot send either). Off, with
+        /// a warning, without --pod-cidr.
+        #[arg(
+            long,
+            env = "KNI_NEW_POD_ISOLATION",
+            value_enum,
+            default_value = "ingress"
+        )]
+        new_pod_isolation: NewPodIsolation,
+        /// This node's pod CIDR (repeatable; comma-separated in the environment).
+        #[arg(long = "pod-cidr", env = "KNI_POD_CIDRS", value_delimiter = ',')]
+        pod_cidrs: Vec<ipnet::IpNet>,
     },
     /// Print the ipset and iptables-restore text `run` would write to a fresh node; touches nothing.
     Render {
@@ -179,6 +193,8 @@ pub fn run(cli: Cli) -> Result<()> {
             xtables_wait,
             deny_action,
             strict_mode,
+            new_pod_isolation,
+            pod_cidrs,
         } => {
             manifests::set_max_file_bytes(max_manifest_bytes);
             let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
@@ -260,9 +276,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 agent::check_bridge_netfilter();
                 dataplane::other_engines::report();
                 let mut dataplane = Dataplane::new(tables);
+                if new_pod_isolation != NewPodIsolation::Off && pod_cidrs.is_empty() {
+                    tracing::warn!(
+                        "new-pod isolation is off: no pod CIDR is known for this node (pass --pod-cidr); until a pod is programmed, its address accepts any traffic"
+                    );
+                }
                 dataplane.enforcement = enforcement::Options {
                     deny_action,
                     strict_mode,
+                    new_pod_isolation,
+                    pod_cidrs,
                 };
                 match (manifests, once) {
                     (Some(dir), true) => {
@@ -332,7 +355,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 deny_action,
                 ..Default::default()
             };
-            enforcement::apply(&mut states, &options);
+            enforcement::apply(&mut states, &snapshot, &options);
             print!("{}", render::render_fresh(&states));
             Ok(())
         }

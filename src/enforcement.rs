@@ -1,10 +1,14 @@
 //! How denied traffic is treated, beyond which traffic is denied: the deny action (drop or
-//! reject), strict mode (cutting established flows a new state denies, see [`crate::strict`]).
+//! reject), strict mode (cutting established flows a new state denies, see [`crate::strict`]) and
+//! new-pod isolation (see [`crate::new_pod_isolation`]).
 //!
 //! `compile()` states policy semantics only; the choices here are applied to its output by
 //! [`apply`], still pure, before the dataplane renders it.
 
+use crate::model::ClusterSnapshot;
+use crate::new_pod_isolation::{self, NewPodIsolation};
 use crate::state::{DesiredState, Family, Target};
+use ipnet::IpNet;
 
 /// What happens to a packet no policy allows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -24,6 +28,9 @@ pub struct Options {
     pub deny_action: DenyAction,
     /// Cut the conntrack flows a newly written state denies.
     pub strict_mode: bool,
+    pub new_pod_isolation: NewPodIsolation,
+    /// This node's pod CIDRs; new-pod isolation needs them.
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl Default for Options {
@@ -31,14 +38,23 @@ impl Default for Options {
         Options {
             deny_action: DenyAction::Drop,
             strict_mode: true,
+            new_pod_isolation: NewPodIsolation::Ingress,
+            pod_cidrs: Vec::new(),
         }
     }
 }
 
-/// Applies the choices to compiled states (one per family).
-pub fn apply(states: &mut [(Family, DesiredState)], options: &Options) {
-    for (_, state) in states.iter_mut() {
+/// Applies the choices to the states compiled (one per family) from `snapshot`.
+pub fn apply(states: &mut [(Family, DesiredState)], snapshot: &ClusterSnapshot, options: &Options) {
+    for (family, state) in states.iter_mut() {
         apply_deny_action(state, options.deny_action);
+        new_pod_isolation::apply(
+            state,
+            *family,
+            options.new_pod_isolation,
+            &options.pod_cidrs,
+            snapshot,
+        );
     }
 }
 

@@ -20,6 +20,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod new_pod_isolation;
 pub mod peer_cache;
 pub mod simulate;
 pub mod state;

@@ -434,3 +434,85 @@ fn without_strict_mode_denied_established_flows_go_on_nft() {
     }
     strict_mode("nft", false);
 }
+
+/// The lab's manifests without the pod `key` (its namespace and address stay).
+fn manifests_without(lab: &Lab, key: &str) {
+    lab.write_cluster_manifests(&[]);
+    let (namespace, name) = key.split_once('/').unwrap();
+    let path = lab.manifests_dir().join("cluster.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let kept: Vec<&str> = text
+        .split("---\n")
+        .filter(|doc| {
+            !(doc.contains("kind: Pod\n")
+                && doc.contains(&format!("  name: {name}\n  namespace: {namespace}\n")))
+        })
+        .collect();
+    assert!(kept.len() < text.split("---\n").count(), "no pod {key}");
+    lab.write_file("cluster.yaml", &kept.join("---\n"));
+}
+
+fn new_pod_isolation(backend: &str) {
+    let lab = Lab::new(1, |_, _| 0);
+    manifests_without(&lab, "z/c");
+    let mut agent = lab.spawn_agent(
+        backend,
+        &[
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--pod-cidr",
+            "fd00:244:1::/64",
+        ],
+    );
+    lab::wait_until("first sync", Duration::from_secs(20), || {
+        lab.agent_log().contains("synced")
+    });
+    let node = lab.nodes[0].netns.clone();
+    let (a, c) = (lab.pod("x/a").clone(), lab.pod("z/c").clone());
+    let reach = |from: &str, to: &lab::LabPod, v6: bool, proto: lab::Proto| {
+        lab::probe(from, to.ip(v6), proto, 80)
+    };
+    for v6 in [false, true] {
+        for proto in [lab::Proto::Tcp, lab::Proto::Udp] {
+            let what = format!("{backend} v6={v6} {proto:?}");
+            assert!(!reach(&a.netns, &c, v6, proto), "{what}: pod -> unknown");
+            assert!(reach(&node, &c, v6, proto), "{what}: node -> unknown");
+            assert!(reach(&c.netns, &a, v6, proto), "{what}: unknown -> pod");
+            assert!(
+                reach(&a.netns, &lab.pod("x/b").clone(), v6, proto),
+                "{what}"
+            );
+        }
+    }
+    // The pod appears: its address opens.
+    lab.write_cluster_manifests(&[]);
+    lab::wait_until("z/c opens", Duration::from_secs(10), || {
+        reach(&a.netns, &c, false, lab::Proto::Tcp)
+    });
+    assert!(reach(&a.netns, &c, true, lab::Proto::Tcp), "{backend}");
+    assert!(reach(&a.netns, &c, true, lab::Proto::Udp), "{backend}");
+    // The pod goes: closed again.
+    manifests_without(&lab, "z/c");
+    lab::wait_until("z/c closes", Duration::from_secs(10), || {
+        !reach(&a.netns, &c, false, lab::Proto::Tcp)
+    });
+    assert!(!reach(&a.netns, &c, true, lab::Proto::Tcp), "{backend}");
+    assert!(reach(&node, &c, true, lab::Proto::Tcp), "{backend}");
+    let _ = agent.kill();
+}
+
+#[test]
+fn unknown_local_addresses_are_closed_until_their_pod_is_known_legacy() {
+    if skip_unless_root("unknown_local_addresses_are_closed_until_their_pod_is_known_legacy") {
+        return;
+    }
+    new_pod_isolation("legacy");
+}
+
+#[test]
+fn unknown_local_addresses_are_closed_until_their_pod_is_known_nft() {
+    if skip_unless_root("unknown_local_addresses_are_closed_until_their_pod_is_known_nft") {
+        return;
+    }
+    new_pod_isolation("nft");
+}
