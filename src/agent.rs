@@ -51,7 +51,7 @@ pub fn sync_snapshot(
 ) -> Result<SyncReport> {
     let started = Instant::now();
     let mut desired = desired_states_cached(snapshot, node, cache);
-    crate::enforcement::apply(&mut desired, snapshot, &dataplane.enforcement);
+    crate::enforcement::apply(&mut desired, snapshot, node, &dataplane.enforcement);
     let compiled = started.elapsed();
     report_failed_closed(&desired, metrics);
     let report = match dataplane.sync(&desired, mode) {

@@ -276,11 +276,6 @@ pub fn run(cli: Cli) -> Result<()> {
                 agent::check_bridge_netfilter();
                 dataplane::other_engines::report();
                 let mut dataplane = Dataplane::new(tables);
-                if new_pod_isolation != NewPodIsolation::Off && pod_cidrs.is_empty() {
-                    tracing::warn!(
-                        "new-pod isolation is off: no pod CIDR is known for this node (pass --pod-cidr); until a pod is programmed, its address accepts any traffic"
-                    );
-                }
                 dataplane.enforcement = enforcement::Options {
                     deny_action,
                     strict_mode,
@@ -314,7 +309,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     }
                     (None, once) => {
                         let client = kube_source::client(kubeconfig.as_deref()).await?;
-                        let store = kube_source::start(client, (!once).then(|| metrics.clone()));
+                        let store =
+                            kube_source::start(client.clone(), (!once).then(|| metrics.clone()));
+                        crate::node_source::start(client, store.clone(), node_name.clone());
                         if once {
                             let snapshot = loop {
                                 if let Some((_, s)) = store.snapshot() {
@@ -355,7 +352,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 deny_action,
                 ..Default::default()
             };
-            enforcement::apply(&mut states, &snapshot, &options);
+            enforcement::apply(&mut states, &snapshot, &node_name, &options);
             print!("{}", render::render_fresh(&states));
             Ok(())
         }

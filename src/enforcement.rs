@@ -29,7 +29,7 @@ pub struct Options {
     /// Cut the conntrack flows a newly written state denies.
     pub strict_mode: bool,
     pub new_pod_isolation: NewPodIsolation,
-    /// This node's pod CIDRs; new-pod isolation needs them.
+    /// This node's pod CIDRs (`--pod-cidr`); when empty, those of its Node object are used.
     pub pod_cidrs: Vec<IpNet>,
 }
 
@@ -44,17 +44,57 @@ impl Default for Options {
     }
 }
 
-/// Applies the choices to the states compiled (one per family) from `snapshot`.
-pub fn apply(states: &mut [(Family, DesiredState)], snapshot: &ClusterSnapshot, options: &Options) {
+/// The pod CIDRs new-pod isolation uses on `node`: `--pod-cidr` if given (it overrides), else
+/// the Node object's.
+pub fn pod_cidrs<'a>(
+    options: &'a Options,
+    snapshot: &'a ClusterSnapshot,
+    node: &str,
+) -> &'a [IpNet] {
+    if !options.pod_cidrs.is_empty() {
+        return &options.pod_cidrs;
+    }
+    snapshot.node_pod_cidrs.get(node).map_or(&[], Vec::as_slice)
+}
+
+/// Applies the choices to the states compiled (one per family) from `snapshot` for `node`.
+pub fn apply(
+    states: &mut [(Family, DesiredState)],
+    snapshot: &ClusterSnapshot,
+    node: &str,
+    options: &Options,
+) {
+    let pod_cidrs = pod_cidrs(options, snapshot, node);
+    if options.new_pod_isolation != NewPodIsolation::Off {
+        report_pod_cidrs(pod_cidrs);
+    }
     for (family, state) in states.iter_mut() {
         apply_deny_action(state, options.deny_action);
         new_pod_isolation::apply(
             state,
             *family,
             options.new_pod_isolation,
-            &options.pod_cidrs,
+            pod_cidrs,
             snapshot,
         );
+    }
+}
+
+/// Says once when new-pod isolation is off for want of a pod CIDR, and once when it is on again.
+fn report_pod_cidrs(pod_cidrs: &[IpNet]) {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    // 0: nothing said yet, 1: said off, 2: said on.
+    static SAID: AtomicU8 = AtomicU8::new(0);
+    let now = if pod_cidrs.is_empty() { 1 } else { 2 };
+    if SAID.swap(now, Ordering::Relaxed) == now {
+        return;
+    }
+    if pod_cidrs.is_empty() {
+        tracing::warn!(
+            "new-pod isolation is off: no pod CIDR is known for this node (pass --pod-cidr, or give the Node object spec.podCIDRs); until a new pod is programmed, its address accepts any traffic"
+        );
+    } else {
+        tracing::info!(pod_cidrs = ?pod_cidrs, "new-pod isolation is on for this node's pod CIDRs");
     }
 }
 

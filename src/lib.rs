@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod new_pod_isolation;
+pub mod node_source;
 pub mod peer_cache;
 pub mod simulate;
 pub mod state;

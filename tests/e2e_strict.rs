@@ -452,18 +452,32 @@ fn manifests_without(lab: &Lab, key: &str) {
     lab.write_file("cluster.yaml", &kept.join("---\n"));
 }
 
-fn new_pod_isolation(backend: &str) {
+/// Where the agent learns node1's pod CIDRs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PodCidrs {
+    Flags,
+    NodeObject,
+}
+
+fn new_pod_isolation(backend: &str, source: PodCidrs) {
     let lab = Lab::new(1, |_, _| 0);
     manifests_without(&lab, "z/c");
-    let mut agent = lab.spawn_agent(
-        backend,
-        &[
+    let flags: &[&str] = match source {
+        PodCidrs::Flags => &[
             "--pod-cidr",
             "10.244.1.0/24",
             "--pod-cidr",
             "fd00:244:1::/64",
         ],
-    );
+        PodCidrs::NodeObject => {
+            lab.write_file(
+                "node.yaml",
+                "apiVersion: v1\nkind: Node\nmetadata: {name: node1}\nspec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, 'fd00:244:1::/64']}\n",
+            );
+            &[]
+        }
+    };
+    let mut agent = lab.spawn_agent(backend, flags);
     lab::wait_until("first sync", Duration::from_secs(20), || {
         lab.agent_log().contains("synced")
     });
@@ -474,7 +488,7 @@ fn new_pod_isolation(backend: &str) {
     };
     for v6 in [false, true] {
         for proto in [lab::Proto::Tcp, lab::Proto::Udp] {
-            let what = format!("{backend} v6={v6} {proto:?}");
+            let what = format!("{backend} {source:?} v6={v6} {proto:?}");
             assert!(!reach(&a.netns, &c, v6, proto), "{what}: pod -> unknown");
             assert!(reach(&node, &c, v6, proto), "{what}: node -> unknown");
             assert!(reach(&c.netns, &a, v6, proto), "{what}: unknown -> pod");
@@ -506,7 +520,7 @@ fn unknown_local_addresses_are_closed_until_their_pod_is_known_legacy() {
     if skip_unless_root("unknown_local_addresses_are_closed_until_their_pod_is_known_legacy") {
         return;
     }
-    new_pod_isolation("legacy");
+    new_pod_isolation("legacy", PodCidrs::Flags);
 }
 
 #[test]
@@ -514,5 +528,21 @@ fn unknown_local_addresses_are_closed_until_their_pod_is_known_nft() {
     if skip_unless_root("unknown_local_addresses_are_closed_until_their_pod_is_known_nft") {
         return;
     }
-    new_pod_isolation("nft");
+    new_pod_isolation("nft", PodCidrs::Flags);
+}
+
+#[test]
+fn pod_cidrs_come_from_the_node_object_legacy() {
+    if skip_unless_root("pod_cidrs_come_from_the_node_object_legacy") {
+        return;
+    }
+    new_pod_isolation("legacy", PodCidrs::NodeObject);
+}
+
+#[test]
+fn pod_cidrs_come_from_the_node_object_nft() {
+    if skip_unless_root("pod_cidrs_come_from_the_node_object_nft") {
+        return;
+    }
+    new_pod_isolation("nft", PodCidrs::NodeObject);
 }
