@@ -356,6 +356,7 @@ fn strict_mode(backend: &str, strict: bool) {
 
     let mut wrong = Vec::new();
     let mut last_denied_echo = Duration::ZERO;
+    let mut longest_allowed_gap = Duration::ZERO;
     for f in flows {
         f.thread.join().unwrap();
         let echoes = f.echoes.lock().unwrap().clone();
@@ -363,6 +364,7 @@ fn strict_mode(backend: &str, strict: bool) {
         let after = |t: Instant| echoes.iter().filter(|e| **e > t).count();
         if !f.denied {
             let gap = longest_gap(&echoes, changed, end);
+            longest_allowed_gap = longest_allowed_gap.max(gap);
             if gap > Duration::from_millis(700) {
                 wrong.push(format!("{}: allowed, but no echo for {gap:?}", f.name));
             }
@@ -391,8 +393,11 @@ fn strict_mode(backend: &str, strict: bool) {
         // x/b's 8 flows (2 families, TCP and UDP, direct and through the service) and no other.
         let log = lab.agent_log();
         assert!(log.contains("cut=8 "), "{backend}: {log}");
+        for line in log.lines().filter(|l| l.contains("strict mode")) {
+            eprintln!("{backend}: {line}");
+        }
         eprintln!(
-            "{backend}: last echo of a denied flow {last_denied_echo:?} after the write was seen"
+            "{backend}: last echo of a denied flow {last_denied_echo:?} after the write was seen; longest gap of an allowed flow {longest_allowed_gap:?}"
         );
     }
     assert!(
