@@ -352,6 +352,9 @@ fn strict_mode(backend: &str, strict: bool) {
     std::thread::sleep(Duration::from_millis(2500));
     let end = Instant::now();
     stop.store(true, Ordering::Relaxed);
+    let metrics = lab::http_get(&lab.nodes[0].netns, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
     let _ = agent.kill();
 
     let mut wrong = Vec::new();
@@ -393,6 +396,10 @@ fn strict_mode(backend: &str, strict: bool) {
         // x/b's 8 flows (2 families, TCP and UDP, direct and through the service) and no other.
         let log = lab.agent_log();
         assert!(log.contains("cut=8 "), "{backend}: {log}");
+        assert!(
+            metrics.contains("kni_conntrack_flows_cut_total{direction=\"ingress\"} 8\n"),
+            "{backend}: {metrics}"
+        );
         for line in log.lines().filter(|l| l.contains("strict mode")) {
             eprintln!("{backend}: {line}");
         }
