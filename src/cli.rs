@@ -87,7 +87,7 @@ pub enum Command {
         strict_mode: bool,
         /// Drop connections to addresses in this node's pod CIDRs that no known pod holds, until
         /// the pod is known and programmed (`both`: such addresses cannot send either). Off, with
-        /// a warning, without --pod-cidr.
+        /// a warning, while no pod CIDR is known (--pod-cidr or the Node's spec.podCIDRs).
         #[arg(
             long,
             env = "KNI_NEW_POD_ISOLATION",
@@ -95,7 +95,8 @@ pub enum Command {
             default_value = "ingress"
         )]
         new_pod_isolation: NewPodIsolation,
-        /// This node's pod CIDR (repeatable; comma-separated in the environment).
+        /// This node's pod CIDR (repeatable; comma-separated in the environment); overrides the
+        /// Node object's spec.podCIDRs.
         #[arg(long = "pod-cidr", env = "KNI_POD_CIDRS", value_delimiter = ',')]
         pod_cidrs: Vec<ipnet::IpNet>,
     },

@@ -109,7 +109,10 @@ pub fn denied_by(
     let family = Family::of(&packet.src);
     let (_, state) = states.iter().find(|(f, _)| *f == family)?;
     let chain = denying_chain(state, builtin, &packet)?;
-    Some(if chain.starts_with(&format!("{}PODE-", names::PREFIX)) {
+    // Denied on the sending side: a pod's egress chain, or an unknown pod address sending.
+    let egress = chain.starts_with(&format!("{}PODE-", names::PREFIX))
+        || chain == crate::new_pod_isolation::SOURCE_CHAIN;
+    Some(if egress {
         CutDirection::Egress
     } else {
         CutDirection::Ingress
@@ -253,6 +256,36 @@ spec:
             None
         );
         assert_eq!(judge(&direct(47, "10.0.1.3", 0, "10.0.0.1", 0)), None);
+    }
+
+    /// Flows of an address in the pod CIDRs that no known pod holds are cut too, counted by the
+    /// side the unknown address is on.
+    #[test]
+    fn flows_of_unknown_pod_addresses_are_cut_by_their_side() {
+        use crate::new_pod_isolation::{NewPodIsolation, apply};
+        let snapshot = snapshot();
+        let states: Vec<(Family, DesiredState)> = Family::ALL
+            .iter()
+            .map(|f| {
+                let mut s = crate::compile::compile(&snapshot, "here", *f);
+                let cidrs = ["10.0.0.0/24".parse().unwrap()];
+                apply(&mut s, *f, NewPodIsolation::Both, &cidrs, &snapshot);
+                (*f, s)
+            })
+            .collect();
+        let judge = |flow: &Flow| denied_by(&states, flow, &is_local);
+        assert_eq!(
+            judge(&direct(IPPROTO_UDP, "10.0.1.3", 40000, "10.0.0.9", 53)),
+            Some(CutDirection::Ingress)
+        );
+        assert_eq!(
+            judge(&direct(IPPROTO_UDP, "10.0.0.9", 40000, "10.0.1.3", 53)),
+            Some(CutDirection::Egress)
+        );
+        assert_eq!(
+            judge(&direct(IPPROTO_UDP, LOCAL_NODE_IP, 40000, "10.0.0.9", 53)),
+            None
+        );
     }
 
     /// A service flow is judged by the pod kube-proxy chose (the reply source), not by the

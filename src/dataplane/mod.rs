@@ -379,7 +379,8 @@ pub struct Dataplane {
     retained: BTreeSet<(Family, String)>,
     /// Objects under our prefix that are not ours, already warned about.
     warned_foreign: BTreeSet<String>,
-    /// Deny action and strict mode, applied by the sync path (`agent::sync_snapshot`).
+    /// Deny action, strict mode and new-pod isolation, applied by the sync path
+    /// (`agent::sync_snapshot`).
     pub enforcement: crate::enforcement::Options,
 }
 
