@@ -558,3 +558,64 @@ fn pod_cidrs_come_from_the_node_object_nft() {
     }
     new_pod_isolation("nft", PodCidrs::NodeObject);
 }
+
+/// `--new-pod-isolation both`: an unknown address cannot send either (to pods or to the node),
+/// while the node still reaches it; once its pod is known it sends again.
+fn new_pod_isolation_both(backend: &str) {
+    let lab = Lab::new(1, |_, _| 0);
+    manifests_without(&lab, "z/c");
+    let mut agent = lab.spawn_agent(
+        backend,
+        &[
+            "--new-pod-isolation",
+            "both",
+            "--pod-cidr",
+            "10.244.1.0/24,fd00:244:1::/64",
+        ],
+    );
+    lab::wait_until("first sync", Duration::from_secs(20), || {
+        lab.agent_log().contains("synced")
+    });
+    let node = lab.nodes[0].clone();
+    let (a, c) = (lab.pod("x/a").clone(), lab.pod("z/c").clone());
+    for v6 in [false, true] {
+        for proto in [lab::Proto::Tcp, lab::Proto::Udp] {
+            let what = format!("{backend} v6={v6} {proto:?}");
+            assert!(
+                !lab::probe(&c.netns, a.ip(v6), proto, 80),
+                "{what}: unknown -> pod"
+            );
+            let node_ip: IpAddr = if v6 { node.v6.into() } else { node.v4.into() };
+            assert!(
+                !lab::probe(&c.netns, node_ip, proto, 80),
+                "{what}: unknown -> node"
+            );
+            assert!(
+                lab::probe(&node.netns, c.ip(v6), proto, 80),
+                "{what}: node -> unknown"
+            );
+        }
+    }
+    lab.write_cluster_manifests(&[]);
+    lab::wait_until("z/c sends once known", Duration::from_secs(10), || {
+        lab::probe(&c.netns, a.ip(false), lab::Proto::Tcp, 80)
+    });
+    assert!(lab::probe(&c.netns, a.ip(true), lab::Proto::Udp, 80));
+    let _ = agent.kill();
+}
+
+#[test]
+fn in_both_mode_unknown_addresses_cannot_send_legacy() {
+    if skip_unless_root("in_both_mode_unknown_addresses_cannot_send_legacy") {
+        return;
+    }
+    new_pod_isolation_both("legacy");
+}
+
+#[test]
+fn in_both_mode_unknown_addresses_cannot_send_nft() {
+    if skip_unless_root("in_both_mode_unknown_addresses_cannot_send_nft") {
+        return;
+    }
+    new_pod_isolation_both("nft");
+}
