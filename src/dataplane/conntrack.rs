@@ -17,6 +17,7 @@ use netlink_packet_netfilter::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `CTA_ZONE`: an entry outside the default zone is deleted in its zone.
 const CTA_ZONE: u16 = 18;
@@ -277,6 +278,9 @@ pub fn cut_denied_flows(states: &[(Family, DesiredState)]) -> Result<CutReport> 
     Ok(report)
 }
 
+/// Whether the last attempt to cut flows failed.
+static FAILING: AtomicBool = AtomicBool::new(false);
+
 /// Strict mode's step after a sync wrote the kernel: cuts the flows the new state denies, logs
 /// and counts them. A failure is logged and left to the next sync (the rules are written; only
 /// flows older than them go on).
@@ -302,8 +306,19 @@ pub fn cut_after_sync(
                 );
             }
         }
-        Err(e) => tracing::warn!(
-            "strict mode: could not cut the flows the new policy state denies (they go on until they end or the next sync): {e:#}"
-        ),
+        Err(e) => {
+            // Once per run of failures: a node without ctnetlink would otherwise log every sync.
+            if FAILING.swap(true, Ordering::Relaxed) {
+                tracing::debug!("strict mode: still cannot cut flows: {e:#}");
+            } else {
+                tracing::warn!(
+                    "strict mode: could not cut the flows the new policy state denies (they go on until they end; retried at the next sync): {e:#}"
+                );
+            }
+            return;
+        }
+    }
+    if FAILING.swap(false, Ordering::Relaxed) {
+        tracing::info!("strict mode: cutting flows works again");
     }
 }
