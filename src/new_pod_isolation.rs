@@ -22,6 +22,7 @@ pub enum NewPodIsolation {
     Ingress,
     /// Nothing reaches it and it reaches nothing.
     Both,
+    /// Addresses no known pod holds are not treated differently.
     Off,
 }
 
