@@ -2,6 +2,8 @@
 //! sees clap types. Lives in the library so tests can check deployment manifests against the real
 //! parser.
 
+use crate::compile::enforcement::{self, DenyAction};
+use crate::compile::new_pod_isolation::NewPodIsolation;
 use crate::dataplane::BackendChoice;
 use crate::metrics;
 use crate::reconcile::Timing;
@@ -73,6 +75,30 @@ pub enum Command {
         #[arg(long, env = "KNI_XTABLES_WAIT", default_value = "10s",
               value_parser = |s: &str| parse_duration_at_most(s, MAX_XTABLES_WAIT))]
         xtables_wait: Duration,
+        /// What happens to traffic no policy allows: drop (the sender times out) or reject (TCP
+        /// reset, ICMP port unreachable).
+        #[arg(long, env = "KNI_DENY_ACTION", value_enum, default_value = "drop")]
+        deny_action: DenyActionFlag,
+        /// After a sync that changes the rules, cut the established conntrack flows the new
+        /// rules deny (otherwise they go on until they end).
+        #[arg(long, env = "KNI_STRICT_MODE", default_value_t = true, action = clap::ArgAction::Set,
+              num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+        strict_mode: bool,
+        /// Drop connections to addresses in this node's pod CIDRs that no known pod holds, until
+        /// the pod is known and programmed (`both`: such addresses cannot send either; `off`:
+        /// not at all). Off, with a warning, while no pod CIDR is known (--pod-cidr or the Node's
+        /// spec.podCIDRs).
+        #[arg(
+            long,
+            env = "KNI_NEW_POD_ISOLATION",
+            value_enum,
+            default_value = "ingress"
+        )]
+        new_pod_isolation: NewPodIsolationFlag,
+        /// This node's pod CIDR (repeatable; comma-separated in the environment); overrides the
+        /// Node object's spec.podCIDRs.
+        #[arg(long = "pod-cidr", env = "KNI_POD_CIDRS", value_delimiter = ',')]
+        pod_cidrs: Vec<ipnet::IpNet>,
     },
     /// Print the ipset and iptables-restore text `run` would write to a fresh node; touches nothing.
     Render {
@@ -86,6 +112,9 @@ pub enum Command {
         max_manifest_bytes: u64,
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
+        /// As for `run`.
+        #[arg(long, env = "KNI_DENY_ACTION", value_enum, default_value = "drop")]
+        deny_action: DenyActionFlag,
     },
     /// Remove every chain, jump and set the agent owns (both families), and nothing else.
     Cleanup {
@@ -166,6 +195,46 @@ impl From<BackendFlag> for BackendChoice {
     }
 }
 
+/// `--deny-action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DenyActionFlag {
+    /// Drop silently: the sender times out (what kube-network-policies, Calico and Cilium do,
+    /// and what the ClusterNetworkPolicy conformance tests expect).
+    Drop,
+    /// Answer with a TCP reset, or ICMP(v6) port unreachable for other protocols.
+    Reject,
+}
+
+impl From<DenyActionFlag> for DenyAction {
+    fn from(flag: DenyActionFlag) -> DenyAction {
+        match flag {
+            DenyActionFlag::Drop => DenyAction::Drop,
+            DenyActionFlag::Reject => DenyAction::Reject,
+        }
+    }
+}
+
+/// `--new-pod-isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NewPodIsolationFlag {
+    /// Nothing reaches an unknown address in the pod CIDRs.
+    Ingress,
+    /// Nothing reaches it and it reaches nothing.
+    Both,
+    /// Addresses no known pod holds are not treated differently.
+    Off,
+}
+
+impl From<NewPodIsolationFlag> for NewPodIsolation {
+    fn from(flag: NewPodIsolationFlag) -> NewPodIsolation {
+        match flag {
+            NewPodIsolationFlag::Ingress => NewPodIsolation::Ingress,
+            NewPodIsolationFlag::Both => NewPodIsolation::Both,
+            NewPodIsolationFlag::Off => NewPodIsolation::Off,
+        }
+    }
+}
+
 /// What to do, as plain values: the command line checked and decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Config {
@@ -174,6 +243,7 @@ pub enum Config {
         manifests: PathBuf,
         max_manifest_bytes: u64,
         node_name: String,
+        deny_action: DenyAction,
     },
     Cleanup {
         backend: BackendChoice,
@@ -192,6 +262,8 @@ pub struct RunConfig {
     pub metrics_bind: Option<SocketAddr>,
     pub timing: Timing,
     pub xtables_wait: Duration,
+    /// Deny action, strict mode, new-pod isolation.
+    pub enforcement: enforcement::Options,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,6 +294,10 @@ impl Cli {
                 sync_max_delay,
                 resync_period,
                 xtables_wait,
+                deny_action,
+                strict_mode,
+                new_pod_isolation,
+                pod_cidrs,
             } => {
                 let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
                     bail!(
@@ -254,16 +330,24 @@ impl Cli {
                         resync_period,
                     },
                     xtables_wait,
+                    enforcement: enforcement::Options {
+                        deny_action: deny_action.into(),
+                        strict_mode,
+                        new_pod_isolation: new_pod_isolation.into(),
+                        pod_cidrs,
+                    },
                 })
             }
             Command::Render {
                 manifests,
                 max_manifest_bytes,
                 node_name,
+                deny_action,
             } => Config::Render {
                 manifests,
                 max_manifest_bytes,
                 node_name,
+                deny_action: deny_action.into(),
             },
             Command::Cleanup { backend } => Config::Cleanup {
                 backend: backend.into(),

@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Resource;
@@ -265,7 +265,12 @@ fn watched() -> BTreeSet<(String, String)> {
     fn of<K: Resource<DynamicType = ()>>() -> (String, String) {
         (K::group(&()).into_owned(), K::plural(&()).into_owned())
     }
-    BTreeSet::from([of::<Pod>(), of::<Namespace>(), of::<NetworkPolicy>()])
+    BTreeSet::from([
+        of::<Pod>(),
+        of::<Namespace>(),
+        of::<NetworkPolicy>(),
+        of::<Node>(),
+    ])
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod host;
 pub mod instance_lock;
 
 use crate::cli::{Config, RunConfig, SourceConfig};
+use crate::compile::enforcement;
 use crate::dataplane::{self, BackendChoice, Dataplane, render};
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{self, NodeTarget, Timing};
@@ -26,12 +27,16 @@ pub fn run(config: Config) -> Result<()> {
             manifests,
             max_manifest_bytes,
             node_name,
+            deny_action,
         } => {
             let snapshot = manifests::load_dir_with_limit(&manifests, max_manifest_bytes)?;
-            print!(
-                "{}",
-                render::render_fresh(&reconcile::desired_states(&snapshot, &node_name))
-            );
+            let mut states = reconcile::desired_states(&snapshot, &node_name);
+            let options = enforcement::Options {
+                deny_action,
+                ..Default::default()
+            };
+            enforcement::apply(&mut states, &snapshot, &node_name, &options);
+            print!("{}", render::render_fresh(&states));
             Ok(())
         }
         Config::Cleanup { backend } => {
@@ -95,6 +100,7 @@ fn run_agent(config: RunConfig) -> Result<()> {
         let dataplane = Dataplane::new(tables);
         let node = config.node_name;
         let run_mode = (config.once, config.timing);
+        let enforcement = config.enforcement;
         match config.source {
             SourceConfig::Manifests {
                 dir,
@@ -105,12 +111,16 @@ fn run_agent(config: RunConfig) -> Result<()> {
                 if !config.once {
                     tokio::spawn(source.clone().poll(poll_interval, stop.clone()));
                 }
-                enforce(source, dataplane, node, run_mode, metrics, stop).await
+                let target = (dataplane, node, enforcement);
+                enforce(source, target, run_mode, metrics, stop).await
             }
             SourceConfig::Kube { kubeconfig } => {
                 let client = kube::client(kubeconfig.as_deref()).await?;
-                let source = kube::start(client, (!config.once).then(|| metrics.clone()));
-                enforce(source, dataplane, node, run_mode, metrics, stop).await
+                let source = kube::start(client.clone(), (!config.once).then(|| metrics.clone()));
+                // Only this node's Node object, for its pod CIDRs (new-pod isolation).
+                kube::node::start(client, source.clone(), node.clone());
+                let target = (dataplane, node, enforcement);
+                enforce(source, target, run_mode, metrics, stop).await
             }
         }
     })
@@ -119,17 +129,16 @@ fn run_agent(config: RunConfig) -> Result<()> {
 /// Syncs `source` into the node: once, or until `stop`.
 async fn enforce<S: Source>(
     source: Arc<S>,
-    dataplane: Dataplane,
-    node: String,
+    (dataplane, node, enforcement): (Dataplane, String, enforcement::Options),
     (once, timing): (bool, Timing),
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> Result<()> {
     if once {
-        let target = NodeTarget::new(dataplane, node, None);
+        let target = NodeTarget::new(dataplane, node, None, enforcement);
         reconcile::once(source, target, stop).await
     } else {
-        let target = NodeTarget::new(dataplane, node, Some(metrics.clone()));
+        let target = NodeTarget::new(dataplane, node, Some(metrics.clone()), enforcement);
         reconcile::run(source, target, timing, Some(metrics), stop).await
     }
 }

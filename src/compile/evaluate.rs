@@ -1,7 +1,8 @@
 //! Walks a [`DesiredState`] the way netfilter walks the rendered rules: the verdict our chains give
-//! one packet, without root and without the kernel. Pure. The compiler's semantic tests use it;
-//! so can anything that must explain or check a verdict. The end-to-end suite checks the same
-//! semantics against the real kernel.
+//! one packet, without root and without the kernel. Pure. The compiler's semantic tests use it,
+//! and strict mode (`compile::strict`) decides with it which established flows a new state denies,
+//! so that decision and the rules cannot disagree. The end-to-end suite checks the same semantics
+//! against the real kernel.
 
 use super::ir::{ALLOW_MARK, DesiredState, Match, SetDirection, SetMember, Target};
 use crate::model::Protocol;
@@ -41,21 +42,28 @@ impl Packet {
 enum Outcome {
     Continue,
     Return,
-    Rejected,
+    /// Rejected or dropped, by a rule of this chain.
+    Rejected(String),
 }
 
-/// True if the packet gets through the hook of `builtin` (our rules only RETURN or REJECT).
+/// True if the packet gets through the hook of `builtin` (our rules only RETURN, REJECT or DROP).
 ///
 /// Panics on a state the compiler never makes (a jump to a missing chain, a loop, a rule on a
 /// missing set or on a set of the wrong type): those are bugs, not verdicts.
 pub fn passes(state: &DesiredState, builtin: &str, packet: &Packet) -> bool {
+    denying_chain(state, builtin, packet).is_none()
+}
+
+/// The chain whose rule rejects or drops the packet in the hook of `builtin`, or `None` if it
+/// gets through.
+pub fn denying_chain(state: &DesiredState, builtin: &str, packet: &Packet) -> Option<String> {
     let mut mark = 0u32;
     for hook in state.hooks.iter().filter(|h| h.builtin == builtin) {
-        if walk(state, &hook.target, packet, &mut mark, 0) == Outcome::Rejected {
-            return false;
+        if let Outcome::Rejected(chain) = walk(state, &hook.target, packet, &mut mark, 0) {
+            return Some(chain);
         }
     }
-    true
+    None
 }
 
 fn walk(
@@ -80,13 +88,15 @@ fn walk(
         }
         match &rule.target {
             Target::Jump(next) => match walk(state, next, packet, mark, depth + 1) {
-                Outcome::Rejected => return Outcome::Rejected,
+                Outcome::Rejected(by) => return Outcome::Rejected(by),
                 Outcome::Return | Outcome::Continue => {}
             },
             Target::Return => return Outcome::Return,
             Target::SetAllowMark => *mark |= ALLOW_MARK,
             Target::ClearAllowMark => *mark &= !ALLOW_MARK,
-            Target::RejectWithTcpReset | Target::Reject => return Outcome::Rejected,
+            Target::RejectWithTcpReset | Target::Reject | Target::Drop => {
+                return Outcome::Rejected(chain.to_string());
+            }
         }
     }
     Outcome::Continue

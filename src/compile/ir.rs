@@ -192,4 +192,7 @@ pub enum Target {
     RejectWithTcpReset,
     /// Answer with ICMP(v6) port unreachable.
     Reject,
+    /// Drop silently (`--deny-action drop`): the sender times out, as the conformance tests of
+    /// ClusterNetworkPolicy require. See `crate::enforcement`.
+    Drop,
 }

@@ -8,14 +8,19 @@
 //!   one per distinct selection; [`selection`] and [`names`]: what a set selects, canonically, and
 //!   the kernel names derived from it; [`ir`]: the desired-state types; [`evaluate`]: walks a
 //!   desired state packet by packet as netfilter would.
+//! - [`enforcement`]: what the node's options add after compiling (deny action, new-pod
+//!   isolation, see [`new_pod_isolation`]); [`strict`]: which established flows a state denies.
 
 mod chains;
+pub mod enforcement;
 pub mod evaluate;
 pub mod ir;
 pub mod names;
+pub mod new_pod_isolation;
 mod peers;
 mod rules;
 pub mod selection;
+pub mod strict;
 #[cfg(test)]
 mod tests;
 

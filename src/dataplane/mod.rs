@@ -11,6 +11,7 @@
 mod backend;
 mod canary;
 mod cleanup;
+pub mod conntrack;
 mod detect;
 mod drift;
 mod error;

@@ -33,6 +33,7 @@ pub struct Metrics {
     failed_closed: Mutex<Vec<String>>,
     api_readable: MetricFamily<Labels, Gauge>,
     api_watch_errors: MetricFamily<Labels, Counter>,
+    flows_cut: MetricFamily<Labels, Counter>,
     /// Why each watched kind cannot be read right now (absent: readable).
     api_problems: Mutex<BTreeMap<String, String>>,
     /// A full sync has succeeded since start.
@@ -139,6 +140,12 @@ impl Metrics {
             "Failed lists and watches by kind and reason (forbidden, unauthorized, unreachable, expired, error)",
             api_watch_errors.clone(),
         );
+        let flows_cut = MetricFamily::<Labels, Counter>::default();
+        registry.register(
+            "conntrack_flows_cut",
+            "Established flows strict mode cut because the new policy state denies them, by the policy direction that denies them",
+            flows_cut.clone(),
+        );
         Arc::new(Metrics {
             registry,
             sync_duration,
@@ -156,6 +163,7 @@ impl Metrics {
             failed_closed: Mutex::new(Vec::new()),
             api_readable,
             api_watch_errors,
+            flows_cut,
             api_problems: Mutex::new(BTreeMap::new()),
             synced_once: AtomicBool::new(false),
             failing: AtomicBool::new(false),
@@ -262,6 +270,13 @@ impl Metrics {
             out.push_str(rule);
         }
         out
+    }
+
+    /// Strict mode cut `count` flows denied by policies of `direction` (ingress or egress).
+    pub fn flows_cut(&self, direction: &str, count: u64) {
+        self.flows_cut
+            .get_or_create(&vec![("direction".into(), direction.into())])
+            .inc_by(count);
     }
 
     /// A list or watch of `kind` failed.

@@ -22,6 +22,9 @@ pub struct ClusterSnapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: Vec<Pod>,
     pub policies: Vec<Policy>,
+    /// `spec.podCIDRs` of the Node objects seen (only this node's in Kubernetes mode), by node
+    /// name: new-pod isolation uses them.
+    pub node_pod_cidrs: BTreeMap<String, Vec<IpNet>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

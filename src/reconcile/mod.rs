@@ -5,6 +5,7 @@
 
 mod run;
 mod schedule;
+mod strict;
 mod target;
 
 pub use run::{HEARTBEAT, once, run};

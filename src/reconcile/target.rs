@@ -1,7 +1,8 @@
 //! What the loop syncs into: the node (compile for both families, then the dataplane), behind a
 //! small trait so the loop can be tested with a fake. The only place that calls the compiler.
 
-use crate::compile::Compiler;
+use super::strict::FlowCutter;
+use crate::compile::{Compiler, enforcement};
 use crate::dataplane::{Dataplane, SyncMode, SyncReport};
 use crate::metrics::Metrics;
 use crate::model::ClusterSnapshot;
@@ -13,7 +14,7 @@ use std::time::Instant;
 
 /// The log target from before the module layout of issue 10, kept so users' log filters still
 /// match.
-const LOG_TARGET: &str = "kube_netpol_iptables::agent";
+pub(super) const LOG_TARGET: &str = "kube_netpol_iptables::agent";
 
 /// Where snapshots are enforced. Both calls may block (they run processes): the loop makes them
 /// off the async threads.
@@ -45,15 +46,25 @@ pub struct NodeTarget {
     cache: Compiler,
     node: String,
     metrics: Option<Arc<Metrics>>,
+    /// Deny action, strict mode and new-pod isolation.
+    enforcement: enforcement::Options,
+    flow_cutter: FlowCutter,
 }
 
 impl NodeTarget {
-    pub fn new(dataplane: Dataplane, node: String, metrics: Option<Arc<Metrics>>) -> NodeTarget {
+    pub fn new(
+        dataplane: Dataplane,
+        node: String,
+        metrics: Option<Arc<Metrics>>,
+        enforcement: enforcement::Options,
+    ) -> NodeTarget {
         NodeTarget {
             dataplane,
             cache: Compiler::new(),
             node,
             metrics,
+            enforcement,
+            flow_cutter: FlowCutter::default(),
         }
     }
 
@@ -62,7 +73,8 @@ impl NodeTarget {
         let started = Instant::now();
         let metrics = self.metrics.as_deref();
         let node = self.node.as_str();
-        let desired = desired_states_cached(snapshot, node, &mut self.cache);
+        let mut desired = desired_states_cached(snapshot, node, &mut self.cache);
+        enforcement::apply(&mut desired, snapshot, node, &self.enforcement);
         let compiled = started.elapsed();
         report_failed_closed(&desired, metrics);
         let report = match self.dataplane.sync(&desired, mode) {
@@ -82,6 +94,12 @@ impl NodeTarget {
         }
         if let Some(m) = metrics {
             m.sync_succeeded(mode, started.elapsed(), &report, &desired);
+        }
+        // Strict mode: flows the new rules deny stop now, not when they end.
+        if self.enforcement.strict_mode
+            && (report.ipset_lines + report.iptables_lines > 0 || mode == SyncMode::Full)
+        {
+            self.flow_cutter.cut_after_sync(&desired, metrics);
         }
         tracing::info!(target: LOG_TARGET,
             node,

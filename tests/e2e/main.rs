@@ -10,8 +10,10 @@ mod faults;
 mod hardening;
 mod image;
 mod kube;
+mod kube_node;
 mod matrix;
 mod other_engines;
+mod strict;
 mod sync;
 mod upgrade;
 

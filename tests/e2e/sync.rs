@@ -164,7 +164,15 @@ fn restarts_and_kills_never_flip_a_probe() {
     lab.write_cluster_manifests(&[ALLOW_X_FROM_Y, FROM_Z]);
     let mut agent = lab.spawn_agent(
         backend,
-        &["--resync-period", "200ms", "--sync-debounce", "10ms"],
+        &[
+            "--resync-period",
+            "200ms",
+            "--sync-debounce",
+            "10ms",
+            // Refused probes answer at once, so many rounds fit between the restarts.
+            "--deny-action",
+            "reject",
+        ],
     );
     wait_until("first sync", Duration::from_secs(10), || {
         lab.our_state(backend).contains("KNI-FORWARD")
@@ -229,7 +237,15 @@ fn restarts_and_kills_never_flip_a_probe() {
         // The agent runs under `ip netns exec`, which execs it: the pid is the agent's.
         agent = lab.spawn_agent(
             backend,
-            &["--resync-period", "200ms", "--sync-debounce", "10ms"],
+            &[
+                "--resync-period",
+                "200ms",
+                "--sync-debounce",
+                "10ms",
+                // Refused probes answer at once, so many rounds fit between the restarts.
+                "--deny-action",
+                "reject",
+            ],
         );
     }
     std::thread::sleep(Duration::from_millis(500));

@@ -44,6 +44,8 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// Cluster-scoped; the agent watches only its own, by `fieldSelector=metadata.name=…`.
+    Node,
 }
 
 impl Kind {
@@ -58,6 +60,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Node => "Node",
         }
     }
     /// The resource name, as in RBAC rules and error messages.
@@ -66,6 +69,7 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::Pod => "pods",
             Kind::NetworkPolicy => "networkpolicies",
+            Kind::Node => "nodes",
         }
     }
 }
@@ -176,6 +180,7 @@ impl FakeApi {
                 get(|s, h, q| handle(s, h, q, Kind::Namespace)),
             )
             .route("/api/v1/pods", get(|s, h, q| handle(s, h, q, Kind::Pod)))
+            .route("/api/v1/nodes", get(|s, h, q| handle(s, h, q, Kind::Node)))
             .route(
                 "/apis/networking.k8s.io/v1/networkpolicies",
                 get(|s, h, q| handle(s, h, q, Kind::NetworkPolicy)),
@@ -486,6 +491,17 @@ fn objects_at(s: &Inner, kind: Kind, rv: u64) -> BTreeMap<String, Value> {
     objects
 }
 
+/// `fieldSelector=metadata.name=NAME`, the only field selector the agent uses.
+fn selected_by_fields(q: &HashMap<String, String>, obj: &Value) -> bool {
+    match q.get("fieldSelector") {
+        None => true,
+        Some(selector) => match selector.strip_prefix("metadata.name=") {
+            Some(name) => obj["metadata"]["name"].as_str() == Some(name),
+            None => panic!("unsupported fieldSelector {selector:?}"),
+        },
+    }
+}
+
 async fn list_response(shared: &Shared, q: &HashMap<String, String>, kind: Kind) -> Response {
     loop {
         let released = shared.released.notified();
@@ -528,6 +544,7 @@ async fn list_response(shared: &Shared, q: &HashMap<String, String>, kind: Kind)
     let objects = objects_at(&s, kind, at);
     let mut items: Vec<Value> = objects
         .iter()
+        .filter(|(_, o)| selected_by_fields(q, o))
         .filter(|(key, _)| after.as_ref().is_none_or(|a| *key > a))
         .map(|(_, o)| o.clone())
         .collect();
@@ -581,6 +598,7 @@ async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind:
     } else {
         let mut dropped = shared.drop_tx.subscribe();
         let shared = shared.clone();
+        let q = q.clone();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             let mut sent = from;
@@ -600,7 +618,9 @@ async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind:
                         let events = s
                             .log
                             .iter()
-                            .filter(|(v, k, _, _)| *v > sent && *k == kind)
+                            .filter(|(v, k, _, o)| {
+                                *v > sent && *k == kind && selected_by_fields(&q, o)
+                            })
                             .map(|(_, _, t, o)| json!({"type": t, "object": o}))
                             .collect();
                         (events, s.rv)

@@ -457,6 +457,10 @@ impl Lab {
                     "--once",
                     "--backend",
                     backend,
+                    // The matrices judge which probes pass; a refused probe answers at once where
+                    // a dropped one waits out its timeout (e2e_strict.rs covers drop, the default).
+                    "--deny-action",
+                    "reject",
                 ],
             );
             assert!(

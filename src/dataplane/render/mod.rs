@@ -193,6 +193,7 @@ pub fn render_rule(family: Family, rule: &Rule) -> String {
             Family::V4 => "-j REJECT --reject-with icmp-port-unreachable".into(),
             Family::V6 => "-j REJECT --reject-with icmp6-port-unreachable".into(),
         },
+        Target::Drop => "-j DROP".into(),
     });
     parts.join(" ")
 }

@@ -3,10 +3,12 @@
 //! Applies the defaults the API server would (policyTypes, protocol TCP, the namespace name label)
 //! and rejects what its validation would reject, with a message that says where.
 
+mod node;
 mod pod;
 mod policy;
 mod validate;
 
+pub use node::pod_cidrs;
 pub use pod::{NAMESPACE_NAME_LABEL, implicit_namespace, namespace, parse_ip_sloppy, pod};
 pub use policy::policy;
 pub use validate::InvalidField;

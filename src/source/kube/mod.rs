@@ -10,6 +10,7 @@
 //! (resourceVersion=0, from the API server's watch cache) only after 410 Expired or a failed list.
 
 mod client;
+pub mod node;
 mod store;
 mod watch;
 

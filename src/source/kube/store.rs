@@ -24,6 +24,8 @@ pub(super) struct Store {
     policies: BTreeMap<String, Policy>,
     /// Objects that failed conversion, by kind and key, with the reason.
     invalid: BTreeMap<(&'static str, String), String>,
+    /// This node's pod CIDRs, from its Node object (see `node`).
+    node_pod_cidrs: BTreeMap<String, Vec<ipnet::IpNet>>,
     listed: [bool; 3],
     generation: u64,
 }
@@ -61,6 +63,7 @@ impl ClusterStore {
                 .collect(),
             pods: s.pods.values().cloned().collect(),
             policies: s.policies.values().cloned().collect(),
+            node_pod_cidrs: s.node_pod_cidrs.clone(),
         };
         snapshot
             .pods
@@ -77,6 +80,16 @@ impl ClusterStore {
             *counts.entry(kind).or_default() += 1;
         }
         counts
+    }
+
+    /// Records `node`'s pod CIDRs (a change is a change like any other: the loop syncs).
+    pub fn set_node_pod_cidrs(&self, node: &str, cidrs: Vec<ipnet::IpNet>) {
+        if self.inner.lock().unwrap().node_pod_cidrs.get(node) == Some(&cidrs) {
+            return;
+        }
+        self.update(|s| {
+            s.node_pod_cidrs.insert(node.to_string(), cidrs);
+        });
     }
 
     pub(super) fn update(&self, f: impl FnOnce(&mut Store)) {

@@ -79,7 +79,11 @@ impl Loader {
         at.object = Some(describe(&kind, &value));
         match (api_version.as_str(), kind.as_str()) {
             (_, "") => Err(fail(&at, "has no kind".into())),
-            (_, "List") | (_, "NamespaceList") | (_, "PodList") | (_, "NetworkPolicyList") => {
+            (_, "List")
+            | (_, "NamespaceList")
+            | (_, "PodList")
+            | (_, "NetworkPolicyList")
+            | (_, "NodeList") => {
                 let mut value = value;
                 let items = match value.get_mut("items").map(serde_json::Value::take) {
                     None | Some(serde_json::Value::Null) => return Ok(()),
@@ -124,7 +128,14 @@ impl Loader {
                 self.snapshot.policies.push(pol);
                 Ok(())
             }
-            (_, "Namespace" | "Pod" | "NetworkPolicy") => Err(fail(
+            ("v1", "Node") => {
+                let node: core::Node = typed(value, &at)?;
+                let (name, cidrs) = convert::pod_cidrs(&node).map_err(|e| fail(&at, e))?;
+                self.remember("Node", &name, &at)?;
+                self.snapshot.node_pod_cidrs.insert(name, cidrs);
+                Ok(())
+            }
+            (_, "Namespace" | "Pod" | "NetworkPolicy" | "Node") => Err(fail(
                 &at,
                 format!("unsupported apiVersion {api_version:?} for {kind}"),
             )),
