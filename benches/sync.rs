@@ -9,13 +9,13 @@
 
 use kni_testlab::lab::{add_netns, add_pod_netns, in_netns, run_with_stdin};
 use kni_testlab::synthetic::{self, LOCAL_NODE, Params};
-use kube_netpol_iptables::agent::{desired_states, desired_states_cached};
+use kube_netpol_iptables::compile::Compiler;
+use kube_netpol_iptables::compile::ir::{DesiredState, Family};
 use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable, View};
 use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
 use kube_netpol_iptables::dataplane::{self, Backend, Dataplane, SyncMode, Tables};
 use kube_netpol_iptables::model::ClusterSnapshot;
-use kube_netpol_iptables::peer_cache::PeerCache;
-use kube_netpol_iptables::state::{DesiredState, Family};
+use kube_netpol_iptables::reconcile::{desired_states, desired_states_cached};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -293,7 +293,8 @@ fn main() {
             })
             .collect();
         let start = Instant::now();
-        let prefixes = kube_netpol_iptables::cidr::subtract("::/0".parse().unwrap(), &except);
+        let prefixes =
+            kube_netpol_iptables::model::cidr::subtract("::/0".parse().unwrap(), &except);
         format!("{} ({} prefixes)", ms(start.elapsed()), prefixes.len())
     });
     row(
@@ -341,7 +342,7 @@ fn main() {
     // timed from the changed snapshot to the kernel updated: compile + diff + write.
     let (_, nft_full, mut dp) = full.pop().unwrap();
     // The agent's path: peer selections cached between changes.
-    let mut cache = PeerCache::default();
+    let mut cache = Compiler::new();
     desired_states_cached(&snapshot, LOCAL_NODE, &mut cache);
     let (_, legacy_full, _) = full.pop().unwrap();
     let mut change = |what: &str, snapshot: &ClusterSnapshot| {
@@ -481,7 +482,7 @@ fn pod_to_pod(
         let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bench, namespace: placeholder}\nspec:\n  podSelector: {matchLabels: {bench: pod-to-pod}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: pod-to-pod}}}]}]\n  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {bench: pod-to-pod}}}]}]";
         let p: k8s_openapi::api::networking::v1::NetworkPolicy =
             serde_yaml_ng::from_str(yaml).unwrap();
-        kube_netpol_iptables::convert::policy(&p).unwrap()
+        kube_netpol_iptables::source::convert::policy(&p).unwrap()
     };
     for (i, &j) in chosen.iter().enumerate() {
         let mut p = allow.clone();

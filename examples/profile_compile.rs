@@ -1,14 +1,14 @@
 //! Profiling aid: replays the benchmark's incremental changes through the cached compile.
 //! `cargo build --release --example profile_compile && perf record -g target/release/examples/profile_compile`
 use kni_testlab::synthetic;
-use kube_netpol_iptables::agent::desired_states_cached;
-use kube_netpol_iptables::peer_cache::PeerCache;
+use kube_netpol_iptables::compile::Compiler;
+use kube_netpol_iptables::reconcile::desired_states_cached;
 use std::time::Instant;
 
 fn main() {
     let p = synthetic::Params::default();
     let mut s = synthetic::generate(&p);
-    let mut cache = PeerCache::default();
+    let mut cache = Compiler::new();
     let mut keep = desired_states_cached(&s, synthetic::LOCAL_NODE, &mut cache);
     let mut step = |what: &str, s: &kube_netpol_iptables::model::ClusterSnapshot| {
         let t = Instant::now();

@@ -18,15 +18,3 @@ pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod source;
-
-// The paths these modules had before the layout of issue 10, for tests, benches and examples.
-pub use app::instance_lock;
-pub use compile::{ir as state, names};
-pub use model::cidr;
-pub use reconcile as agent;
-pub use source::kube as kube_source;
-pub use source::{convert, manifests};
-pub mod peer_cache {
-    //! The peer cache now lives inside [`crate::compile::Compiler`].
-    pub use crate::compile::Compiler as PeerCache;
-}

@@ -7,7 +7,7 @@ use kni_testlab::fakeapi;
 use fakeapi::{
     FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, until_within,
 };
-use kube_netpol_iptables::kube_source;
+use kube_netpol_iptables::source::kube as kube_source;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

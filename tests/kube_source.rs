@@ -7,8 +7,8 @@ use kni_testlab::fakeapi;
 use fakeapi::{
     FakeApi, Kind, metric, pod_keys, ready_within, seed, synced_metrics, until, watching,
 };
-use kube_netpol_iptables::kube_source;
 use kube_netpol_iptables::metrics::Metrics;
+use kube_netpol_iptables::source::kube as kube_source;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 

@@ -5,9 +5,9 @@
 //! `compile()` states policy semantics only; the choices here are applied to its output by
 //! [`apply`], still pure, before the dataplane renders it.
 
+use crate::compile::ir::{DesiredState, Family, Target};
 use crate::compile::new_pod_isolation::{self, NewPodIsolation};
 use crate::model::ClusterSnapshot;
-use crate::state::{DesiredState, Family, Target};
 use ipnet::IpNet;
 
 /// What happens to a packet no policy allows.
@@ -118,8 +118,8 @@ pub fn apply_deny_action(state: &mut DesiredState, action: DenyAction) {
 mod tests {
     use super::*;
     use crate::compile::evaluate::{L4, Packet, passes};
+    use crate::compile::ir::Rule;
     use crate::model::Protocol;
-    use crate::state::Rule;
 
     fn pod_chain_state() -> DesiredState {
         crate::compile::Compiler::new().compile_family(
@@ -137,7 +137,7 @@ mod tests {
             "KNI-POD".into(),
             vec![
                 Rule::new(
-                    vec![crate::state::Match::Protocol(Protocol::Tcp)],
+                    vec![crate::compile::ir::Match::Protocol(Protocol::Tcp)],
                     Target::RejectWithTcpReset,
                 ),
                 Rule::new(vec![], Target::Reject),
@@ -145,12 +145,12 @@ mod tests {
         );
         state
             .chains
-            .get_mut(crate::names::FORWARD_CHAIN)
+            .get_mut(crate::compile::names::FORWARD_CHAIN)
             .unwrap()
             .insert(
                 0,
                 Rule::new(
-                    vec![crate::state::Match::Destination(
+                    vec![crate::compile::ir::Match::Destination(
                         "10.0.0.1/32".parse().unwrap(),
                     )],
                     Target::Jump("KNI-POD".into()),

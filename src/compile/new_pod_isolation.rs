@@ -7,11 +7,11 @@
 //! `hash:net` of host prefixes of the known pods' addresses; traffic to (from) the CIDRs goes to a
 //! small chain that returns for known addresses and drops the rest.
 
-use crate::model::ClusterSnapshot;
-use crate::names;
-use crate::state::{
+use crate::compile::ir::{
     DesiredState, Family, IpSet, Match, Members, Rule, SetDirection, SetKind, SetMember, Target,
 };
+use crate::compile::names;
+use crate::model::ClusterSnapshot;
 use ipnet::IpNet;
 
 /// `--new-pod-isolation`.
@@ -163,7 +163,7 @@ status: {phase: Running, podIPs: [{ip: 10.0.0.3}, {ip: "fd00::3"}]}
 "#,
             );
         }
-        crate::manifests::load_text("test.yaml", &docs).unwrap()
+        crate::source::manifests::load_text("test.yaml", &docs).unwrap()
     }
 
     fn state(mode: NewPodIsolation, with_c: bool, family: Family) -> DesiredState {

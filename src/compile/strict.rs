@@ -12,9 +12,9 @@
 //! rules saw after PREROUTING's DNAT.
 
 use crate::compile::evaluate::{L4, Packet, denying_chain};
+use crate::compile::ir::{DesiredState, Family};
+use crate::compile::names;
 use crate::model::Protocol;
-use crate::names;
-use crate::state::{DesiredState, Family};
 use std::net::IpAddr;
 
 /// One direction of a conntrack entry. Ports are 0 for protocols without ports.
@@ -172,7 +172,7 @@ spec:
   policyTypes: [Egress]
   egress: [{to: [{podSelector: {matchLabels: {pod: a}}}]}]
 "#;
-        crate::manifests::load_text("test.yaml", docs).unwrap()
+        crate::source::manifests::load_text("test.yaml", docs).unwrap()
     }
 
     fn states() -> Vec<(Family, DesiredState)> {

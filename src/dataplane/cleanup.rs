@@ -7,7 +7,7 @@ use super::parse::parse_iptables_save;
 use super::process::Tables;
 use super::render;
 use super::sets;
-use crate::state::Family;
+use crate::compile::ir::Family;
 use std::collections::BTreeSet;
 
 /// Removes our chains and jumps from one backend (both families). Sets are left alone: the other

@@ -1,8 +1,8 @@
 //! Conntrack over netlink (ctnetlink): one dump of the table, deletes by original tuple on the same
 //! socket. No program is run. Used by strict mode (see `crate::compile::strict`).
 
+use crate::compile::ir::{DesiredState, Family};
 use crate::compile::strict::{CutDirection, Flow, FlowTuple, denied_by};
-use crate::state::{DesiredState, Family};
 use anyhow::{Context, Result, bail};
 use netlink_packet_core::{
     DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,

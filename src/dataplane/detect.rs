@@ -4,7 +4,7 @@ use super::backend::{Backend, BackendChoice};
 use super::error::{DataplaneError, Result};
 use super::parse;
 use super::process::Tables;
-use crate::state::Family;
+use crate::compile::ir::Family;
 
 /// Picks the backend the host uses, the way kube-proxy's iptables-wrapper does: the one where
 /// kubelet's canary chains live, else the one holding more rules (ours not counted), nft on a tie.

@@ -1,7 +1,7 @@
 //! Drift: where the kernel differs from what we believe we wrote, by kind.
 
 use super::view::{Jump, KernelTable, View, maxelem_fits};
-use crate::state::Family;
+use crate::compile::ir::Family;
 use std::fmt;
 
 /// One difference between the kernel and what we had written, found by a full sync (and then

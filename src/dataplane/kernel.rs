@@ -7,7 +7,7 @@
 
 use super::backend::Backend;
 use super::error::Result;
-use crate::state::Family;
+use crate::compile::ir::Family;
 
 pub use super::parse::{parse_ipset_save, parse_iptables_save};
 pub use super::view::{Jump, KernelSet, KernelSets, KernelTable, View};

@@ -9,7 +9,7 @@ use super::backend::Backend;
 use super::error::{BlamedLine, DataplaneError, Result};
 use super::kernel::Kernel;
 use super::lock::XTABLES_LOCK;
-use crate::state::Family;
+use crate::compile::ir::Family;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

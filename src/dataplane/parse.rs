@@ -2,9 +2,9 @@
 //! output → [`View`](super::view::View) parts (pure). Only what is ours is kept.
 
 use super::view::{HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT};
+use crate::compile::ir::{Family, SetKind, SetMember};
+use crate::compile::names;
 use crate::model::Protocol;
-use crate::names;
-use crate::state::{Family, SetKind, SetMember};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

@@ -7,8 +7,8 @@ use super::error::{DataplaneError, MissingFeature, Result};
 use super::kernel::Kernel;
 use super::render::{self, PROBE_PREFIX};
 use super::sets;
+use crate::compile::ir::{Family, Match, Rule, SetDirection, SetKind, Target};
 use crate::model::Protocol;
-use crate::state::{Family, Match, Rule, SetDirection, SetKind, Target};
 
 const PROBE_CHAIN: &str = "KNI-PROBE";
 

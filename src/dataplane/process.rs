@@ -6,7 +6,7 @@ use super::error::{BlamedLine, DataplaneError, Result};
 use super::kernel::Kernel;
 use super::lock::{DEFAULT_LOCK_WAIT, XTABLES_LOCK, XtablesLock};
 use super::render;
-use crate::state::Family;
+use crate::compile::ir::Family;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

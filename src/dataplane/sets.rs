@@ -7,7 +7,7 @@ use super::kernel::Kernel;
 use super::parse;
 use super::render::{self, PROBE_PREFIX, REGISTRY};
 use super::view::KernelSets;
-use crate::names;
+use crate::compile::names;
 use std::collections::BTreeSet;
 
 /// Names of every set in this network namespace.

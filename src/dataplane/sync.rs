@@ -15,7 +15,7 @@ use super::process::Tables;
 use super::render;
 use super::sets;
 use super::view::{KernelTable, View};
-use crate::state::{DesiredState, Family};
+use crate::compile::ir::{DesiredState, Family};
 use std::collections::BTreeSet;
 
 /// What one sync wrote.
@@ -95,7 +95,7 @@ impl<K: Kernel> Dataplane<K> {
             .sets
             .sets
             .keys()
-            .flat_map(|n| [n.clone(), crate::names::temporary_set(n)])
+            .flat_map(|n| [n.clone(), crate::compile::names::temporary_set(n)])
             .collect();
         for family in Family::ALL {
             let table = parse_iptables_save(&self.tables.iptables_save(family)?);

@@ -2,7 +2,7 @@
 //! what was parsed from the kernel (`parse.rs`) and what rendering the desired state yields
 //! (`render/`), so the two can be compared; both import this module, neither imports the other.
 
-use crate::state::{Family, Members, SetKind};
+use crate::compile::ir::{Family, Members, SetKind};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The comment every hook of ours (a built-in chain's jump into our chains) carries: what makes a

@@ -1,7 +1,7 @@
 //! The metrics and health state the agent records, and their Prometheus encoding.
 
+use crate::compile::ir::{DesiredState, Family};
 use crate::dataplane::{SyncMode, SyncReport};
-use crate::state::{DesiredState, Family};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family as MetricFamily;

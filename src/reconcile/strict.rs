@@ -7,7 +7,8 @@ use crate::metrics::Metrics;
 use crate::model::Family;
 use std::time::Instant;
 
-use super::target::LOG_TARGET;
+/// The log target of the sync (see `target.rs`), so users' filters for it cover this too.
+const LOG_TARGET: &str = "kube_netpol_iptables::agent";
 
 /// Remembers whether the last attempt failed, so that a node without ctnetlink logs once per run
 /// of failures rather than at every sync.

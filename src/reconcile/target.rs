@@ -2,11 +2,11 @@
 //! small trait so the loop can be tested with a fake. The only place that calls the compiler.
 
 use super::strict::FlowCutter;
+use crate::compile::ir::{DesiredState, Family};
 use crate::compile::{Compiler, enforcement};
 use crate::dataplane::{Dataplane, SyncMode, SyncReport};
 use crate::metrics::Metrics;
 use crate::model::ClusterSnapshot;
-use crate::state::{DesiredState, Family};
 use anyhow::Result;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 /// The log target from before the module layout of issue 10, kept so users' log filters still
 /// match.
-pub(super) const LOG_TARGET: &str = "kube_netpol_iptables::agent";
+const LOG_TARGET: &str = "kube_netpol_iptables::agent";
 
 /// Where snapshots are enforced. Both calls may block (they run processes): the loop makes them
 /// off the async threads.

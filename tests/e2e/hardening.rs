@@ -133,7 +133,7 @@ fn a_kill_mid_write_never_hands_ipset_a_cut_batch() {
         );
         let peer_members = our_members(&lab)
             .into_iter()
-            .filter(|(set, _)| !kube_netpol_iptables::names::is_isolation_set(set));
+            .filter(|(set, _)| !kube_netpol_iptables::compile::names::is_isolation_set(set));
         for (set, member) in peer_members {
             assert!(
                 wanted.contains(&member),
@@ -599,7 +599,7 @@ fn sets_of_an_earlier_release_without_a_registry_are_adopted() {
     // The dispatch's isolation sets stay (the policy that replaces this one isolates x too).
     let stale: Vec<&String> = old_sets
         .iter()
-        .filter(|s| !kube_netpol_iptables::names::is_isolation_set(s))
+        .filter(|s| !kube_netpol_iptables::compile::names::is_isolation_set(s))
         .collect();
     assert!(lab.tcp("y/a", "x/a", 80));
     // The upgrade's first sync: still the same state, nothing opens or closes.
@@ -661,7 +661,7 @@ fn chains_orphaned_by_a_flushed_dispatch_chain_are_still_cleaned_up() {
     let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
     lab.write_cluster_manifests(&[DENY_X, ALLOW_X_FROM_Y]);
     succeeded(&lab.once("nft", &[], &[]));
-    let from_y = kube_netpol_iptables::names::policy_chain(true, "x/from-y");
+    let from_y = kube_netpol_iptables::compile::names::policy_chain(true, "x/from-y");
     assert!(lab.our_state("nft").contains(&from_y));
     for tool in ["iptables-nft", "ip6tables-nft"] {
         for chain in ["KNI-FORWARD", "KNI-INPUT", "KNI-OUTPUT"] {

@@ -27,9 +27,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kube_netpol_iptables::dataplane::{SyncMode, SyncReport};
-use kube_netpol_iptables::kube_source::ClusterStore;
 use kube_netpol_iptables::metrics::Metrics;
 use kube_netpol_iptables::model::ClusterSnapshot;
+use kube_netpol_iptables::source::kube::ClusterStore;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -194,7 +194,7 @@ impl FakeApi {
 
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url.parse().unwrap());
-        kube_netpol_iptables::kube_source::client_for(config).unwrap()
+        kube_netpol_iptables::source::kube::client_for(config).unwrap()
     }
 
     pub fn kubeconfig(&self) -> String {

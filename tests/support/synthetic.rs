@@ -1,10 +1,10 @@
 //! A deterministic synthetic cluster for benchmarks.
 
-use kube_netpol_iptables::convert;
 use kube_netpol_iptables::model::{
     ClusterSnapshot, ContainerPort, LabelSelector, Peer, Pod, PodPhase, Policy, PolicyRule,
     PortRef, PortSpec, Protocol, Requirement,
 };
+use kube_netpol_iptables::source::convert;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -9,7 +9,7 @@ fn incremental_rendering_writes_only_the_difference() {
     use crate::dataplane::render::{render_ipset_destroy, render_ipset_update, render_iptables};
     let policy = "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: db}}}]}]";
     let before = with_policies(cluster(), &[policy]);
-    let states = |s: &ClusterSnapshot| -> Vec<(Family, crate::state::DesiredState)> {
+    let states = |s: &ClusterSnapshot| -> Vec<(Family, crate::compile::ir::DesiredState)> {
         Family::ALL
             .iter()
             .map(|f| (*f, compile(s, "n1", *f)))
@@ -82,7 +82,7 @@ fn the_previous_releases_sets_are_replaced_on_upgrade() {
     let previous = parse_ipset_save(include_str!("previous_release_demo_sets.txt"));
     assert_eq!(previous.sets.len(), 14);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/demo");
-    let snapshot = crate::manifests::load_dir(&dir).unwrap();
+    let snapshot = crate::source::manifests::load_dir(&dir).unwrap();
     let states = Compiler::new().compile(&snapshot, "demo-node");
     let desired = [&states.v4, &states.v6];
     let destroy = render_ipset_destroy(desired, &previous);

@@ -13,9 +13,9 @@ mod selections;
 mod semantics;
 use crate::compile::evaluate::{L4, Packet, passes};
 use crate::compile::{Compiler, DesiredState};
-use crate::convert;
 use crate::model::Family;
 use crate::model::{ClusterSnapshot, ContainerPort, Pod, PodPhase, Protocol};
+use crate::source::convert;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use std::net::IpAddr;
 

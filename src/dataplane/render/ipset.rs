@@ -1,10 +1,10 @@
 //! `ipset restore` text: creating, filling, rebuilding and destroying our sets, the registry that
 //! records which sets are ours, the batch check, and the probe's scratch sets.
 
+use crate::compile::ir::{DesiredState, Family, SetKind};
+use crate::compile::names;
 use crate::dataplane::error::{DataplaneError, Result};
 use crate::dataplane::view::{KernelSets, maxelem_fits, maxelem_for};
-use crate::names;
-use crate::state::{DesiredState, Family, SetKind};
 use std::collections::BTreeSet;
 use std::fmt::Write;
 

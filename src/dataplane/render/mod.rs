@@ -15,7 +15,9 @@ pub use ipset::{
 use super::view::{
     HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT, View, maxelem_for,
 };
-use crate::state::{ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, Target};
+use crate::compile::ir::{
+    ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, Target,
+};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 

@@ -7,7 +7,7 @@ fn sets_are_sized_to_what_they_hold_and_rebuilt_only_when_far_off() {
     assert_eq!(maxelem_for(0), 65_536);
     assert_eq!(maxelem_for(3), 65_536);
     assert_eq!(maxelem_for(40_000), 131_072);
-    assert_eq!(maxelem_for(crate::state::MAX_SET_MEMBERS), 524_288);
+    assert_eq!(maxelem_for(crate::compile::ir::MAX_SET_MEMBERS), 524_288);
     for members in [
         0,
         1,
@@ -15,7 +15,7 @@ fn sets_are_sized_to_what_they_hold_and_rebuilt_only_when_far_off() {
         32_768,
         32_769,
         100_000,
-        crate::state::MAX_SET_MEMBERS,
+        crate::compile::ir::MAX_SET_MEMBERS,
     ] {
         let made = maxelem_for(members);
         assert!(made as usize >= members);
@@ -33,11 +33,11 @@ fn sets_are_sized_to_what_they_hold_and_rebuilt_only_when_far_off() {
     assert_eq!(hashsize_for(200_000), 65_536);
 }
 
-fn hosts(count: u32) -> crate::state::Members {
+fn hosts(count: u32) -> crate::compile::ir::Members {
     std::sync::Arc::new(
         (0..count)
             .map(|i| {
-                crate::state::SetMember::Net(ipnet::IpNet::from(std::net::IpAddr::from(
+                crate::compile::ir::SetMember::Net(ipnet::IpNet::from(std::net::IpAddr::from(
                     std::net::Ipv4Addr::from(0x0a00_0000 + i),
                 )))
             })
@@ -50,8 +50,8 @@ fn hosts(count: u32) -> crate::state::Members {
 /// intermediate size would have been created larger.
 #[test]
 fn a_growing_set_is_rebuilt_before_it_overflows() {
+    use crate::compile::ir::{IpSet, SetKind};
     use crate::dataplane::view::KernelSet;
-    use crate::state::{IpSet, SetKind};
     let state = |count| DesiredState {
         sets: [(
             "KNI-4P-x".to_string(),
@@ -91,7 +91,7 @@ fn a_growing_set_is_rebuilt_before_it_overflows() {
 
 #[test]
 fn every_rendered_command_names_a_set_of_ours() {
-    use crate::state::{DesiredState, Family, IpSet, SetKind, SetMember};
+    use crate::compile::ir::{DesiredState, Family, IpSet, SetKind, SetMember};
     let set = |members: &[&str]| IpSet {
         kind: SetKind::HashNet,
         family: Family::V4,
@@ -131,13 +131,13 @@ fn every_rendered_command_names_a_set_of_ours() {
 
 /// The maxelem `render` gives our sets, whatever it is.
 fn desired_maxelem() -> Option<u32> {
-    View::of_desired(&[(crate::state::Family::V4, {
-        let mut d = crate::state::DesiredState::default();
+    View::of_desired(&[(crate::compile::ir::Family::V4, {
+        let mut d = crate::compile::ir::DesiredState::default();
         d.sets.insert(
             "KNI-4P-x".into(),
-            crate::state::IpSet {
-                kind: crate::state::SetKind::HashNet,
-                family: crate::state::Family::V4,
+            crate::compile::ir::IpSet {
+                kind: crate::compile::ir::SetKind::HashNet,
+                family: crate::compile::ir::Family::V4,
                 members: Default::default(),
             },
         );

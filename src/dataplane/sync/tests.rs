@@ -2,10 +2,10 @@
 //! removed yet, drift repair, and that an unchanged state writes nothing.
 
 use super::*;
+use crate::compile::ir::{Hook, IpSet, Match, Rule, SetDirection, SetKind, SetMember, Target};
 use crate::dataplane::memory::{MemoryKernel, Write};
 use crate::dataplane::render::retired_rule;
 use crate::dataplane::{Backend, DataplaneError, cleanup_backend};
-use crate::state::{Hook, IpSet, Match, Rule, SetDirection, SetKind, SetMember, Target};
 use std::sync::Arc;
 
 const POD: &str = "KNI-PODI-00000000000000aa";
