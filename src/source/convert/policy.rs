@@ -131,7 +131,7 @@ pub(super) fn ip_block(block: &net::IPBlock, path: &str) -> Result<Peer, Invalid
         let p = format!("{path}.except[{i}]");
         let hole = parse_cidr(text, &p)?;
         // The API server demands a strict subset of the cidr.
-        if crate::compile::ir::Family::of_net(&hole) != crate::compile::ir::Family::of_net(&cidr)
+        if crate::model::Family::of_net(&hole) != crate::model::Family::of_net(&cidr)
             || !cidr.trunc().contains(&hole.trunc())
             || hole.prefix_len() <= cidr.prefix_len()
         {
