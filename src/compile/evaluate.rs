@@ -4,7 +4,7 @@
 //! so that decision and the rules cannot disagree. The end-to-end suite checks the same semantics
 //! against the real kernel.
 
-use super::ir::{ALLOW_MARK, DesiredState, Match, SetDirection, SetMember, Target};
+use super::ir::{ALLOW_MARK, DesiredState, Match, SetDirection, SetKind, SetMember, Target};
 use crate::model::Protocol;
 use std::net::IpAddr;
 
@@ -119,6 +119,20 @@ fn matches(state: &DesiredState, m: &Match, p: &Packet, mark: u32) -> bool {
                 .sets
                 .get(name)
                 .unwrap_or_else(|| panic!("rule references missing set {name}"));
+            // Exact entries are looked up (strict mode judges every conntrack entry against
+            // sets of thousands); only prefixes need a walk.
+            let exact = match (set.kind, direction, p.l4) {
+                (SetKind::HashIp, SetDirection::Src, _) => Some(SetMember::Ip(p.src)),
+                (SetKind::HashIp, SetDirection::Dst, _) => Some(SetMember::Ip(p.dst)),
+                (SetKind::HashIpPort, SetDirection::DstDstPort, L4::Port(proto, port)) => {
+                    Some(SetMember::IpPort(p.dst, proto, port))
+                }
+                (SetKind::HashIpPort, SetDirection::DstDstPort, _) => return false,
+                _ => None,
+            };
+            if let Some(entry) = exact {
+                return set.members.contains(&entry);
+            }
             set.members.iter().any(|member| match (member, direction) {
                 (SetMember::Ip(ip), SetDirection::Src) => *ip == p.src,
                 (SetMember::Ip(ip), SetDirection::Dst) => *ip == p.dst,
