@@ -666,7 +666,10 @@ fn peak_memory(snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, String)) {
     clean();
     let dir = std::env::temp_dir().join(format!("kni-bench-manifests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cluster.yaml"), synthetic::to_manifests(snapshot)).unwrap();
+    let manifests = synthetic::to_manifests(snapshot);
+    // The large cases write one file above the agent's default limit (16 MiB).
+    let limit = (manifests.len() + 1).to_string();
+    std::fs::write(dir.join("cluster.yaml"), manifests).unwrap();
     let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
     let mut child = Command::new(bin)
         .args([
@@ -679,6 +682,8 @@ fn peak_memory(snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, String)) {
             "nft",
             "--resync-period",
             "1h",
+            "--max-manifest-bytes",
+            &limit,
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
