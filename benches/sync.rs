@@ -335,6 +335,34 @@ fn main() {
                 report.ipset_lines + report.iptables_lines
             ),
         );
+        // Each periodic resync reads the entries of another slice of the sets: all rounds.
+        let mut rounds: Vec<Duration> = (0..dataplane::MEMBER_CHECK_ROUNDS)
+            .map(|_| {
+                let start = Instant::now();
+                let report = dp.sync(&fresh, SyncMode::Full).unwrap();
+                assert_eq!(report.ipset_lines + report.iptables_lines, 0);
+                start.elapsed()
+            })
+            .collect();
+        rounds.sort_unstable();
+        row(
+            &format!(
+                "[{backend}] full resync, nothing changed, {} rounds: p50 / max",
+                rounds.len()
+            ),
+            format!(
+                "{} / {}",
+                ms(rounds[rounds.len() / 2]),
+                ms(rounds[rounds.len() - 1])
+            ),
+        );
+        let mut restarted = Dataplane::new(Tables::find(backend).expect("backend installed"));
+        let start = Instant::now();
+        restarted.sync(&fresh, SyncMode::Full).unwrap();
+        row(
+            &format!("[{backend}] full sync after a restart, nothing changed (reads every set)"),
+            ms(start.elapsed()),
+        );
         full.push((backend, ours, dp));
     }
 
@@ -395,6 +423,71 @@ fn main() {
         .expect("a local policy");
     snapshot.policies[idx].ingress.truncate(1);
     change("policy changed (a local pod's)", &snapshot);
+
+    // The same kinds of change, each applied and reverted many times, for p50 and p95.
+    let runs = 25;
+    let mut timed = |snapshot: &ClusterSnapshot, times: &mut Vec<(Duration, Duration)>| {
+        let start = Instant::now();
+        let s = desired_states_cached(snapshot, LOCAL_NODE, &mut cache);
+        let compiled = start.elapsed();
+        dp.sync(&s, SyncMode::Incremental)
+            .expect("incremental sync");
+        times.push((start.elapsed(), compiled));
+    };
+    let mut kinds: Vec<(&str, Vec<(Duration, Duration)>)> = [
+        "local pod added",
+        "local pod deleted",
+        "remote pod relabelled",
+        "namespace relabelled",
+        "policy changed",
+    ]
+    .into_iter()
+    .map(|k| (k, Vec::new()))
+    .collect();
+    let mut added = snapshot.pods[params.local_pods].clone();
+    added.name = "bench-repeated".into();
+    added.node_name = Some(LOCAL_NODE.into());
+    let (v4, v6) = synthetic::pod_ips(params.pods + 2);
+    added.ips = vec![v4, v6];
+    let ns3 = |snapshot: &mut ClusterSnapshot, env: &str| {
+        let labels = &mut snapshot.namespaces.get_mut("ns-3").unwrap().labels;
+        labels.insert("env".into(), env.into());
+    };
+    let full_ingress = synthetic::generate(&params).policies[idx].ingress.clone();
+    for _ in 0..runs {
+        snapshot.pods.push(added.clone());
+        timed(&snapshot, &mut kinds[0].1);
+        snapshot.pods.pop();
+        timed(&snapshot, &mut kinds[1].1);
+        for (tier, version) in [("web", "v1"), ("db", "v2")] {
+            let labels = &mut snapshot.pods[remote].labels;
+            labels.insert("tier".into(), tier.into());
+            labels.insert("version".into(), version.into());
+            timed(&snapshot, &mut kinds[2].1);
+        }
+        for env in ["staging", "prod"] {
+            ns3(&mut snapshot, env);
+            timed(&snapshot, &mut kinds[3].1);
+        }
+        for ingress in [full_ingress.clone(), full_ingress[..1].to_vec()] {
+            snapshot.policies[idx].ingress = ingress;
+            timed(&snapshot, &mut kinds[4].1);
+        }
+    }
+    for (what, mut times) in kinds {
+        times.sort_unstable();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        let ((p50, compile), (p95, _)) = (at(0.5), at(0.95));
+        row(
+            &format!("incremental p50 / p95 ({} runs): {what}", times.len()),
+            format!(
+                "{} / {} (compile {} of the p50)",
+                ms(p50),
+                ms(p95),
+                ms(compile)
+            ),
+        );
+    }
     let states = desired_states(&snapshot, LOCAL_NODE);
 
     // Rule by rule, with the payload in place (nft backend).
@@ -619,7 +712,10 @@ fn peak_memory(snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, String)) {
     clean();
     let dir = std::env::temp_dir().join(format!("kni-bench-manifests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cluster.yaml"), synthetic::to_manifests(snapshot)).unwrap();
+    let manifests = synthetic::to_manifests(snapshot);
+    // The large cases write one file above the agent's default limit (16 MiB).
+    let limit = (manifests.len() + 1).to_string();
+    std::fs::write(dir.join("cluster.yaml"), manifests).unwrap();
     let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
     let mut child = Command::new(bin)
         .args([
@@ -632,6 +728,8 @@ fn peak_memory(snapshot: &ClusterSnapshot, row: &mut dyn FnMut(&str, String)) {
             "nft",
             "--resync-period",
             "1h",
+            "--max-manifest-bytes",
+            &limit,
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -9,8 +9,8 @@ use super::backend::Backend;
 use super::error::Result;
 use crate::compile::ir::Family;
 
-pub use super::parse::{parse_ipset_save, parse_iptables_save};
-pub use super::view::{Jump, KernelSet, KernelSets, KernelTable, View};
+pub use super::parse::{parse_ipset_headers, parse_ipset_save, parse_iptables_save};
+pub use super::view::{Jump, KernelSet, KernelSets, KernelTable, SetHeader, View};
 
 pub trait Kernel: Send {
     fn backend(&self) -> Backend;
@@ -24,6 +24,8 @@ pub trait Kernel: Send {
     fn ipset_list_names(&self) -> Result<String>;
     /// `ipset save` of `sets` only.
     fn ipset_save(&self, sets: &[String]) -> Result<String>;
+    /// `ipset list -t` of `sets` only: each set's header and number of entries, not its entries.
+    fn ipset_headers(&self, sets: &[String]) -> Result<String>;
     /// `ipset -exist restore`, the text as given (a failing line stops the batch there).
     fn ipset_restore(&self, text: &str) -> Result<()>;
     /// The same node through the other iptables backend, when that is installed.
@@ -48,6 +50,9 @@ impl<K: Kernel + ?Sized> Kernel for Box<K> {
     }
     fn ipset_save(&self, sets: &[String]) -> Result<String> {
         (**self).ipset_save(sets)
+    }
+    fn ipset_headers(&self, sets: &[String]) -> Result<String> {
+        (**self).ipset_headers(sets)
     }
     fn ipset_restore(&self, text: &str) -> Result<()> {
         (**self).ipset_restore(text)

@@ -92,6 +92,8 @@ pub struct State {
     pub tables: BTreeMap<(Backend, Family), Table>,
     pub faults: Faults,
     pub writes: Vec<Write>,
+    /// Sets whose entries were read (`ipset save`), in the order they were.
+    pub entries_read: Vec<String>,
     /// Whether the other backend's tools are installed.
     pub other_installed: bool,
 }
@@ -400,6 +402,14 @@ fn render_save(table: &Table) -> String {
     out
 }
 
+fn missing_set(name: &str) -> DataplaneError {
+    DataplaneError::ToolFailed {
+        command: "ipset restore".into(),
+        status: "exit status: 1".into(),
+        stderr: format!("The set with the given name does not exist: {name}"),
+    }
+}
+
 impl Kernel for MemoryKernel {
     fn backend(&self) -> Backend {
         self.backend
@@ -455,21 +465,29 @@ impl Kernel for MemoryKernel {
     }
 
     fn ipset_save(&self, sets: &[String]) -> Result<String> {
-        let state = self.state();
+        let mut state = self.state();
+        state.entries_read.extend(sets.iter().cloned());
         let mut out = String::new();
         for name in sets {
-            let set = state
-                .sets
-                .get(name)
-                .ok_or_else(|| DataplaneError::ToolFailed {
-                    command: "ipset -o save restore".into(),
-                    status: "exit status: 1".into(),
-                    stderr: format!("The set with the given name does not exist: {name}"),
-                })?;
+            let set = state.sets.get(name).ok_or_else(|| missing_set(name))?;
             out.push_str(&format!("create {name} {}\n", set.header));
             for m in &set.members {
                 out.push_str(&format!("add {name} {m}\n"));
             }
+        }
+        Ok(out)
+    }
+
+    fn ipset_headers(&self, sets: &[String]) -> Result<String> {
+        let state = self.state();
+        let mut out = String::new();
+        for name in sets {
+            let set = state.sets.get(name).ok_or_else(|| missing_set(name))?;
+            let (kind, header) = set.header.split_once(' ').unwrap_or((&set.header, ""));
+            out.push_str(&format!(
+                "Name: {name}\nType: {kind}\nRevision: 0\nHeader: {header}\nSize in memory: 0\nReferences: 0\nNumber of entries: {}\n",
+                set.members.len()
+            ));
         }
         Ok(out)
     }

@@ -37,4 +37,4 @@ pub use kernel::Kernel;
 pub use lock::DEFAULT_LOCK_WAIT;
 pub use probe::probe_kernel;
 pub use process::Tables;
-pub use sync::{Dataplane, SyncMode, SyncReport};
+pub use sync::{Dataplane, MEMBER_CHECK_ROUNDS, SyncMode, SyncReport};

@@ -1,7 +1,9 @@
 //! Reading the kernel: `iptables-save -t filter`, `iptables -S`, `ipset save` and `ipset list -n`
 //! output → [`View`](super::view::View) parts (pure). Only what is ours is kept.
 
-use super::view::{HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT};
+use super::view::{
+    HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT, SetHeader,
+};
 use crate::compile::ir::{Family, SetKind, SetMember};
 use crate::compile::names;
 use crate::model::Protocol;
@@ -178,25 +180,8 @@ pub fn parse_ipset_save(text: &str) -> KernelSets {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
             (Some("create"), Some(name)) if names::is_owned(name) => {
-                let kind = match words.next() {
-                    Some("hash:ip") => Some(SetKind::HashIp),
-                    Some("hash:net") => Some(SetKind::HashNet),
-                    Some("hash:ip,port") => Some(SetKind::HashIpPort),
-                    _ => None,
-                };
-                let rest: Vec<&str> = words.collect();
-                let family = rest
-                    .windows(2)
-                    .find(|w| w[0] == "family")
-                    .and_then(|w| match w[1] {
-                        "inet" => Some(Family::V4),
-                        "inet6" => Some(Family::V6),
-                        _ => None,
-                    });
-                let maxelem = rest
-                    .windows(2)
-                    .find(|w| w[0] == "maxelem")
-                    .and_then(|w| w[1].parse().ok());
+                let kind = set_kind(words.next().unwrap_or_default());
+                let (family, maxelem) = header_fields(&words.collect::<Vec<_>>());
                 sets.sets.insert(
                     name.to_string(),
                     KernelSet {
@@ -222,6 +207,66 @@ pub fn parse_ipset_save(text: &str) -> KernelSets {
         }
     }
     sets
+}
+
+/// The set types we create, by ipset's name for them.
+fn set_kind(word: &str) -> Option<SetKind> {
+    match word {
+        "hash:ip" => Some(SetKind::HashIp),
+        "hash:net" => Some(SetKind::HashNet),
+        "hash:ip,port" => Some(SetKind::HashIpPort),
+        _ => None,
+    }
+}
+
+/// `family` and `maxelem` from a set's creation options (`family inet hashsize 1024 maxelem …`).
+fn header_fields(words: &[&str]) -> (Option<Family>, Option<u32>) {
+    let value = |key: &str| words.windows(2).find(|w| w[0] == key).map(|w| w[1]);
+    let family = value("family").and_then(|f| match f {
+        "inet" => Some(Family::V4),
+        "inet6" => Some(Family::V6),
+        _ => None,
+    });
+    (family, value("maxelem").and_then(|m| m.parse().ok()))
+}
+
+/// Headers of our sets from `ipset list -t` output (`Name:`, `Type:`, `Header:`,
+/// `Number of entries:` per set).
+pub fn parse_ipset_headers(text: &str) -> BTreeMap<String, SetHeader> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, SetHeader)> = None;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key {
+            "Name" => {
+                out.extend(current.take());
+                current = names::is_owned(value).then(|| (value.to_string(), SetHeader::default()));
+            }
+            "Type" => {
+                if let Some((_, h)) = &mut current {
+                    h.kind = set_kind(value);
+                }
+            }
+            "Header" => {
+                if let Some((_, h)) = &mut current {
+                    (h.family, h.maxelem) =
+                        header_fields(&value.split_whitespace().collect::<Vec<_>>());
+                }
+            }
+            "Number of entries" => {
+                if let Some((_, h)) = &mut current {
+                    // Unreadable: matches no count we wrote, so the set is read in full.
+                    h.entries = value.parse().unwrap_or(usize::MAX);
+                }
+            }
+            _ => {}
+        }
+    }
+    out.extend(current);
+    out
 }
 
 fn parse_member(kind: Option<SetKind>, entry: &str) -> Option<SetMember> {

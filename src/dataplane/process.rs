@@ -169,6 +169,15 @@ impl Kernel for Tables {
         run_tool(self.ipset_bin()?, &["-o", "save", "restore"], Some(&batch))
     }
 
+    fn ipset_headers(&self, sets: &[String]) -> Result<String> {
+        if sets.is_empty() {
+            return Ok(String::new());
+        }
+        // One process, plain output: `list NAME -t` prints the header and the entry count only.
+        let batch = render::list_headers_batch(sets);
+        run_tool(self.ipset_bin()?, &["restore"], Some(&batch))
+    }
+
     fn ipset_restore(&self, text: &str) -> Result<()> {
         run_tool(self.ipset_bin()?, &["-exist", "restore"], Some(text)).map(drop)
     }

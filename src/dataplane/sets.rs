@@ -22,6 +22,46 @@ pub fn read_sets(
     kernel: &(impl Kernel + ?Sized),
     used: &BTreeSet<String>,
 ) -> Result<(KernelSets, Vec<String>)> {
+    let (ours, foreign) = our_set_names(kernel, used)?;
+    // Only our sets are read: a foreign blocklist of millions of entries would otherwise be
+    // copied and parsed on every full sync.
+    let sets = parse::parse_ipset_save(&kernel.ipset_save(&ours)?);
+    Ok((sets, foreign))
+}
+
+/// Like [`read_sets`], but cheaper when we know what we wrote (`believed`): only the headers
+/// (`ipset list -t`) are read, and a set's entries only where its header differs from what we
+/// wrote (type, family, size, number of entries) or `read_in_full` says so. The other sets are
+/// taken to hold what we wrote, sharing its members.
+pub fn read_sets_checked(
+    kernel: &(impl Kernel + ?Sized),
+    used: &BTreeSet<String>,
+    believed: &KernelSets,
+    read_in_full: impl Fn(&str) -> bool,
+) -> Result<(KernelSets, Vec<String>)> {
+    let (ours, foreign) = our_set_names(kernel, used)?;
+    let headers = parse::parse_ipset_headers(&kernel.ipset_headers(&ours)?);
+    let mut sets = KernelSets::default();
+    let mut to_read = Vec::new();
+    for name in ours {
+        match (believed.sets.get(&name), headers.get(&name)) {
+            (Some(wrote), Some(header)) if header.matches(wrote) && !read_in_full(&name) => {
+                sets.sets.insert(name, wrote.clone());
+            }
+            _ => to_read.push(name),
+        }
+    }
+    sets.sets
+        .extend(parse::parse_ipset_save(&kernel.ipset_save(&to_read)?).sets);
+    Ok((sets, foreign))
+}
+
+/// Names of our sets (see [`read_sets`]), registering those our rules use that are not yet, and
+/// of the other sets with our prefix.
+fn our_set_names(
+    kernel: &(impl Kernel + ?Sized),
+    used: &BTreeSet<String>,
+) -> Result<(Vec<String>, Vec<String>)> {
     let all = set_names(kernel)?;
     let registered: BTreeSet<String> = if all.iter().any(|n| n == REGISTRY) {
         parse::parse_list_set_members(REGISTRY, &kernel.ipset_save(&[REGISTRY.to_string()])?)
@@ -40,10 +80,7 @@ pub fn read_sets(
             "registered sets our rules use that an earlier release created"
         );
     }
-    // Only our sets are read: a foreign blocklist of millions of entries would otherwise be
-    // copied and parsed on every full sync.
-    let sets = parse::parse_ipset_save(&kernel.ipset_save(&ours)?);
-    Ok((sets, foreign))
+    Ok((ours, foreign))
 }
 
 /// Writes a batch of ours: refused unless every line names a set of ours, and with the registry

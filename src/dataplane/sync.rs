@@ -17,6 +17,21 @@ use super::sets;
 use super::view::{KernelTable, View};
 use crate::compile::ir::{DesiredState, Family};
 use std::collections::BTreeSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// A full sync that knows what it wrote reads each set's header and entry count, and the entries
+/// themselves only of sets whose header differs and of one slice of the sets in this many (by a
+/// hash of the name, the next slice each time). So members replaced one for one, which keeps the
+/// count, are found within this many full syncs; anything else at the next one.
+pub const MEMBER_CHECK_ROUNDS: u64 = 12;
+
+/// The slice of [`MEMBER_CHECK_ROUNDS`] whose members a full sync reads in full.
+fn member_check_slice(set: &str) -> u64 {
+    // Stable within the process, which is all the rotation needs.
+    let mut hasher = DefaultHasher::new();
+    set.hash(&mut hasher);
+    hasher.finish() % MEMBER_CHECK_ROUNDS
+}
 
 /// What one sync wrote.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -51,6 +66,9 @@ pub struct Dataplane<K: Kernel = Tables> {
     retained: BTreeSet<(Family, String)>,
     /// Objects under our prefix that are not ours, already warned about.
     warned_foreign: BTreeSet<String>,
+    /// Full syncs that read the kernel against what we wrote: picks the slice of sets whose
+    /// members are read in full (see [`MEMBER_CHECK_ROUNDS`]).
+    member_checks: u64,
 }
 
 impl<K: Kernel> Dataplane<K> {
@@ -61,6 +79,7 @@ impl<K: Kernel> Dataplane<K> {
             undestroyed: BTreeSet::new(),
             retained: BTreeSet::new(),
             warned_foreign: BTreeSet::new(),
+            member_checks: 0,
         }
     }
 
@@ -88,8 +107,9 @@ impl<K: Kernel> Dataplane<K> {
     /// Reads our part of the kernel: the filter tables first, then our sets (the registry's,
     /// those our rules use, and those named exactly as a set we want, or its scratch copy: we
     /// cannot program the name without taking it over, and nobody else derives it). Objects under
-    /// our prefix that are not ours are warned about once.
-    fn read_kernel(&mut self, want: &View) -> Result<View> {
+    /// our prefix that are not ours are warned about once. With `believed` (what we wrote last),
+    /// set members are read only where they may differ (see [`MEMBER_CHECK_ROUNDS`]).
+    fn read_kernel(&mut self, want: &View, believed: Option<&View>) -> Result<View> {
         let mut view = View::default();
         let mut used: BTreeSet<String> = want
             .sets
@@ -110,7 +130,16 @@ impl<K: Kernel> Dataplane<K> {
                 .extend(table.foreign.iter().map(|c| format!("{family} {c}")));
             view.tables.insert(family, table);
         }
-        let (sets, foreign) = sets::read_sets(&self.tables, &used)?;
+        let (sets, foreign) = match believed {
+            None => sets::read_sets(&self.tables, &used)?,
+            Some(believed) => {
+                let slice = self.member_checks % MEMBER_CHECK_ROUNDS;
+                self.member_checks += 1;
+                sets::read_sets_checked(&self.tables, &used, &believed.sets, |set| {
+                    member_check_slice(set) == slice
+                })?
+            }
+        };
         sets::warn_foreign_sets(foreign.iter().filter(|s| !self.warned_foreign.contains(*s)));
         self.warned_foreign.extend(foreign);
         view.sets = sets;
@@ -152,7 +181,7 @@ impl<K: Kernel> Dataplane<K> {
         let view = match (self.applied.take(), full) {
             (Some(applied), false) => applied,
             (believed, _) => {
-                let actual = self.read_kernel(want)?;
+                let actual = self.read_kernel(want, believed.as_ref())?;
                 if let Some(believed) = &believed {
                     report.repairs = believed
                         .drift_from(&actual)

@@ -64,6 +64,29 @@ pub struct KernelSet {
     pub unparsed_members: Vec<String>,
 }
 
+/// A set as `ipset list -t` shows it: what it was created as and how many entries it holds, without
+/// the entries (cheap to read however large the set is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetHeader {
+    pub kind: Option<SetKind>,
+    pub family: Option<Family>,
+    pub maxelem: Option<u32>,
+    pub entries: usize,
+}
+
+impl SetHeader {
+    /// Whether `believed` (what we wrote) still describes a set with this header: same type, family
+    /// and size, and as many entries. Members replaced one for one keep the count; those are found
+    /// by the rotating full read (see `sync.rs`).
+    pub fn matches(&self, believed: &KernelSet) -> bool {
+        self.kind == believed.kind
+            && self.family == believed.family
+            && self.maxelem == believed.maxelem
+            && self.entries == believed.members.len()
+            && believed.unparsed_members.is_empty()
+    }
+}
+
 /// Our part of the kernel: sets and both families' filter tables. Either read from the kernel or
 /// derived from what we last wrote (what the kernel holds if nobody else touched it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -154,6 +154,49 @@ fn drift_is_repaired_on_resync() {
     let _ = agent.wait();
 }
 
+/// A full resync reads set headers and the entries of one slice of sets at a time: an entry
+/// replaced by another (same count, so the header shows nothing) is still repaired within
+/// `MEMBER_CHECK_ROUNDS` resyncs.
+#[test]
+fn a_peer_set_entry_swapped_for_another_is_repaired_within_the_rounds() {
+    if skip_unless_root("a_peer_set_entry_swapped_for_another_is_repaired_within_the_rounds") {
+        return;
+    }
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+    let backend = "nft";
+    let period = Duration::from_secs(1);
+    let mut agent = lab.spawn_agent(backend, &["--resync-period", "1s"]);
+    let (allowed, intruder) = (lab.pod("y/a").ip(false), lab.pod("z/a").ip(false));
+    let sorted = |state: String| {
+        let mut lines: Vec<String> = state.lines().map(str::to_owned).collect();
+        lines.sort_unstable();
+        lines
+    };
+    wait_until("first sync", Duration::from_secs(10), || {
+        lab.our_state(backend).contains(&format!(" {allowed}\n"))
+    });
+    let good = sorted(lab.our_state(backend));
+    let set = good
+        .iter()
+        .find_map(|l| l.strip_suffix(&format!(" {allowed}"))?.strip_prefix("add "))
+        .expect("a set holding y/a")
+        .to_string();
+    assert!(!lab.tcp("z/a", "x/a", 80));
+    lab.node_cmd(0, &["ipset", "del", &set, &allowed.to_string()]);
+    lab.node_cmd(0, &["ipset", "add", &set, &intruder.to_string()]);
+    assert!(lab.tcp("z/a", "x/a", 80), "the swapped entry lets z/a in");
+    let rounds = u32::try_from(kube_netpol_iptables::dataplane::MEMBER_CHECK_ROUNDS).unwrap();
+    wait_until("swapped entry repaired", period * (rounds + 4), || {
+        sorted(lab.our_state(backend)) == good
+    });
+    assert!(!lab.tcp("z/a", "x/a", 80), "isolation is back");
+    assert!(lab.tcp("y/a", "x/a", 80));
+    assert!(lab.agent_log().contains("repaired drift"));
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
 #[test]
 fn restarts_and_kills_never_flip_a_probe() {
     if skip_unless_root("restarts_and_kills_never_flip_a_probe") {

@@ -114,3 +114,29 @@ fn reads_sets_and_normalises_members() {
     )));
     assert_eq!(b.unparsed_members, vec!["fd00::2,icmpv6:128".to_string()]);
 }
+
+#[test]
+fn reads_headers_and_entry_counts_of_our_sets() {
+    // `ipset list -t` of ipset 7.17.
+    let text = "Name: KNI-4P-1\nType: hash:ip\nRevision: 6\nHeader: family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x459d20e7\nSize in memory: 296\nReferences: 1\nNumber of entries: 2\n\nName: foo\nType: hash:net\nRevision: 7\nHeader: family inet6 hashsize 1024 maxelem 65536\nSize in memory: 1240\nReferences: 0\nNumber of entries: 0\nName: KNI-6N-2\nType: hash:net\nRevision: 7\nHeader: family inet6 hashsize 1024 maxelem 131072 bucketsize 12 initval 0x1aec8a78\nSize in memory: 1240\nReferences: 0\nNumber of entries: 70000\n";
+    let headers = parse_ipset_headers(text);
+    assert_eq!(headers.keys().collect::<Vec<_>>(), ["KNI-4P-1", "KNI-6N-2"]);
+    assert_eq!(
+        headers["KNI-4P-1"],
+        SetHeader {
+            kind: Some(SetKind::HashIp),
+            family: Some(Family::V4),
+            maxelem: Some(65_536),
+            entries: 2
+        }
+    );
+    assert_eq!(
+        headers["KNI-6N-2"],
+        SetHeader {
+            kind: Some(SetKind::HashNet),
+            family: Some(Family::V6),
+            maxelem: Some(131_072),
+            entries: 70_000
+        }
+    );
+}

@@ -194,6 +194,11 @@ pub fn list_batch<'a>(sets: impl IntoIterator<Item = &'a String>) -> String {
     sets.into_iter().map(|n| format!("list {n}\n")).collect()
 }
 
+/// `ipset restore` input that prints the header and entry count (`list NAME -t`) of the given sets.
+pub fn list_headers_batch<'a>(sets: impl IntoIterator<Item = &'a String>) -> String {
+    sets.into_iter().map(|n| format!("list {n} -t\n")).collect()
+}
+
 /// A scratch set of the probe: `kind` of `family`, or a `list:set` for `None`.
 pub fn probe_set_create(name: &str, kind: Option<(SetKind, Family)>) -> String {
     match kind {

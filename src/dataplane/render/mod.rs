@@ -8,8 +8,8 @@ mod tests;
 
 pub use ipset::{
     PROBE_PREFIX, REGISTRY, batch_line_set, check_batch, destroy_batch, keep_kernel_set_sizes,
-    list_batch, probe_set_create, register_batch, render_ipset_destroy, render_ipset_update,
-    with_registry,
+    list_batch, list_headers_batch, probe_set_create, register_batch, render_ipset_destroy,
+    render_ipset_update, with_registry,
 };
 
 use super::view::{

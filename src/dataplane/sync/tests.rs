@@ -296,6 +296,84 @@ fn drift_of_sets_is_repaired() {
     });
 }
 
+/// Sets whose entries the kernel printed since the last call (the registry aside).
+fn take_entries_read(kernel: &MemoryKernel) -> BTreeSet<String> {
+    std::mem::take(&mut kernel.state().entries_read)
+        .into_iter()
+        .filter(|n| n != crate::dataplane::render::REGISTRY)
+        .collect()
+}
+
+#[test]
+fn a_full_resync_reads_the_entries_of_one_slice_of_sets_per_round() {
+    let (kernel, mut dp) = node(Backend::Nft);
+    let policies: Vec<u8> = (1..=60).collect();
+    let want = desired(&policies);
+    let all: BTreeSet<String> = policies.iter().map(|n| peer_set(*n)).collect();
+    dp.sync(&want, SyncMode::Full).unwrap();
+    // After a restart nothing is known of what the kernel holds: every set is read.
+    let mut dp = Dataplane::new(kernel.clone());
+    take_entries_read(&kernel);
+    assert_eq!(
+        dp.sync(&want, SyncMode::Full).unwrap(),
+        SyncReport::default()
+    );
+    assert_eq!(take_entries_read(&kernel), all);
+    let mut seen = BTreeSet::new();
+    for round in 0..MEMBER_CHECK_ROUNDS {
+        assert_eq!(
+            dp.sync(&want, SyncMode::Full).unwrap(),
+            SyncReport::default()
+        );
+        let read = take_entries_read(&kernel);
+        assert!(
+            read.len() < all.len() / 2,
+            "round {round} read {} of {} sets in full",
+            read.len(),
+            all.len()
+        );
+        assert!(seen.is_disjoint(&read), "round {round} read a set again");
+        seen.extend(read);
+    }
+    assert_eq!(seen, all, "every set read in full within the rounds");
+    // A set whose entry count changed is read (and repaired) at the next full sync.
+    kernel.foreign_ipset(&format!("add {} 10.99.0.1/32\n", peer_set(7)));
+    let report = dp.sync(&want, SyncMode::Full).unwrap();
+    assert!(take_entries_read(&kernel).contains(&peer_set(7)));
+    assert_eq!(
+        report.repairs,
+        vec![Drift::SetMembers {
+            set: peer_set(7),
+            missing: 0,
+            extra: 1
+        }]
+    );
+    assert_eq!(differences(&kernel, &want), vec![]);
+}
+
+#[test]
+fn members_replaced_one_for_one_are_repaired_within_the_rounds() {
+    let (kernel, mut dp) = node(Backend::Nft);
+    let want = desired(&[1, 2, 3]);
+    dp.sync(&want, SyncMode::Full).unwrap();
+    // Same count, other entry: the header alone cannot show it.
+    let set = peer_set(2);
+    kernel.foreign_ipset(&format!("del {set} 10.2.0.1/32\nadd {set} 10.2.0.9/32\n"));
+    let mut repairs = Vec::new();
+    for _ in 0..MEMBER_CHECK_ROUNDS {
+        repairs.extend(dp.sync(&want, SyncMode::Full).unwrap().repairs);
+    }
+    assert_eq!(
+        repairs,
+        vec![Drift::SetMembers {
+            set,
+            missing: 1,
+            extra: 1
+        }]
+    );
+    assert_eq!(differences(&kernel, &want), vec![]);
+}
+
 #[test]
 fn drift_of_chains_is_repaired() {
     let (pod, policy) = (POD, policy_chain(2));
