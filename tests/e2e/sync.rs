@@ -125,12 +125,10 @@ fn drift_is_repaired_on_resync() {
     for cmd in &tampering {
         lab.node_cmd(0, cmd);
     }
-    lab.forget_flows();
-    assert!(
-        lab.tcp("z/a", "x/a", 80),
-        "without our FORWARD jump, isolation is gone"
-    );
-    wait_until("drift repaired", Duration::from_secs(5), || {
+    // No probe here of the tampered state: the hooks canary (every 3 s) may already have put
+    // the FORWARD jump back, and the point is that everything ends repaired.
+    assert_ne!(lab.our_state(backend), good, "the tampering took effect");
+    wait_until("drift repaired", Duration::from_secs(15), || {
         let now = lab.our_state(backend);
         now == good
     });
