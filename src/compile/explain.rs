@@ -254,12 +254,12 @@ fn node_state(
     family: Family,
 ) -> DesiredState {
     let mut states = compiler.compile(snapshot, node).into_vec();
-    enforcement::apply(
-        &mut states,
-        snapshot,
-        node,
-        &enforcement::Options::default(),
-    );
+    let mut options = enforcement::Options::default();
+    if enforcement::pod_cidrs(&options, snapshot, node).is_empty() {
+        // What the agent does then too, minus its warning (the agent's log says it).
+        options.new_pod_isolation = super::new_pod_isolation::NewPodIsolation::Off;
+    }
+    enforcement::apply(&mut states, snapshot, node, &options);
     states
         .into_iter()
         .find(|(f, _)| *f == family)
