@@ -1,5 +1,5 @@
 //! The application: the runtime, one cancellation token for SIGTERM/SIGINT, the node lock, the
-//! metrics server, and the commands `run` (with `--once`), `render` and `cleanup`.
+//! metrics server, and the commands `run` (with `--once`), `render`, `cleanup` and `explain`.
 
 pub mod host;
 pub mod instance_lock;

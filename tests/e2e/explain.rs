@@ -29,8 +29,18 @@ fn explained(lab: &Lab, p: &Probe) -> bool {
         .arg("explain")
         .arg("--manifests")
         .arg(&lab.manifests)
-        .args(["--from", &p.from, "--to", &p.to, "--port", &p.port.to_string()])
-        .args(["--protocol", if p.proto == Proto::Tcp { "TCP" } else { "UDP" }])
+        .args([
+            "--from",
+            &p.from,
+            "--to",
+            &p.to,
+            "--port",
+            &p.port.to_string(),
+        ])
+        .args([
+            "--protocol",
+            if p.proto == Proto::Tcp { "TCP" } else { "UDP" },
+        ])
         .args(["--family", if p.v6 { "6" } else { "4" }, "--output", "json"])
         .output()
         .unwrap();
@@ -114,7 +124,11 @@ fn explain_equals_probes(test: &str, backend: &str) {
             ));
         }
     }
-    assert_eq!(checked, CASES.len(), "a case named in CASES is not in the matrix");
+    assert_eq!(
+        checked,
+        CASES.len(),
+        "a case named in CASES is not in the matrix"
+    );
     assert!(
         failures.is_empty(),
         "{test} ({backend}):\n{}",
