@@ -100,9 +100,16 @@ pub struct AllowingRule {
     /// Index in the policy's ingress or egress list.
     pub rule: usize,
     /// The peers that match (index and description); empty: the rule allows any peer.
-    pub peers: Vec<(usize, String)>,
+    pub peers: Vec<Part>,
     /// The port that matches (index and description); `None`: the rule allows every port.
-    pub port: Option<(usize, String)>,
+    pub port: Option<Part>,
+}
+
+/// A peer or port of a policy rule: its index in the rule's list, and what it says.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Part {
+    pub index: usize,
+    pub what: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -369,14 +376,18 @@ fn direction(
             (Some(indices), Some(peers)) => indices
                 .iter()
                 .filter(|i| peer_holds(&peers[**i], remote))
-                .map(|i| (*i, describe_peer(&peers[*i])))
+                .map(|i| Part {
+                    index: *i,
+                    what: describe_peer(&peers[*i]),
+                })
                 .collect(),
             _ => vec![],
         };
         let port = rule_origin.port.and_then(|i| {
-            rule.ports
-                .as_ref()
-                .map(|ports| (i, describe_port(&ports[i], destination)))
+            rule.ports.as_ref().map(|ports| Part {
+                index: i,
+                what: describe_port(&ports[i], destination),
+            })
         });
         verdict.allowed_by.push(AllowingRule {
             policy: origin.policy.clone(),
@@ -483,14 +494,14 @@ impl fmt::Display for Explanation {
                 match a.peers.as_slice() {
                     [] => write!(f, ", any peer")?,
                     peers => {
-                        for (i, p) in peers {
-                            write!(f, ", peer {i} ({p})")?;
+                        for p in peers {
+                            write!(f, ", peer {} ({})", p.index, p.what)?;
                         }
                     }
                 }
                 match &a.port {
                     None => writeln!(f, ", any port")?,
-                    Some((i, p)) => writeln!(f, ", port {i} ({p})")?,
+                    Some(p) => writeln!(f, ", port {} ({})", p.index, p.what)?,
                 }
             }
             if v.isolated && !v.allowed {

@@ -124,10 +124,14 @@ fn an_allowed_flow_names_the_policy_rule_peer_and_port() {
         };
         assert_eq!(allow.policy, "x/web");
         assert_eq!(allow.rule, 1);
-        assert_eq!(allow.peers.iter().map(|p| p.0).collect::<Vec<_>>(), [1]);
-        let (port_index, port) = allow.port.clone().unwrap();
-        assert_eq!(port_index, 1);
-        assert!(port.contains("= 80 on the destination"), "{port}");
+        assert_eq!(allow.peers.iter().map(|p| p.index).collect::<Vec<_>>(), [1]);
+        let port = allow.port.clone().unwrap();
+        assert_eq!(port.index, 1);
+        assert!(
+            port.what.contains("= 80 on the destination"),
+            "{}",
+            port.what
+        );
     }
     let e = tcp80_explained(&s, "x/c", "x/a", Family::V4);
     assert_eq!(e.ingress.allowed_by.len(), 1, "{e}");
@@ -184,7 +188,7 @@ fn ipblock_except_hits_are_shown_and_outside_addresses_are_not_isolated() {
     assert_eq!(e.ingress.except_hits[0].except, "10.244.0.0/17");
     let e = explain(&s, &q("10.244.200.1")).unwrap();
     assert!(e.allowed, "{e}");
-    assert_eq!(e.ingress.allowed_by[0].peers[0].0, 0);
+    assert_eq!(e.ingress.allowed_by[0].peers[0].index, 0);
     assert!(e.ingress.except_hits.is_empty());
     // An address a pod holds is that pod.
     let e = explain(&s, &q("10.0.2.1")).unwrap();
