@@ -173,6 +173,7 @@ pub fn explain(snapshot: &ClusterSnapshot, query: &Query) -> Result<Explanation,
                 &mut explanation.ingress
             };
             if verdict.allowed && !is_pod_chain(&chain) {
+                verdict.allowed = false;
                 verdict.note = Some(format!(
                     "denied on node {node} by chain {chain} (new-pod isolation: an address in the node's pod CIDRs that no known pod holds)"
                 ));

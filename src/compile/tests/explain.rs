@@ -199,3 +199,39 @@ fn ipblock_except_hits_are_shown_and_outside_addresses_are_not_isolated() {
     ));
     assert!("x/a/b".parse::<Endpoint>().is_err());
 }
+
+#[test]
+fn new_pod_isolation_denials_are_named() {
+    let mut s = cluster();
+    s.node_pod_cidrs
+        .insert("n1".into(), vec!["10.0.0.0/16".parse().unwrap()]);
+    // 10.0.9.9 is in n1's pod CIDR and no known pod holds it: a pod not programmed yet.
+    let q = Query {
+        from: "x/a".parse().unwrap(),
+        to: "10.0.9.9".parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port: 80,
+        family: None,
+    };
+    let e = explain(&s, &q).unwrap();
+    assert!(!e.allowed, "{e}");
+    assert!(!e.egress.allowed && !e.egress.isolated, "{e}");
+    assert!(
+        e.egress
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("new-pod isolation"),
+        "{e}"
+    );
+    // Outside the pod CIDRs nothing stops it.
+    let e = explain(
+        &s,
+        &Query {
+            to: "10.9.9.9".parse().unwrap(),
+            ..q
+        },
+    )
+    .unwrap();
+    assert!(e.allowed, "{e}");
+}
