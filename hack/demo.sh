@@ -93,3 +93,8 @@ matrix
 echo
 echo "What the agent wrote (kube-netpol-iptables render):"
 "$BIN" render --manifests "$WORK" --node-name demo-node | grep -c '' | xargs -I{} echo "  {} lines of ipset + iptables-restore text; see it with: target/release/kube-netpol-iptables render --manifests manifests/demo --node-name demo-node"
+echo
+echo "== Why? (kube-netpol-iptables explain, from the same manifests; touches nothing)"
+"$BIN" explain --manifests "$WORK" --from shop/web --to shop/api --port 80
+echo
+"$BIN" explain --manifests "$WORK" --from other/intruder --to shop/db --port 80

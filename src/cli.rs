@@ -3,9 +3,11 @@
 //! parser.
 
 use crate::compile::enforcement::{self, DenyAction};
+use crate::compile::explain::{Endpoint, Query};
 use crate::compile::new_pod_isolation::NewPodIsolation;
 use crate::dataplane::BackendChoice;
 use crate::metrics;
+use crate::model::{Family, Protocol};
 use crate::reconcile::Timing;
 use crate::source::manifests;
 use anyhow::{Result, bail};
@@ -115,6 +117,36 @@ pub enum Command {
         /// As for `run`.
         #[arg(long, env = "KNI_DENY_ACTION", value_enum, default_value = "drop")]
         deny_action: DenyActionFlag,
+    },
+    /// Say why a flow is allowed or denied: the verdict of the rules the agents would program on
+    /// the source's node (egress) and the destination's node (ingress), and which policies and
+    /// rules decide. Reads the manifests or lists the cluster once; touches nothing.
+    Explain {
+        /// Directory of manifests; default: list the Kubernetes API (in-cluster or --kubeconfig).
+        #[arg(long, env = "KNI_MANIFESTS", conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// As for `run`.
+        #[arg(long, env = "KNI_MAX_MANIFEST_BYTES", default_value_t = manifests::DEFAULT_MAX_FILE_BYTES,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_manifest_bytes: u64,
+        /// kubeconfig file for the Kubernetes API; default: in-cluster configuration.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// The source: namespace/pod, or an IP address (no pod's: outside the cluster).
+        #[arg(long)]
+        from: Endpoint,
+        /// The destination: namespace/pod, or an IP address.
+        #[arg(long)]
+        to: Endpoint,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+        #[arg(long, value_enum, default_value = "TCP", ignore_case = true)]
+        protocol: ProtocolFlag,
+        /// 4 or 6; default: the first family both ends have (IPv4 first).
+        #[arg(long, value_parser = ["4", "6"])]
+        family: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFlag,
     },
     /// Remove every chain, jump and set the agent owns (both families), and nothing else.
     Cleanup {
@@ -235,6 +267,32 @@ impl From<NewPodIsolationFlag> for NewPodIsolation {
     }
 }
 
+/// `--protocol` of `explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum ProtocolFlag {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl From<ProtocolFlag> for Protocol {
+    fn from(flag: ProtocolFlag) -> Protocol {
+        match flag {
+            ProtocolFlag::Tcp => Protocol::Tcp,
+            ProtocolFlag::Udp => Protocol::Udp,
+            ProtocolFlag::Sctp => Protocol::Sctp,
+        }
+    }
+}
+
+/// `--output` of `explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFlag {
+    Text,
+    Json,
+}
+
 /// What to do, as plain values: the command line checked and decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Config {
@@ -247,6 +305,14 @@ pub enum Config {
     },
     Cleanup {
         backend: BackendChoice,
+    },
+    Explain {
+        /// `None`: the Kubernetes API, from this kubeconfig or the in-cluster configuration.
+        manifests: Option<PathBuf>,
+        max_manifest_bytes: u64,
+        kubeconfig: Option<PathBuf>,
+        query: Query,
+        json: bool,
     },
     Version,
 }
@@ -348,6 +414,29 @@ impl Cli {
                 max_manifest_bytes,
                 node_name,
                 deny_action: deny_action.into(),
+            },
+            Command::Explain {
+                manifests,
+                max_manifest_bytes,
+                kubeconfig,
+                from,
+                to,
+                port,
+                protocol,
+                family,
+                output,
+            } => Config::Explain {
+                manifests,
+                max_manifest_bytes,
+                kubeconfig,
+                query: Query {
+                    from,
+                    to,
+                    protocol: protocol.into(),
+                    port,
+                    family: family.map(|f| if f == "6" { Family::V6 } else { Family::V4 }),
+                },
+                json: output == OutputFlag::Json,
             },
             Command::Cleanup { backend } => Config::Cleanup {
                 backend: backend.into(),

@@ -1,11 +1,11 @@
 //! The application: the runtime, one cancellation token for SIGTERM/SIGINT, the node lock, the
-//! metrics server, and the commands `run` (with `--once`), `render` and `cleanup`.
+//! metrics server, and the commands `run` (with `--once`), `render`, `cleanup` and `explain`.
 
 pub mod host;
 pub mod instance_lock;
 
 use crate::cli::{Config, RunConfig, SourceConfig};
-use crate::compile::enforcement;
+use crate::compile::{enforcement, explain};
 use crate::dataplane::{self, BackendChoice, Dataplane, render};
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{self, NodeTarget, Timing};
@@ -52,11 +52,53 @@ pub fn run(config: Config) -> Result<()> {
                 )?)?),
             }
         }
+        Config::Explain {
+            manifests: dir,
+            max_manifest_bytes,
+            kubeconfig,
+            query,
+            json,
+        } => {
+            let snapshot = match dir {
+                Some(dir) => manifests::load_dir_with_limit(&dir, max_manifest_bytes)?,
+                None => list_cluster(kubeconfig)?,
+            };
+            let explanation =
+                explain::explain(&snapshot, &query).map_err(|e| anyhow::anyhow!(e))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+            } else {
+                print!("{explanation}");
+            }
+            Ok(())
+        }
         Config::Version => {
             println!("kube-netpol-iptables {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
     }
+}
+
+/// The cluster as the API lists it once (every kind listed), for `explain`.
+fn list_cluster(kubeconfig: Option<std::path::PathBuf>) -> Result<crate::model::ClusterSnapshot> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let client = kube::client(kubeconfig.as_deref()).await?;
+        let store = kube::start(client, None);
+        let listing = async {
+            loop {
+                if let Some((_, snapshot)) = store.snapshot() {
+                    return snapshot;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), listing)
+            .await
+            .map_err(|_| anyhow::anyhow!("the cluster could not be listed within 60s"))
+    })
 }
 
 /// `run`: until a signal, or one sync with `--once`.

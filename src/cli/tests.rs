@@ -145,3 +145,65 @@ fn manifests_and_kubeconfig_exclude_each_other() {
     assert!(Cli::try_parse_from(["k", "run", "--manifests", "d", "--kubeconfig", "k"]).is_err());
     assert!(Cli::try_parse_from(["k", "run", "--node-name", "n"]).is_ok());
 }
+
+#[test]
+fn explain_flags() {
+    let config = |args: &[&str]| {
+        let mut all = vec!["k", "explain", "--manifests", "m"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|cli| cli.into_config().unwrap())
+    };
+    let Ok(Config::Explain { query, json, .. }) = config(&[
+        "--from",
+        "x/a",
+        "--to",
+        "10.0.0.9",
+        "--port",
+        "53",
+        "--protocol",
+        "udp",
+        "--family",
+        "6",
+        "--output",
+        "json",
+    ]) else {
+        panic!("explain expected");
+    };
+    assert!(json);
+    assert_eq!(query.protocol, Protocol::Udp);
+    assert_eq!(query.family, Some(Family::V6));
+    assert_eq!(query.port, 53);
+    assert!(matches!(query.to, Endpoint::Address(_)));
+    let Ok(Config::Explain { query, json, .. }) =
+        config(&["--from", "x/a", "--to", "y/b", "--port", "80"])
+    else {
+        panic!("explain expected");
+    };
+    assert!(!json);
+    assert_eq!((query.protocol, query.family), (Protocol::Tcp, None));
+    assert!(config(&["--from", "x", "--to", "y/b", "--port", "80"]).is_err());
+    assert!(config(&["--from", "x/a", "--to", "y/b", "--port", "0"]).is_err());
+    assert!(
+        config(&[
+            "--from", "x/a", "--to", "y/b", "--port", "80", "--family", "5"
+        ])
+        .is_err()
+    );
+    assert!(
+        Cli::try_parse_from([
+            "k",
+            "explain",
+            "--manifests",
+            "m",
+            "--kubeconfig",
+            "c",
+            "--from",
+            "x/a",
+            "--to",
+            "y/b",
+            "--port",
+            "80"
+        ])
+        .is_err()
+    );
+}

@@ -16,8 +16,8 @@
 //! host firewall after our jump still run.
 
 use super::ir::{
-    DesiredState, FailedClosed, Hook, IpSet, Match, Members, Rule, SetDirection, SetKind,
-    SetMember, Target,
+    DesiredState, FailedClosed, Hook, IpSet, Match, Members, PolicyChainOrigin, Rule, RuleOrigin,
+    SetDirection, SetKind, SetMember, Target,
 };
 use super::names;
 use super::peers::Selections;
@@ -232,8 +232,16 @@ impl<'a> ChainBuilder<'a> {
         for policy in selecting {
             let policy_chain = names::policy_chain(direction.is_ingress(), &policy.key());
             if !self.state.chains.contains_key(&policy_chain) {
-                let body = self.policy_chain(policy, direction, local);
+                let (body, origins) = self.policy_chain(policy, direction, local);
                 self.state.chains.insert(policy_chain.clone(), body);
+                self.state.origins.insert(
+                    policy_chain.clone(),
+                    PolicyChainOrigin {
+                        policy: policy.key(),
+                        direction: direction.name(),
+                        rules: origins,
+                    },
+                );
             }
             rules.push(
                 Rule::new(vec![], Target::Jump(policy_chain)).commented(format!(
@@ -257,13 +265,14 @@ impl<'a> ChainBuilder<'a> {
         policy: &Policy,
         direction: Direction,
         local: &[LocalPod<'a>],
-    ) -> Vec<Rule> {
+    ) -> (Vec<Rule>, Vec<RuleOrigin>) {
         let rules = match direction {
             Direction::Ingress => &policy.ingress,
             Direction::Egress => &policy.egress,
         };
         let local_pods: Vec<&Pod> = local.iter().map(|lp| lp.pod).collect();
         let mut out = Vec::new();
+        let mut origins = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
             let builder = RuleBuilder {
                 family: self.family,
@@ -283,6 +292,12 @@ impl<'a> ChainBuilder<'a> {
                     }
                     self.state.sets.extend(parts.sets);
                     out.extend(parts.rules);
+                    origins.extend(
+                        parts
+                            .origins
+                            .into_iter()
+                            .map(|o| RuleOrigin { rule: index, ..o }),
+                    );
                 }
                 Err(reason) => self.state.failed_closed.push(FailedClosed {
                     policy: policy.key(),
@@ -292,6 +307,6 @@ impl<'a> ChainBuilder<'a> {
                 }),
             }
         }
-        out
+        (out, origins)
     }
 }

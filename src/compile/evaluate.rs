@@ -59,26 +59,53 @@ pub fn passes(state: &DesiredState, builtin: &str, packet: &Packet) -> bool {
 pub fn denying_chain(state: &DesiredState, builtin: &str, packet: &Packet) -> Option<String> {
     let mut mark = 0u32;
     for hook in state.hooks.iter().filter(|h| h.builtin == builtin) {
-        if let Outcome::Rejected(chain) = walk(state, &hook.target, packet, &mut mark, 0) {
+        if let Outcome::Rejected(chain) = walk(state, &hook.target, packet, &mut mark, 0, None) {
             return Some(chain);
         }
     }
     None
 }
 
-fn walk(
-    state: &DesiredState,
+/// A rule that matched a packet: its chain and its position in the chain.
+pub type Step<'s> = (&'s str, usize);
+
+/// What walking one chain did to a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace<'s> {
+    /// Every rule that matched, in the order the walk met them (jumps before the rules of the
+    /// chain they jump to).
+    pub steps: Vec<Step<'s>>,
+    /// The chain whose rule rejected or dropped the packet; `None` if it got through.
+    pub rejected_by: Option<String>,
+}
+
+/// Walks `chain` alone, as a jump to it would, with the allow mark clear, recording every rule
+/// that matched: which rules of which chains decided. `None` if the state has no such chain.
+pub fn trace_chain<'s>(state: &'s DesiredState, chain: &str, packet: &Packet) -> Option<Trace<'s>> {
+    state.chains.get(chain)?;
+    let mut steps = Vec::new();
+    let mut mark = 0u32;
+    let rejected_by = match walk(state, chain, packet, &mut mark, 0, Some(&mut steps)) {
+        Outcome::Rejected(by) => Some(by),
+        Outcome::Return | Outcome::Continue => None,
+    };
+    Some(Trace { steps, rejected_by })
+}
+
+fn walk<'s>(
+    state: &'s DesiredState,
     chain: &str,
     packet: &Packet,
     mark: &mut u32,
     depth: usize,
+    mut steps: Option<&mut Vec<Step<'s>>>,
 ) -> Outcome {
     assert!(depth < 16, "chain loop at {chain}");
-    let rules = state
+    let (chain, rules) = state
         .chains
-        .get(chain)
+        .get_key_value(chain)
         .unwrap_or_else(|| panic!("jump to missing chain {chain}"));
-    for rule in rules {
+    for (position, rule) in rules.iter().enumerate() {
         if !rule
             .matches
             .iter()
@@ -86,11 +113,16 @@ fn walk(
         {
             continue;
         }
+        if let Some(steps) = steps.as_deref_mut() {
+            steps.push((chain.as_str(), position));
+        }
         match &rule.target {
-            Target::Jump(next) => match walk(state, next, packet, mark, depth + 1) {
-                Outcome::Rejected(by) => return Outcome::Rejected(by),
-                Outcome::Return | Outcome::Continue => {}
-            },
+            Target::Jump(next) => {
+                match walk(state, next, packet, mark, depth + 1, steps.as_deref_mut()) {
+                    Outcome::Rejected(by) => return Outcome::Rejected(by),
+                    Outcome::Return | Outcome::Continue => {}
+                }
+            }
             Target::Return => return Outcome::Return,
             Target::SetAllowMark => *mark |= ALLOW_MARK,
             Target::ClearAllowMark => *mark &= !ALLOW_MARK,

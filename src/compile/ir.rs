@@ -57,6 +57,33 @@ pub struct DesiredState {
     pub hooks: Vec<Hook>,
     /// Rules left out because they could not be programmed (nothing in the kernel stands for them).
     pub failed_closed: Vec<FailedClosed>,
+    /// Where the rules of each policy chain come from, by chain name: what `explain` reports.
+    /// Never rendered.
+    pub origins: BTreeMap<String, PolicyChainOrigin>,
+}
+
+/// The policy and direction a policy chain stands for, and the policy rule, peer and port each
+/// of its rules comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChainOrigin {
+    /// `namespace/name`.
+    pub policy: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// One per rule of the chain, in the chain's order.
+    pub rules: Vec<RuleOrigin>,
+}
+
+/// The part of a policy that one kernel rule of its chain stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleOrigin {
+    /// Index of the rule in the policy's list for that direction.
+    pub rule: usize,
+    /// Indices of the rule's peers the kernel rule matches (peers with the same selection share
+    /// one rule, all ipBlocks share one); `None`: the rule has no peers, it matches any.
+    pub peers: Option<Vec<usize>>,
+    /// Index of the port in the rule's ports; `None`: the rule has no ports, it matches any.
+    pub port: Option<usize>,
 }
 
 impl DesiredState {

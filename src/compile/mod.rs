@@ -14,6 +14,7 @@
 mod chains;
 pub mod enforcement;
 pub mod evaluate;
+pub mod explain;
 pub mod ir;
 pub mod names;
 pub mod new_pod_isolation;

@@ -3,8 +3,8 @@
 //! matching one peer's set, so no set is ever made for a particular combination of peers.
 
 use super::ir::{
-    IpSet, MAX_NAMESPACE_BLOCK_ENTRIES, MAX_SET_MEMBERS, Match, Members, Rule, SetDirection,
-    SetKind, SetMember, Target,
+    IpSet, MAX_NAMESPACE_BLOCK_ENTRIES, MAX_SET_MEMBERS, Match, Members, Rule, RuleOrigin,
+    SetDirection, SetKind, SetMember, Target,
 };
 use super::names;
 use super::peers::{self, Blocks, Selections, SetRef};
@@ -44,6 +44,8 @@ impl Direction {
 pub(super) struct RuleParts {
     pub sets: Vec<(String, IpSet)>,
     pub rules: Vec<Rule>,
+    /// Per rule: which peers and port it stands for (`rule` is filled in by the caller).
+    pub origins: Vec<RuleOrigin>,
     /// ipBlock entries to charge to the policy's namespace: (set name, entries).
     pub block_charge: Option<(String, usize)>,
 }
@@ -69,10 +71,13 @@ impl RuleBuilder<'_> {
         // `None`: any peer. Otherwise one match per distinct peer set.
         let mut peer_matches: Option<Vec<Match>> = None;
         let mut pod_selections: Vec<PodSelection> = Vec::new();
+        // Parallel to the peer matches: the indices of the peers each stands for.
+        let mut match_peers: Vec<Vec<usize>> = Vec::new();
         if let Some(peers) = &rule.peers {
             let mut matches = Vec::new();
             let mut blocks: Blocks = Vec::new();
-            for peer in peers {
+            let mut block_peers = Vec::new();
+            for (peer_index, peer) in peers.iter().enumerate() {
                 match peer {
                     Peer::Pods { namespaces, pods } => {
                         let selection = PodSelection::of_peer(
@@ -80,7 +85,8 @@ impl RuleBuilder<'_> {
                             namespaces.as_ref(),
                             pods.as_ref(),
                         );
-                        if pod_selections.contains(&selection) {
+                        if let Some(k) = pod_selections.iter().position(|s| *s == selection) {
+                            match_peers[k].push(peer_index);
                             continue;
                         }
                         let set = self.selections.pod_set(&selection, self.family);
@@ -92,8 +98,12 @@ impl RuleBuilder<'_> {
                             direction.peer_side(),
                         ));
                         pod_selections.push(selection);
+                        match_peers.push(vec![peer_index]);
                     }
-                    Peer::IpBlock { cidr, except } => blocks.push((*cidr, except.clone())),
+                    Peer::IpBlock { cidr, except } => {
+                        blocks.push((*cidr, except.clone()));
+                        block_peers.push(peer_index);
+                    }
                 }
             }
             if !blocks.is_empty() {
@@ -112,6 +122,7 @@ impl RuleBuilder<'_> {
                         SetKind::HashNet,
                         direction.peer_side(),
                     ));
+                    match_peers.push(block_peers);
                 }
             }
             peer_matches = Some(matches);
@@ -120,16 +131,21 @@ impl RuleBuilder<'_> {
             None => vec![None],
             Some(matches) => matches.iter().cloned().map(Some).collect(),
         };
+        let alternative_peers: Vec<Option<Vec<usize>>> = match &peer_matches {
+            None => vec![None],
+            Some(_) => match_peers.iter().cloned().map(Some).collect(),
+        };
         let Some(ports) = &rule.ports else {
-            for peer in &peer_alternatives {
+            for (peer, peers) in peer_alternatives.iter().zip(&alternative_peers) {
                 parts.rules.push(Rule::new(
                     peer.iter().cloned().collect(),
                     Target::SetAllowMark,
                 ));
+                parts.origins.push(origin(peers, None));
             }
             return Ok(parts);
         };
-        for spec in ports {
+        for (port_index, spec) in ports.iter().enumerate() {
             let port_matches: Vec<Match> = match &spec.port {
                 None => vec![Match::Protocol(spec.protocol)],
                 Some(PortRef::Range { first, last }) => vec![
@@ -145,19 +161,20 @@ impl RuleBuilder<'_> {
                         policy,
                         direction,
                         rule,
-                        &pod_selections,
-                        &peer_alternatives,
-                        port_name,
+                        (&pod_selections, &match_peers),
+                        (&peer_alternatives, &alternative_peers),
+                        (port_name, port_index),
                         spec.protocol,
                         local,
                     )?;
                     continue;
                 }
             };
-            for peer in &peer_alternatives {
+            for (peer, peers) in peer_alternatives.iter().zip(&alternative_peers) {
                 let mut matches: Vec<Match> = peer.iter().cloned().collect();
                 matches.extend(port_matches.iter().cloned());
                 parts.rules.push(Rule::new(matches, Target::SetAllowMark));
+                parts.origins.push(origin(peers, Some(port_index)));
             }
         }
         Ok(parts)
@@ -173,9 +190,9 @@ impl RuleBuilder<'_> {
         policy: &Policy,
         direction: Direction,
         rule: &PolicyRule,
-        pod_selections: &[PodSelection],
-        peer_alternatives: &[Option<Match>],
-        port_name: &str,
+        (pod_selections, selection_peers): (&[PodSelection], &[Vec<usize>]),
+        (peer_alternatives, alternative_peers): (&[Option<Match>], &[Option<Vec<usize>>]),
+        (port_name, port_index): (&str, usize),
         protocol: Protocol,
         local: &[&Pod],
     ) -> Result<(), String> {
@@ -198,19 +215,24 @@ impl RuleBuilder<'_> {
                 };
                 self.check_size(&set.members, &what)?;
                 let named = self.add_set(parts, set, SetKind::HashIpPort, SetDirection::DstDstPort);
-                for peer in peer_alternatives {
+                for (peer, peers) in peer_alternatives.iter().zip(alternative_peers) {
                     let mut matches: Vec<Match> = peer.iter().cloned().collect();
                     matches.push(named.clone());
                     parts.rules.push(Rule::new(matches, Target::SetAllowMark));
+                    parts.origins.push(origin(peers, Some(port_index)));
                 }
             }
             Direction::Egress => {
                 let everything = [PodSelection::everything()];
-                let selections = match rule.peers {
-                    None => &everything[..],
-                    Some(_) => pod_selections,
-                };
-                for selection in selections {
+                let (selections, peers): (&[PodSelection], Vec<Option<Vec<usize>>>) =
+                    match rule.peers {
+                        None => (&everything[..], vec![None]),
+                        Some(_) => (
+                            pod_selections,
+                            selection_peers.iter().cloned().map(Some).collect(),
+                        ),
+                    };
+                for (selection, peers) in selections.iter().zip(&peers) {
                     let set =
                         self.selections
                             .named_port_set(selection, port_name, protocol, self.family);
@@ -220,6 +242,7 @@ impl RuleBuilder<'_> {
                     parts
                         .rules
                         .push(Rule::new(vec![named], Target::SetAllowMark));
+                    parts.origins.push(origin(peers, Some(port_index)));
                 }
             }
         }
@@ -278,5 +301,14 @@ impl RuleBuilder<'_> {
             "the ipBlocks of namespace {}'s policies need more than {MAX_NAMESPACE_BLOCK_ENTRIES} {} set entries in all ({used} before this rule, {entries} for it)",
             policy.namespace, self.family
         ))
+    }
+}
+
+/// A kernel rule's origin within its policy rule (the caller sets the rule's index).
+fn origin(peers: &Option<Vec<usize>>, port: Option<usize>) -> RuleOrigin {
+    RuleOrigin {
+        rule: 0,
+        peers: peers.clone(),
+        port,
     }
 }

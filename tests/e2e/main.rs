@@ -6,6 +6,7 @@
 
 mod abuse;
 mod agent;
+mod explain;
 mod faults;
 mod hardening;
 mod image;

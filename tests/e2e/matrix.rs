@@ -15,13 +15,13 @@ fn policy(ns: &str, name: &str, spec: &str) -> String {
 /// Whether a probe should get through.
 type Expectation = Box<dyn Fn(&Lab, &Probe) -> bool>;
 
-struct Case {
-    name: &'static str,
-    policies: Vec<String>,
+pub(crate) struct Case {
+    pub(crate) name: &'static str,
+    pub(crate) policies: Vec<String>,
     /// Extra labels: (namespace or pod key, key, value).
-    labels: Vec<(&'static str, &'static str, &'static str)>,
+    pub(crate) labels: Vec<(&'static str, &'static str, &'static str)>,
     /// Extra documents besides policies (e.g. odd pods).
-    extra: Vec<String>,
+    pub(crate) extra: Vec<String>,
     expect: Expectation,
 }
 
@@ -44,8 +44,8 @@ fn ns(p: &str) -> &str {
 }
 
 /// The NetworkPolicy cases, with expectations written out by hand for each (never derived from
-/// the agent's own logic).
-fn cases() -> Vec<Case> {
+/// the agent's own logic). Also what `explain::` checks `explain` against.
+pub(crate) fn cases() -> Vec<Case> {
     let mut c = vec![
         case(
             "no policies: everything reaches everything",

@@ -8,6 +8,7 @@
 mod budgets;
 mod cache;
 mod dataplane_rendering;
+mod explain;
 mod scale;
 mod selections;
 mod semantics;
