@@ -7,7 +7,7 @@
 //! - Kubernetes: `run --once` against the fake API server (kni_testlab::fakeapi) serving the same
 //!   cluster: start to first sync, through the initial lists.
 //!
-//! Each process is timed from spawn to exit; peak memory is the child's `ru_maxrss` (wait4).
+//! Each process is timed from spawn to exit; peak memory is its maximum resident set size.
 //! Needs root. Run with hack/bench.sh (which runs this after the sync benchmark), or:
 //!
 //!   cargo bench --bench coldrun -- [--namespaces N] [--pods N] [--local-pods N] [--policies N]
@@ -130,34 +130,33 @@ fn enter_new_netns(name: &str) {
 }
 
 /// Runs the agent binary to completion: (wall time from spawn to exit, peak RSS in KiB).
+/// Started through GNU time, which reports the agent's own peak: a child of this (large)
+/// benchmark process would inherit its high-water mark (Linux records the pre-exec peak in
+/// `ru_maxrss`).
 fn run_agent(args: &[&str]) -> (Duration, u64) {
     let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
+    let report = std::env::temp_dir().join(format!("kni-coldrun-rss-{}", std::process::id()));
     let start = Instant::now();
-    let child = Command::new(bin)
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o", report.to_str().unwrap(), bin])
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    // wait4 rather than Child::wait: the child's own rusage carries its peak RSS. stderr is a
-    // pipe we only read after exit; at `warn` a successful run writes (next to) nothing.
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        .output()
+        .expect("GNU time is installed (hack/bench.sh installs it)");
     let elapsed = start.elapsed();
-    assert_eq!(waited, pid, "wait4");
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr {
-        use std::io::Read;
-        let _ = pipe.read_to_string(&mut stderr);
-    }
     assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the agent failed ({status:#x}): {stderr}"
+        out.status.success(),
+        "the agent failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    (elapsed, usage.ru_maxrss as u64)
+    let kib = std::fs::read_to_string(&report)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::remove_file(&report);
+    (elapsed, kib)
 }
 
 fn mib(kib: u64) -> String {
