@@ -137,7 +137,9 @@ pub(super) fn split_documents(text: &str, unit: usize) -> Option<Vec<&str>> {
             return None;
         }
         let marker = rest.starts_with(b"---")
-            && rest.get(3).is_none_or(|b| matches!(b, b' ' | b'\t' | b'\n'));
+            && rest
+                .get(3)
+                .is_none_or(|b| matches!(b, b' ' | b'\t' | b'\n'));
         if marker && line - start >= unit {
             runs.push(&text[start..line]);
             start = line;
