@@ -109,7 +109,12 @@ fn bare_restore(backend: Backend, states: &States) -> Duration {
             Family::V6 => "ip6tables",
         };
         run_with_stdin(
-            &[&format!("{prog}-{backend}-restore"), "--noflush", "--wait", "10"],
+            &[
+                &format!("{prog}-{backend}-restore"),
+                "--noflush",
+                "--wait",
+                "10",
+            ],
             text,
         );
     }
@@ -140,12 +145,19 @@ fn run_agent(args: &[&str]) -> (Duration, u64) {
     let out = Command::new("/usr/bin/time")
         .args(["-f", "%M", "-o", report.to_str().unwrap(), bin])
         .args(args)
-        .env("RUST_LOG", "warn")
+        // KNI_COLDRUN_LOG=info shows the agent's own timeline (printed after each run).
+        .env(
+            "RUST_LOG",
+            std::env::var("KNI_COLDRUN_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
         .expect("GNU time is installed (hack/bench.sh installs it)");
     let elapsed = start.elapsed();
+    if std::env::var_os("KNI_COLDRUN_LOG").is_some() {
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     assert!(
         out.status.success(),
         "the agent failed: {}",
