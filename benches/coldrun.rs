@@ -23,6 +23,7 @@ use kube_netpol_iptables::dataplane::{self, Backend};
 use kube_netpol_iptables::reconcile::desired_states;
 use kube_netpol_iptables::source::manifests;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -134,16 +135,22 @@ fn enter_new_netns(name: &str) {
     sh(&["ip", "link", "set", "lo", "up"]);
 }
 
-/// Runs the agent binary to completion: (wall time from spawn to exit, peak RSS in KiB).
+/// Runs the agent binary to completion: (wall time from spawn to exit, peak RSS in KiB if known).
 /// Started through GNU time, which reports the agent's own peak: a child of this (large)
 /// benchmark process would inherit its high-water mark (Linux records the pre-exec peak in
-/// `ru_maxrss`).
-fn run_agent(args: &[&str]) -> (Duration, u64) {
+/// `ru_maxrss`). Without GNU time (hack/bench.sh installs it) the peak is not reported.
+fn run_agent(args: &[&str]) -> (Duration, Option<u64>) {
     let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
     let report = std::env::temp_dir().join(format!("kni-coldrun-rss-{}", std::process::id()));
+    let mut command = if Path::new(GNU_TIME).exists() {
+        let mut c = Command::new(GNU_TIME);
+        c.args(["-f", "%M", "-o", report.to_str().unwrap(), bin]);
+        c
+    } else {
+        Command::new(bin)
+    };
     let start = Instant::now();
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "%M", "-o", report.to_str().unwrap(), bin])
+    let out = command
         .args(args)
         // KNI_COLDRUN_LOG=info shows the agent's own timeline (printed after each run).
         .env(
@@ -153,7 +160,7 @@ fn run_agent(args: &[&str]) -> (Duration, u64) {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .expect("GNU time is installed (hack/bench.sh installs it)");
+        .unwrap();
     let elapsed = start.elapsed();
     if std::env::var_os("KNI_COLDRUN_LOG").is_some() {
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -165,14 +172,17 @@ fn run_agent(args: &[&str]) -> (Duration, u64) {
     );
     let kib = std::fs::read_to_string(&report)
         .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0);
+        .and_then(|t| t.trim().parse().ok());
     let _ = std::fs::remove_file(&report);
     (elapsed, kib)
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
+const GNU_TIME: &str = "/usr/bin/time";
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("not measured: no GNU time".into(), |kib| {
+        format!("{:.1} MiB", kib as f64 / 1024.0)
+    })
 }
 
 fn main() {
@@ -246,8 +256,8 @@ fn main() {
     for backend in [Backend::Nft, Backend::Legacy] {
         let backend_arg = backend.to_string();
         let mut floor = Duration::MAX;
-        let mut cold = (Duration::MAX, 0);
-        let mut kube = (Duration::MAX, 0);
+        let mut cold: (Duration, Option<u64>) = (Duration::MAX, None);
+        let mut kube: (Duration, Option<u64>) = (Duration::MAX, None);
         // Alternate the three so that machine noise hits them alike; best of the rounds.
         for _ in 0..opts.rounds {
             clean();
