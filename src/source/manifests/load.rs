@@ -1,6 +1,6 @@
 //! A directory, or one file's text, → one `ClusterSnapshot`.
 
-use super::parse::Loader;
+use super::parse::{Loader, parse_files};
 use super::read::{DEFAULT_MAX_FILE_BYTES, LoadError, manifest_files, read_manifest};
 use crate::model::ClusterSnapshot;
 use std::path::Path;
@@ -12,10 +12,26 @@ pub fn load_dir(dir: &Path) -> Result<ClusterSnapshot, LoadError> {
 
 /// `load_dir` with files of at most `max_file_bytes` bytes.
 pub fn load_dir_with_limit(dir: &Path, max_file_bytes: u64) -> Result<ClusterSnapshot, LoadError> {
-    let mut loader = Loader::default();
+    // Read the files, then parse them all at once, spread over threads; objects are added in
+    // file and document order. A file that cannot be read is reported after the errors of the
+    // files before it, as reading and parsing them one by one would.
+    let mut files = Vec::new();
+    let mut unreadable = None;
     for file in manifest_files(dir)? {
-        let text = read_manifest(&file, max_file_bytes)?;
-        loader.add_file(&file, &text)?;
+        match read_manifest(&file, max_file_bytes) {
+            Ok(text) => files.push((file, text)),
+            Err(e) => {
+                unreadable = Some(e);
+                break;
+            }
+        }
+    }
+    let mut loader = Loader::default();
+    for parsed in parse_files(&files) {
+        loader.add(parsed)?;
+    }
+    if let Some(e) = unreadable {
+        return Err(e);
     }
     Ok(loader.finish())
 }
@@ -23,6 +39,8 @@ pub fn load_dir_with_limit(dir: &Path, max_file_bytes: u64) -> Result<ClusterSna
 /// Loads one file's text (as if it were the only file of a directory named by `name`).
 pub fn load_text(name: &str, text: &str) -> Result<ClusterSnapshot, LoadError> {
     let mut loader = Loader::default();
-    loader.add_file(Path::new(name), text)?;
+    for parsed in parse_files(&[(name.into(), text.to_string())]) {
+        loader.add(parsed)?;
+    }
     Ok(loader.finish())
 }

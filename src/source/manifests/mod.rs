@@ -13,6 +13,9 @@
 //! Input is bounded: files larger than `--max-manifest-bytes` and flow collections nested deeper
 //! than `MAX_DEPTH` are refused before parsing (the YAML scanner's work grows with the product of
 //! tokens and flow depth), and a mapping key given twice is an error, as kubectl makes it.
+//!
+//! Large files are parsed on several threads, in runs of whole documents (cut only where a line
+//! starts with `---`); the result, errors included, is the sequential parse's (`parse_files`).
 
 mod load;
 mod parse;

@@ -2,18 +2,199 @@
 //! typed and converted object by object.
 
 use super::read::{LoadError, Location, MAX_DEPTH};
-use crate::model::ClusterSnapshot;
+use crate::model::{ClusterSnapshot, Namespace, Pod, Policy};
 use crate::source::convert;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The log target from before the module layout of issue 10, kept so users' log filters still
 /// match.
 const LOG_TARGET: &str = "kube_netpol_iptables::manifests";
+
+/// One object of a manifest, converted.
+pub(super) enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Policy(Policy),
+    Node(String, Vec<IpNet>),
+}
+
+/// What a run of documents gave: the objects converted before the first error (in order), that
+/// error, and how many documents were read.
+#[derive(Default)]
+pub(super) struct Parsed {
+    objects: Vec<(Location, Object)>,
+    error: Option<LoadError>,
+    documents: usize,
+}
+
+/// Parses each file's text, documents spread over up to `available_parallelism` threads. The
+/// result is what parsing every file sequentially gives: any error, with its document number and
+/// the objects before it, comes from the sequential parse of that file.
+pub(super) fn parse_files(files: &[(PathBuf, String)]) -> Vec<Parsed> {
+    // Units of consecutive whole documents, so that each thread's parser starts at a document
+    // boundary; a file that cannot be split safely is one unit.
+    let mut units: Vec<(usize, &str)> = Vec::new();
+    for (index, (_, text)) in files.iter().enumerate() {
+        match split_documents(text, UNIT_BYTES) {
+            Some(runs) => units.extend(runs.into_iter().map(|run| (index, run))),
+            None => units.push((index, text.as_str())),
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_THREADS)
+        .min(units.len());
+    let results = parallel_map(&units, threads, |&(index, text)| {
+        parse_text(&files[index].0, text)
+    });
+    let mut per_file: Vec<Parsed> = files.iter().map(|_| Parsed::default()).collect();
+    let mut failed = vec![false; files.len()];
+    for (&(index, _), mut unit) in units.iter().zip(results) {
+        let into = &mut per_file[index];
+        if unit.error.is_some() {
+            failed[index] = true;
+        }
+        for (at, _) in &mut unit.objects {
+            at.document += into.documents;
+        }
+        into.documents += unit.documents;
+        into.objects.append(&mut unit.objects);
+    }
+    // A unit failed: the whole file again, sequentially, for the error exactly as a single parse
+    // reports it (a unit's document numbers and line numbers are its own).
+    for (index, (file, text)) in files.iter().enumerate() {
+        if failed[index] {
+            per_file[index] = parse_text(file, text);
+        }
+    }
+    per_file
+}
+
+/// Text per unit of parallel parsing: large enough that starting a parser is negligible.
+const UNIT_BYTES: usize = 64 * 1024;
+const MAX_THREADS: usize = 8;
+
+/// `f` over `items` on `threads` scoped threads, results in the order of `items`.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a manifest parsing thread panicked"))
+            .collect()
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// `text` cut into runs of whole documents of about `unit` bytes, or `None` if cutting it could
+/// change what it means. A line starting with `---` and a blank is a document start wherever it
+/// is (the YAML scanner ends plain and block scalars there and rejects it in quoted ones), so
+/// text between two such lines is whole documents. Directives (`%`) belong to the next document
+/// and other line breaks (`\r`, U+0085, U+2028, U+2029) or a byte-order mark would move
+/// line starts: such a text is not cut.
+pub(super) fn split_documents(text: &str, unit: usize) -> Option<Vec<&str>> {
+    if text.len() <= unit {
+        return Some(vec![text]);
+    }
+    if text.contains(['\r', '\u{85}', '\u{2028}', '\u{2029}', '\u{feff}']) {
+        return None;
+    }
+    let bytes = text.as_bytes();
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut line = 0;
+    while line < bytes.len() {
+        let rest = &bytes[line..];
+        if rest.first() == Some(&b'%') {
+            return None;
+        }
+        let marker = rest.starts_with(b"---")
+            && rest
+                .get(3)
+                .is_none_or(|b| matches!(b, b' ' | b'\t' | b'\n'));
+        if marker && line - start >= unit {
+            runs.push(&text[start..line]);
+            start = line;
+        }
+        line = match memchr_newline(rest) {
+            Some(p) => line + p + 1,
+            None => bytes.len(),
+        };
+    }
+    runs.push(&text[start..]);
+    Some(runs)
+}
+
+fn memchr_newline(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|b| *b == b'\n')
+}
+
+/// Parses the documents of `text` (all of `file`, or a run of its whole documents), numbered
+/// from 1, stopping at the first error.
+fn parse_text(file: &Path, text: &str) -> Parsed {
+    let mut parsed = Parsed::default();
+    if let Some(line) = flow_nesting_beyond(text, MAX_DEPTH) {
+        parsed.error = Some(LoadError::Unusable {
+            file: file.to_path_buf(),
+            why: format!(
+                "collections nested more than {MAX_DEPTH} levels deep (line {line}); not parsed"
+            ),
+        });
+        return parsed;
+    }
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        parsed.documents = index + 1;
+        let at = Location {
+            file: file.to_path_buf(),
+            document: index + 1,
+            item: None,
+            object: None,
+        };
+        let value = match (StrictValue { depth: 0 }).deserialize(document) {
+            Ok(value) => value,
+            Err(e) => {
+                parsed.error = Some(LoadError::Document {
+                    at,
+                    message: format!("not valid YAML/JSON: {e}"),
+                });
+                return parsed;
+            }
+        };
+        if let Err(e) = convert_value(value, at, &mut parsed.objects) {
+            parsed.error = Some(e);
+            return parsed;
+        }
+    }
+    parsed
+}
 
 #[derive(Default)]
 pub(super) struct Loader {
@@ -23,126 +204,32 @@ pub(super) struct Loader {
 }
 
 impl Loader {
-    pub(super) fn add_file(&mut self, file: &Path, text: &str) -> Result<(), LoadError> {
-        if let Some(line) = flow_nesting_beyond(text, MAX_DEPTH) {
-            return Err(LoadError::Unusable {
-                file: file.to_path_buf(),
-                why: format!(
-                    "collections nested more than {MAX_DEPTH} levels deep (line {line}); not parsed"
-                ),
-            });
-        }
-        for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let at = Location {
-                file: file.to_path_buf(),
-                document: index + 1,
-                item: None,
-                object: None,
-            };
-            let value = StrictValue { depth: 0 }
-                .deserialize(document)
-                .map_err(|e| LoadError::Document {
-                    at: at.clone(),
-                    message: format!("not valid YAML/JSON: {e}"),
-                })?;
-            self.add_value(value, at)?;
-        }
-        Ok(())
-    }
-
-    fn add_value(&mut self, value: serde_json::Value, at: Location) -> Result<(), LoadError> {
-        let fail = |at: &Location, message: String| LoadError::Document {
-            at: at.clone(),
-            message,
-        };
-        match &value {
-            serde_json::Value::Null => return Ok(()), // empty document, e.g. a trailing `---`
-            serde_json::Value::Object(_) => {}
-            _ => {
-                return Err(fail(
-                    &at,
-                    "expected a Kubernetes object (a mapping with kind)".into(),
-                ));
-            }
-        }
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let mut at = at;
-        at.object = Some(describe(&kind, &value));
-        match (api_version.as_str(), kind.as_str()) {
-            (_, "") => Err(fail(&at, "has no kind".into())),
-            (_, "List")
-            | (_, "NamespaceList")
-            | (_, "PodList")
-            | (_, "NetworkPolicyList")
-            | (_, "NodeList") => {
-                let mut value = value;
-                let items = match value.get_mut("items").map(serde_json::Value::take) {
-                    None | Some(serde_json::Value::Null) => return Ok(()),
-                    Some(serde_json::Value::Array(items)) => items,
-                    Some(_) => return Err(fail(&at, "items must be a list".into())),
-                };
-                let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
-                for (i, mut item) in items.into_iter().enumerate() {
-                    // Typed lists may leave kind out of their items.
-                    if let (Some(k), Some(obj)) = (item_kind, item.as_object_mut()) {
-                        obj.entry("kind").or_insert_with(|| k.into());
-                        obj.entry("apiVersion")
-                            .or_insert_with(|| api_version.clone().into());
-                    }
-                    let item_at = Location {
-                        item: Some(i),
-                        object: None,
-                        ..at.clone()
-                    };
-                    self.add_value(item, item_at)?;
+    /// Adds one file's parsed objects in order; its error, if any, after them (so that an
+    /// object defined twice before it is reported as such, as a sequential read would).
+    pub(super) fn add(&mut self, parsed: Parsed) -> Result<(), LoadError> {
+        for (at, object) in parsed.objects {
+            match object {
+                Object::Namespace(ns) => {
+                    self.remember("Namespace", &ns.name, &at)?;
+                    self.snapshot.namespaces.insert(ns.name.clone(), ns);
                 }
-                Ok(())
+                Object::Pod(pod) => {
+                    self.remember("Pod", &pod.key(), &at)?;
+                    self.snapshot.pods.push(pod);
+                }
+                Object::Policy(pol) => {
+                    self.remember("NetworkPolicy", &pol.key(), &at)?;
+                    self.snapshot.policies.push(pol);
+                }
+                Object::Node(name, cidrs) => {
+                    self.remember("Node", &name, &at)?;
+                    self.snapshot.node_pod_cidrs.insert(name, cidrs);
+                }
             }
-            ("v1", "Namespace") => {
-                let ns: core::Namespace = typed(value, &at)?;
-                let ns = convert::namespace(&ns).map_err(|e| fail(&at, e.to_string()))?;
-                self.remember("Namespace", &ns.name, &at)?;
-                self.snapshot.namespaces.insert(ns.name.clone(), ns);
-                Ok(())
-            }
-            ("v1", "Pod") => {
-                let pod: core::Pod = typed(value, &at)?;
-                let pod = convert::pod(&pod).map_err(|e| fail(&at, e.to_string()))?;
-                self.remember("Pod", &pod.key(), &at)?;
-                self.snapshot.pods.push(pod);
-                Ok(())
-            }
-            ("networking.k8s.io/v1", "NetworkPolicy") => {
-                let pol: net::NetworkPolicy = typed(value, &at)?;
-                let pol = convert::policy(&pol).map_err(|e| fail(&at, e.to_string()))?;
-                self.remember("NetworkPolicy", &pol.key(), &at)?;
-                self.snapshot.policies.push(pol);
-                Ok(())
-            }
-            ("v1", "Node") => {
-                let node: core::Node = typed(value, &at)?;
-                let (name, cidrs) = convert::pod_cidrs(&node).map_err(|e| fail(&at, e))?;
-                self.remember("Node", &name, &at)?;
-                self.snapshot.node_pod_cidrs.insert(name, cidrs);
-                Ok(())
-            }
-            (_, "Namespace" | "Pod" | "NetworkPolicy" | "Node") => Err(fail(
-                &at,
-                format!("unsupported apiVersion {api_version:?} for {kind}"),
-            )),
-            _ => {
-                tracing::debug!(target: LOG_TARGET, %at, kind, "skipping object of a kind the agent does not use");
-                Ok(())
-            }
+        }
+        match parsed.error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -177,6 +264,101 @@ impl Loader {
         }
         self.snapshot
     }
+}
+
+/// Converts one document's value (an object or a List of them) into `out`, stopping at the
+/// first error.
+fn convert_value(
+    value: serde_json::Value,
+    at: Location,
+    out: &mut Vec<(Location, Object)>,
+) -> Result<(), LoadError> {
+    let fail = |at: &Location, message: String| LoadError::Document {
+        at: at.clone(),
+        message,
+    };
+    match &value {
+        serde_json::Value::Null => return Ok(()), // empty document, e.g. a trailing `---`
+        serde_json::Value::Object(_) => {}
+        _ => {
+            return Err(fail(
+                &at,
+                "expected a Kubernetes object (a mapping with kind)".into(),
+            ));
+        }
+    }
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let mut at = at;
+    at.object = Some(describe(&kind, &value));
+    let object = match (api_version.as_str(), kind.as_str()) {
+        (_, "") => return Err(fail(&at, "has no kind".into())),
+        (_, "List")
+        | (_, "NamespaceList")
+        | (_, "PodList")
+        | (_, "NetworkPolicyList")
+        | (_, "NodeList") => {
+            let mut value = value;
+            let items = match value.get_mut("items").map(serde_json::Value::take) {
+                None | Some(serde_json::Value::Null) => return Ok(()),
+                Some(serde_json::Value::Array(items)) => items,
+                Some(_) => return Err(fail(&at, "items must be a list".into())),
+            };
+            let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
+            for (i, mut item) in items.into_iter().enumerate() {
+                // Typed lists may leave kind out of their items.
+                if let (Some(k), Some(obj)) = (item_kind, item.as_object_mut()) {
+                    obj.entry("kind").or_insert_with(|| k.into());
+                    obj.entry("apiVersion")
+                        .or_insert_with(|| api_version.clone().into());
+                }
+                let item_at = Location {
+                    item: Some(i),
+                    object: None,
+                    ..at.clone()
+                };
+                convert_value(item, item_at, out)?;
+            }
+            return Ok(());
+        }
+        ("v1", "Namespace") => {
+            let ns: core::Namespace = typed(value, &at)?;
+            Object::Namespace(convert::namespace(&ns).map_err(|e| fail(&at, e.to_string()))?)
+        }
+        ("v1", "Pod") => {
+            let pod: core::Pod = typed(value, &at)?;
+            Object::Pod(convert::pod(&pod).map_err(|e| fail(&at, e.to_string()))?)
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            let pol: net::NetworkPolicy = typed(value, &at)?;
+            Object::Policy(convert::policy(&pol).map_err(|e| fail(&at, e.to_string()))?)
+        }
+        ("v1", "Node") => {
+            let node: core::Node = typed(value, &at)?;
+            let (name, cidrs) = convert::pod_cidrs(&node).map_err(|e| fail(&at, e))?;
+            Object::Node(name, cidrs)
+        }
+        (_, "Namespace" | "Pod" | "NetworkPolicy" | "Node") => {
+            return Err(fail(
+                &at,
+                format!("unsupported apiVersion {api_version:?} for {kind}"),
+            ));
+        }
+        _ => {
+            tracing::debug!(target: LOG_TARGET, %at, kind, "skipping object of a kind the agent does not use");
+            return Ok(());
+        }
+    };
+    out.push((at, object));
+    Ok(())
 }
 
 /// Builds a `serde_json::Value` like its own `Deserialize`, but refuses a mapping key given twice

@@ -293,3 +293,94 @@ async fn polling_sees_a_changed_file() {
     stop.cancel();
     poller.await.unwrap();
 }
+
+/// A file of many documents, larger than one parallel unit: `count` pods in namespace `ns`.
+fn many_pods(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: ns, labels: {{app: a{i}}}}}\nspec: {{nodeName: n{}, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: \"10.1.{}.{}\"}}]}}\n# a comment of some length, so that the file spans several parallel units of parsing\n",
+                i % 7,
+                i / 250,
+                i % 250
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[test]
+fn a_large_file_is_cut_at_document_starts_only() {
+    let text = many_pods(3000);
+    let runs = super::parse::split_documents(&text, 64 * 1024).unwrap();
+    assert!(runs.len() > 4, "{} runs", runs.len());
+    assert_eq!(runs.concat(), text);
+    for run in &runs[1..] {
+        assert!(run.starts_with("---\n"), "{:?}", &run[..20]);
+    }
+    // Texts whose line starts or documents a cut could change are parsed whole.
+    for odd in ["\r\n", "\r", "\u{2028}", "\n%YAML 1.2\n"] {
+        let text = format!("{}{odd}{}", many_pods(1000), many_pods(1000));
+        assert!(super::parse::split_documents(&text, 64 * 1024).is_none());
+    }
+    // A `---` that does not start a line, or is not followed by a blank, is no cut.
+    let text = format!(
+        "{}---\nkind: x\nmetadata: {{name: ' ---  '}}\n----\n",
+        many_pods(1000)
+    );
+    let runs = super::parse::split_documents(&text, 1).unwrap();
+    assert!(
+        runs.iter()
+            .all(|r| r.starts_with("---\n") || r.starts_with("apiVersion"))
+    );
+}
+
+#[test]
+fn parallel_parsing_gives_what_a_sequential_parse_gives() {
+    let d = TempDir::new("parallel");
+    let text = many_pods(3000);
+    d.write("a.yaml", &text);
+    d.write(
+        "b.yaml",
+        &many_pods(3).replace("namespace: ns", "namespace: other"),
+    );
+    let s = load_dir(&d.0).unwrap();
+    assert_eq!(s.pods.len(), 3003);
+    // In file and document order, every field converted.
+    let names: Vec<String> = s.pods.iter().map(|p| p.key()).collect();
+    let mut expected: Vec<String> = (0..3000).map(|i| format!("ns/p{i}")).collect();
+    expected.extend((0..3).map(|i| format!("other/p{i}")));
+    assert_eq!(names, expected);
+    assert_eq!(s.pods[2999].labels["app"], "a2999");
+    assert_eq!(
+        s.pods[2999].ips,
+        vec!["10.1.11.249".parse::<std::net::IpAddr>().unwrap()]
+    );
+
+    // Errors late in the file keep their document number (counted over the whole file) and
+    // their wording, whichever thread's part they fall in.
+    let mut broken = many_pods(3000);
+    broken.push_str("---\napiVersion: v1\nkind: Pod\nmetadata: {name: [\n");
+    d.write("a.yaml", &broken);
+    let err = load_dir(&d.0).unwrap_err().to_string();
+    assert!(
+        err.contains("a.yaml document 3001") && err.contains("not valid YAML"),
+        "{err}"
+    );
+    let dup = format!("{}---\n{}", many_pods(3000), many_pods(1));
+    d.write("a.yaml", &dup);
+    let err = load_dir(&d.0).unwrap_err().to_string();
+    assert!(
+        err.contains("a.yaml document 3001")
+            && err.contains("Pod ns/p0 is defined twice (first at")
+            && err.contains("a.yaml document 1 (Pod ns/p0)"),
+        "{err}"
+    );
+    let dup_key = format!("{}---\nkind: Pod\nkind: Pod\n", many_pods(3000));
+    d.write("a.yaml", &dup_key);
+    let err = load_dir(&d.0).unwrap_err().to_string();
+    assert!(
+        err.contains("a.yaml document 3001") && err.contains("duplicate mapping key"),
+        "{err}"
+    );
+}
