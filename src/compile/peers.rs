@@ -14,7 +14,8 @@ use super::names;
 use super::selection::PodSelection;
 use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
 use ipnet::IpNet;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -40,7 +41,7 @@ pub struct Selections {
     owners: HashMap<IpAddr, BTreeSet<Key>>,
     entries: HashMap<PodSelection, Entry>,
     blocks: HashMap<Blocks, PerFamily<Result<Option<SetRef>, usize>>>,
-    used: HashSet<PodSelection>,
+    /// Blocks asked for since the last eviction (entries carry their own flag).
     used_blocks: HashSet<Blocks>,
 }
 
@@ -52,6 +53,8 @@ struct Entry {
     members: PerFamily<Members>,
     /// By (port name, protocol); kept up to date by `update` like the members.
     named: HashMap<(String, Protocol), PerFamily<SetRef>>,
+    /// Asked for since the last `evict_unused()`.
+    used: bool,
 }
 
 /// The (address, protocol, port) pairs a named port resolves to on one pod.
@@ -85,45 +88,85 @@ fn split_by_family(members: impl IntoIterator<Item = SetMember>) -> PerFamily<Me
 impl Selections {
     /// Brings every entry up to date with `snapshot`.
     pub fn update(&mut self, snapshot: &ClusterSnapshot) {
-        let new_pods: HashMap<String, &Pod> = snapshot
-            .pods
-            .iter()
-            .filter(|p| p.is_policy_relevant())
-            .map(|p| (p.key(), p))
-            .collect();
-        let mut changed_pods: BTreeSet<Key> = new_pods
-            .iter()
-            .filter(|(k, p)| self.pods.get(k.as_str()) != Some(**p))
-            .map(|(k, _)| Key::from(k.as_str()))
-            .collect();
-        changed_pods.extend(
-            self.pods
-                .keys()
-                .filter(|k| !new_pods.contains_key(&***k))
-                .cloned(),
-        );
-        let new_namespaces: HashMap<String, Labels> = snapshot
-            .namespaces
-            .values()
-            .map(|n| (n.name.clone(), n.labels.clone()))
-            .collect();
-        let mut changed_namespaces: BTreeSet<String> = new_namespaces
-            .iter()
-            .filter(|(k, l)| self.namespaces.get(*k) != Some(*l))
-            .map(|(k, _)| k.clone())
-            .collect();
-        changed_namespaces.extend(
-            self.namespaces
-                .keys()
-                .filter(|k| !new_namespaces.contains_key(*k))
-                .cloned(),
-        );
+        // Compare in place: one reusable key buffer, no map of the whole snapshot. A key seen
+        // twice keeps its last pod, as a map built from the list would.
+        let mut key_buf = String::new();
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(snapshot.pods.len());
+        let mut new_pods: HashMap<Key, &Pod> = HashMap::new();
+        let mut known_seen = 0;
+        for p in snapshot.pods.iter().filter(|p| p.is_policy_relevant()) {
+            key_buf.clear();
+            key_buf.push_str(&p.namespace);
+            key_buf.push('/');
+            key_buf.push_str(&p.name);
+            let first = seen.insert((&p.namespace, &p.name));
+            match self.pods.get(key_buf.as_str()) {
+                Some(old) => {
+                    known_seen += usize::from(first);
+                    if old == p {
+                        if !new_pods.is_empty() {
+                            new_pods.remove(key_buf.as_str());
+                        }
+                    } else {
+                        new_pods.insert(Key::from(key_buf.as_str()), p);
+                    }
+                }
+                None => {
+                    new_pods.insert(Key::from(key_buf.as_str()), p);
+                }
+            }
+        }
+        let mut changed_pods: BTreeSet<Key> = new_pods.keys().cloned().collect();
+        if known_seen < self.pods.len() {
+            changed_pods.extend(
+                self.pods
+                    .keys()
+                    .filter(|k| {
+                        let (ns, name) = k.split_once('/').expect("a pod key has a slash");
+                        !seen.contains(&(ns, name))
+                    })
+                    .cloned(),
+            );
+        }
+        drop(seen);
+        let mut known_namespaces = 0;
+        let mut changed_namespaces: BTreeSet<String> = BTreeSet::new();
+        for (name, ns) in &snapshot.namespaces {
+            match self.namespaces.get(name.as_str()) {
+                Some(labels) => {
+                    known_namespaces += 1;
+                    if *labels != ns.labels {
+                        changed_namespaces.insert(name.clone());
+                    }
+                }
+                None => {
+                    changed_namespaces.insert(name.clone());
+                }
+            }
+        }
+        if known_namespaces < self.namespaces.len() {
+            changed_namespaces.extend(
+                self.namespaces
+                    .keys()
+                    .filter(|k| !snapshot.namespaces.contains_key(*k))
+                    .cloned(),
+            );
+        }
         if changed_pods.is_empty() && changed_namespaces.is_empty() {
             return;
         }
+        let mut old_namespaces: HashMap<String, Labels> = HashMap::new();
+        for name in &changed_namespaces {
+            let old = match snapshot.namespaces.get(name) {
+                Some(ns) => self.namespaces.insert(name.clone(), ns.labels.clone()),
+                None => self.namespaces.remove(name),
+            };
+            if let Some(old) = old {
+                old_namespaces.insert(name.clone(), old);
+            }
+        }
 
         // Apply only what changed; keep the old versions of changed pods for their addresses.
-        let old_namespaces = std::mem::replace(&mut self.namespaces, new_namespaces);
         let mut old_changed: HashMap<Key, Pod> = HashMap::new();
         for key in &changed_pods {
             let old = match new_pods.get(&**key) {
@@ -160,6 +203,19 @@ impl Selections {
             }
         };
 
+        // The pods (before or after) of each relabelled namespace, found once for all entries.
+        let mut pods_by_changed_namespace: HashMap<&str, Vec<&Key>> = HashMap::new();
+        if !changed_namespaces.is_empty() {
+            for (key, pod) in old_changed.iter().chain(self.pods.iter()) {
+                if changed_namespaces.contains(&pod.namespace) {
+                    pods_by_changed_namespace
+                        .entry(pod.namespace.as_str())
+                        .or_default()
+                        .push(key);
+                }
+            }
+        }
+
         for entry in self.entries.values_mut() {
             let mut judge: BTreeSet<&Key> = changed_pods.iter().collect();
             for ns in &changed_namespaces {
@@ -167,13 +223,7 @@ impl Selections {
                     .selection
                     .depends_on_namespace_labels(old_namespaces.get(ns), self.namespaces.get(ns))
                 {
-                    judge.extend(
-                        old_changed
-                            .iter()
-                            .chain(self.pods.iter())
-                            .filter(|(_, p)| &p.namespace == ns)
-                            .map(|(k, _)| k),
-                    );
+                    judge.extend(pods_by_changed_namespace.get(ns.as_str()).into_iter().flatten());
                 }
             }
             let mut touched_ips: BTreeSet<IpAddr> = BTreeSet::new();
@@ -256,9 +306,6 @@ impl Selections {
     }
 
     fn entry(&mut self, selection: &PodSelection) -> &mut Entry {
-        if !self.used.contains(selection) {
-            self.used.insert(selection.clone());
-        }
         if !self.entries.contains_key(selection) {
             let mut pods = BTreeSet::new();
             let mut members = Vec::new();
@@ -274,10 +321,13 @@ impl Selections {
                 pods,
                 members: split_by_family(members),
                 named: HashMap::new(),
+                used: true,
             };
             self.entries.insert(selection.clone(), entry);
         }
-        self.entries.get_mut(selection).expect("just made sure")
+        let entry = self.entries.get_mut(selection).expect("just made sure");
+        entry.used = true;
+        entry
     }
 
     /// The `hash:ip` set of the pods `selection` chooses.
@@ -342,8 +392,7 @@ impl Selections {
 
     /// Forgets entries that no compile since the last call used.
     pub fn evict_unused(&mut self) {
-        let used = std::mem::take(&mut self.used);
-        self.entries.retain(|k, _| used.contains(k));
+        self.entries.retain(|_, entry| std::mem::take(&mut entry.used));
         let used = std::mem::take(&mut self.used_blocks);
         self.blocks.retain(|k, _| used.contains(k));
     }
