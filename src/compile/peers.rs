@@ -11,7 +11,7 @@
 
 use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
 use super::names;
-use super::selection::PodSelection;
+use super::selection::{NamespaceScope, PodSelection};
 use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
 use ipnet::IpNet;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -36,6 +36,8 @@ pub type Blocks = Vec<(IpNet, Vec<IpNet>)>;
 pub struct Selections {
     /// Policy-relevant pods of the snapshot the entries match, by key.
     pods: HashMap<Key, Pod>,
+    /// The keys of `pods` by namespace: a new entry looks only in the namespaces it can select.
+    pods_by_namespace: HashMap<String, HashSet<Key>>,
     namespaces: HashMap<String, Labels>,
     /// Relevant pods by address (addresses may be shared for a moment, e.g. during IP reuse).
     owners: HashMap<IpAddr, BTreeSet<Key>>,
@@ -170,8 +172,27 @@ impl Selections {
         let mut old_changed: HashMap<Key, Pod> = HashMap::new();
         for key in &changed_pods {
             let old = match new_pods.get(&**key) {
-                Some(p) => self.pods.insert(key.clone(), (*p).clone()),
-                None => self.pods.remove(&**key),
+                Some(p) => {
+                    if !self.pods.contains_key(&**key) {
+                        self.pods_by_namespace
+                            .entry(p.namespace.clone())
+                            .or_default()
+                            .insert(key.clone());
+                    }
+                    self.pods.insert(key.clone(), (*p).clone())
+                }
+                None => {
+                    let old = self.pods.remove(&**key);
+                    if let Some(old) = &old
+                        && let Some(keys) = self.pods_by_namespace.get_mut(&old.namespace)
+                    {
+                        keys.remove(&**key);
+                        if keys.is_empty() {
+                            self.pods_by_namespace.remove(&old.namespace);
+                        }
+                    }
+                    old
+                }
             };
             if let Some(old) = old {
                 for ip in &old.ips {
@@ -309,7 +330,20 @@ impl Selections {
         if !self.entries.contains_key(selection) {
             let mut pods = BTreeSet::new();
             let mut members = Vec::new();
-            for (key, pod) in &self.pods {
+            let candidates: Box<dyn Iterator<Item = &Key>> = match &selection.namespaces {
+                NamespaceScope::Named(name) => {
+                    Box::new(self.pods_by_namespace.get(name).into_iter().flatten())
+                }
+                NamespaceScope::Matching(sel) => Box::new(
+                    self.pods_by_namespace
+                        .iter()
+                        .filter(|(ns, _)| self.namespaces.get(*ns).is_some_and(|l| sel.matches(l)))
+                        .flat_map(|(_, keys)| keys),
+                ),
+                NamespaceScope::All => Box::new(self.pods.keys()),
+            };
+            for key in candidates {
+                let pod = &self.pods[&**key];
                 if selection.selects(pod, self.namespaces.get(&pod.namespace)) {
                     pods.insert(key.clone());
                     members.extend(pod.ips.iter().map(|ip| SetMember::Ip(*ip)));
