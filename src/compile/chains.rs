@@ -115,7 +115,9 @@ impl<'a> ChainBuilder<'a> {
             })
             .filter(|lp| !lp.ips.is_empty())
             .collect();
-        local.sort_by(|a, b| key_order(&a.pod.namespace, &a.pod.name, &b.pod.namespace, &b.pod.name));
+        local.sort_by(|a, b| {
+            key_order(&a.pod.namespace, &a.pod.name, &b.pod.namespace, &b.pod.name)
+        });
 
         let mut ingress_dispatch = Vec::new();
         let mut egress_dispatch = Vec::new();

@@ -13,8 +13,8 @@ use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
 use super::names;
 use super::selection::{NamespaceScope, PodSelection};
 use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
-use ipnet::IpNet;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -244,7 +244,12 @@ impl Selections {
                     .selection
                     .depends_on_namespace_labels(old_namespaces.get(ns), self.namespaces.get(ns))
                 {
-                    judge.extend(pods_by_changed_namespace.get(ns.as_str()).into_iter().flatten());
+                    judge.extend(
+                        pods_by_changed_namespace
+                            .get(ns.as_str())
+                            .into_iter()
+                            .flatten(),
+                    );
                 }
             }
             let mut touched_ips: BTreeSet<IpAddr> = BTreeSet::new();
@@ -426,7 +431,8 @@ impl Selections {
 
     /// Forgets entries that no compile since the last call used.
     pub fn evict_unused(&mut self) {
-        self.entries.retain(|_, entry| std::mem::take(&mut entry.used));
+        self.entries
+            .retain(|_, entry| std::mem::take(&mut entry.used));
         let used = std::mem::take(&mut self.used_blocks);
         self.blocks.retain(|k, _| used.contains(k));
     }
