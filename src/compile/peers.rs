@@ -5,7 +5,8 @@
 //! Entries are keyed by what they select ([`PodSelection`], canonical), so every rule of every
 //! policy with the same selection shares one entry and one set. `update()` diffs the new snapshot
 //! against the one the entries are up to date with and re-judges only changed pods, and the pods
-//! of namespaces whose labels changed. Entries no compile asked for since the previous
+//! of namespaces whose labels changed; a new entry looks only at the pods of the namespaces it
+//! can select. Entries no compile asked for since the previous
 //! `evict_unused()` are dropped. A property test checks that a long-lived index fed random
 //! changes always gives what a fresh one gives.
 
