@@ -320,3 +320,30 @@ impl<'a> ChainBuilder<'a> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::key_order;
+
+    #[test]
+    fn key_order_is_the_order_of_the_joined_keys() {
+        // '-' sorts before '/', and a namespace may be a prefix of another.
+        let keys = [
+            ("a", "b"),
+            ("a-x", "c"),
+            ("a", "a-b"),
+            ("ab", ""),
+            ("a", ""),
+            ("b", "a"),
+        ];
+        for (an, aname) in keys {
+            for (bn, bname) in keys {
+                assert_eq!(
+                    key_order(an, aname, bn, bname),
+                    format!("{an}/{aname}").cmp(&format!("{bn}/{bname}")),
+                    "{an}/{aname} vs {bn}/{bname}"
+                );
+            }
+        }
+    }
+}
