@@ -24,6 +24,7 @@ use super::peers::Selections;
 use super::rules::{Direction, RuleBuilder};
 use crate::model::{ClusterSnapshot, Family, Pod, Policy, Protocol};
 use ipnet::IpNet;
+use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
@@ -66,33 +67,57 @@ struct LocalPod<'a> {
     egress: Vec<&'a Policy>,
 }
 
+/// The order of the keys `a_namespace/a_name` and `b_namespace/b_name` as strings.
+fn key_order(a_namespace: &str, a_name: &str, b_namespace: &str, b_name: &str) -> Ordering {
+    let a = a_namespace.bytes().chain([b'/']).chain(a_name.bytes());
+    let b = b_namespace.bytes().chain([b'/']).chain(b_name.bytes());
+    a.cmp(b)
+}
+
 impl<'a> ChainBuilder<'a> {
     fn run(mut self, node: &str) -> DesiredState {
         let mut policies: Vec<&Policy> = self.snapshot.policies.iter().collect();
-        policies.sort_by_key(|p| p.key());
+        // In the order of their `namespace/name` keys, without building a key per comparison.
+        policies.sort_by(|a, b| key_order(&a.namespace, &a.name, &b.namespace, &b.name));
 
+        // A policy selects pods of its own namespace only.
+        let mut policies_by_namespace: HashMap<&str, Vec<&Policy>> = HashMap::new();
+        for policy in &policies {
+            policies_by_namespace
+                .entry(policy.namespace.as_str())
+                .or_default()
+                .push(policy);
+        }
         let mut local: Vec<LocalPod> = self
             .snapshot
             .pods
             .iter()
             .filter(|p| p.is_policy_relevant() && p.node_name.as_deref() == Some(node))
-            .map(|pod| LocalPod {
-                pod,
-                ips: self.family_ips(pod),
-                ingress: policies
-                    .iter()
-                    .copied()
-                    .filter(|pol| pol.isolates_ingress && pol.selects(pod))
-                    .collect(),
-                egress: policies
-                    .iter()
-                    .copied()
-                    .filter(|pol| pol.isolates_egress && pol.selects(pod))
-                    .collect(),
+            .map(|pod| {
+                let same_namespace = policies_by_namespace
+                    .get(pod.namespace.as_str())
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                LocalPod {
+                    pod,
+                    ips: self.family_ips(pod),
+                    ingress: same_namespace
+                        .iter()
+                        .copied()
+                        .filter(|pol| pol.isolates_ingress && pol.selects(pod))
+                        .collect(),
+                    egress: same_namespace
+                        .iter()
+                        .copied()
+                        .filter(|pol| pol.isolates_egress && pol.selects(pod))
+                        .collect(),
+                }
             })
             .filter(|lp| !lp.ips.is_empty())
             .collect();
-        local.sort_by_key(|lp| lp.pod.key());
+        local.sort_by(|a, b| {
+            key_order(&a.pod.namespace, &a.pod.name, &b.pod.namespace, &b.pod.name)
+        });
 
         let mut ingress_dispatch = Vec::new();
         let mut egress_dispatch = Vec::new();
@@ -308,5 +333,32 @@ impl<'a> ChainBuilder<'a> {
             }
         }
         (out, origins)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_order;
+
+    #[test]
+    fn key_order_is_the_order_of_the_joined_keys() {
+        // '-' sorts before '/', and a namespace may be a prefix of another.
+        let keys = [
+            ("a", "b"),
+            ("a-x", "c"),
+            ("a", "a-b"),
+            ("ab", ""),
+            ("a", ""),
+            ("b", "a"),
+        ];
+        for (an, aname) in keys {
+            for (bn, bname) in keys {
+                assert_eq!(
+                    key_order(an, aname, bn, bname),
+                    format!("{an}/{aname}").cmp(&format!("{bn}/{bname}")),
+                    "{an}/{aname} vs {bn}/{bname}"
+                );
+            }
+        }
     }
 }

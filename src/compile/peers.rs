@@ -5,16 +5,18 @@
 //! Entries are keyed by what they select ([`PodSelection`], canonical), so every rule of every
 //! policy with the same selection shares one entry and one set. `update()` diffs the new snapshot
 //! against the one the entries are up to date with and re-judges only changed pods, and the pods
-//! of namespaces whose labels changed. Entries no compile asked for since the previous
+//! of namespaces whose labels changed; a new entry looks only at the pods of the namespaces it
+//! can select. Entries no compile asked for since the previous
 //! `evict_unused()` are dropped. A property test checks that a long-lived index fed random
 //! changes always gives what a fresh one gives.
 
 use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
 use super::names;
-use super::selection::PodSelection;
+use super::selection::{NamespaceScope, PodSelection};
 use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use ipnet::IpNet;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -35,12 +37,14 @@ pub type Blocks = Vec<(IpNet, Vec<IpNet>)>;
 pub struct Selections {
     /// Policy-relevant pods of the snapshot the entries match, by key.
     pods: HashMap<Key, Pod>,
+    /// The keys of `pods` by namespace: a new entry looks only in the namespaces it can select.
+    pods_by_namespace: HashMap<String, HashSet<Key>>,
     namespaces: HashMap<String, Labels>,
     /// Relevant pods by address (addresses may be shared for a moment, e.g. during IP reuse).
     owners: HashMap<IpAddr, BTreeSet<Key>>,
     entries: HashMap<PodSelection, Entry>,
     blocks: HashMap<Blocks, PerFamily<Result<Option<SetRef>, usize>>>,
-    used: HashSet<PodSelection>,
+    /// Blocks asked for since the last eviction (entries carry their own flag).
     used_blocks: HashSet<Blocks>,
 }
 
@@ -52,6 +56,8 @@ struct Entry {
     members: PerFamily<Members>,
     /// By (port name, protocol); kept up to date by `update` like the members.
     named: HashMap<(String, Protocol), PerFamily<SetRef>>,
+    /// Asked for since the last `evict_unused()`.
+    used: bool,
 }
 
 /// The (address, protocol, port) pairs a named port resolves to on one pod.
@@ -85,50 +91,109 @@ fn split_by_family(members: impl IntoIterator<Item = SetMember>) -> PerFamily<Me
 impl Selections {
     /// Brings every entry up to date with `snapshot`.
     pub fn update(&mut self, snapshot: &ClusterSnapshot) {
-        let new_pods: HashMap<String, &Pod> = snapshot
-            .pods
-            .iter()
-            .filter(|p| p.is_policy_relevant())
-            .map(|p| (p.key(), p))
-            .collect();
-        let mut changed_pods: BTreeSet<Key> = new_pods
-            .iter()
-            .filter(|(k, p)| self.pods.get(k.as_str()) != Some(**p))
-            .map(|(k, _)| Key::from(k.as_str()))
-            .collect();
-        changed_pods.extend(
-            self.pods
-                .keys()
-                .filter(|k| !new_pods.contains_key(&***k))
-                .cloned(),
-        );
-        let new_namespaces: HashMap<String, Labels> = snapshot
-            .namespaces
-            .values()
-            .map(|n| (n.name.clone(), n.labels.clone()))
-            .collect();
-        let mut changed_namespaces: BTreeSet<String> = new_namespaces
-            .iter()
-            .filter(|(k, l)| self.namespaces.get(*k) != Some(*l))
-            .map(|(k, _)| k.clone())
-            .collect();
-        changed_namespaces.extend(
-            self.namespaces
-                .keys()
-                .filter(|k| !new_namespaces.contains_key(*k))
-                .cloned(),
-        );
+        // Compare in place: one reusable key buffer, no map of the whole snapshot. A key seen
+        // twice keeps its last pod, as a map built from the list would.
+        let mut key_buf = String::new();
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(snapshot.pods.len());
+        let mut new_pods: HashMap<Key, &Pod> = HashMap::new();
+        let mut known_seen = 0;
+        for p in snapshot.pods.iter().filter(|p| p.is_policy_relevant()) {
+            key_buf.clear();
+            key_buf.push_str(&p.namespace);
+            key_buf.push('/');
+            key_buf.push_str(&p.name);
+            let first = seen.insert((&p.namespace, &p.name));
+            match self.pods.get(key_buf.as_str()) {
+                Some(old) => {
+                    known_seen += usize::from(first);
+                    if old == p {
+                        if !new_pods.is_empty() {
+                            new_pods.remove(key_buf.as_str());
+                        }
+                    } else {
+                        new_pods.insert(Key::from(key_buf.as_str()), p);
+                    }
+                }
+                None => {
+                    new_pods.insert(Key::from(key_buf.as_str()), p);
+                }
+            }
+        }
+        let mut changed_pods: BTreeSet<Key> = new_pods.keys().cloned().collect();
+        if known_seen < self.pods.len() {
+            changed_pods.extend(
+                self.pods
+                    .keys()
+                    .filter(|k| {
+                        let (ns, name) = k.split_once('/').expect("a pod key has a slash");
+                        !seen.contains(&(ns, name))
+                    })
+                    .cloned(),
+            );
+        }
+        drop(seen);
+        let mut known_namespaces = 0;
+        let mut changed_namespaces: BTreeSet<String> = BTreeSet::new();
+        for (name, ns) in &snapshot.namespaces {
+            match self.namespaces.get(name.as_str()) {
+                Some(labels) => {
+                    known_namespaces += 1;
+                    if *labels != ns.labels {
+                        changed_namespaces.insert(name.clone());
+                    }
+                }
+                None => {
+                    changed_namespaces.insert(name.clone());
+                }
+            }
+        }
+        if known_namespaces < self.namespaces.len() {
+            changed_namespaces.extend(
+                self.namespaces
+                    .keys()
+                    .filter(|k| !snapshot.namespaces.contains_key(*k))
+                    .cloned(),
+            );
+        }
         if changed_pods.is_empty() && changed_namespaces.is_empty() {
             return;
         }
+        let mut old_namespaces: HashMap<String, Labels> = HashMap::new();
+        for name in &changed_namespaces {
+            let old = match snapshot.namespaces.get(name) {
+                Some(ns) => self.namespaces.insert(name.clone(), ns.labels.clone()),
+                None => self.namespaces.remove(name),
+            };
+            if let Some(old) = old {
+                old_namespaces.insert(name.clone(), old);
+            }
+        }
 
         // Apply only what changed; keep the old versions of changed pods for their addresses.
-        let old_namespaces = std::mem::replace(&mut self.namespaces, new_namespaces);
         let mut old_changed: HashMap<Key, Pod> = HashMap::new();
         for key in &changed_pods {
             let old = match new_pods.get(&**key) {
-                Some(p) => self.pods.insert(key.clone(), (*p).clone()),
-                None => self.pods.remove(&**key),
+                Some(p) => {
+                    if !self.pods.contains_key(&**key) {
+                        self.pods_by_namespace
+                            .entry(p.namespace.clone())
+                            .or_default()
+                            .insert(key.clone());
+                    }
+                    self.pods.insert(key.clone(), (*p).clone())
+                }
+                None => {
+                    let old = self.pods.remove(&**key);
+                    if let Some(old) = &old
+                        && let Some(keys) = self.pods_by_namespace.get_mut(&old.namespace)
+                    {
+                        keys.remove(&**key);
+                        if keys.is_empty() {
+                            self.pods_by_namespace.remove(&old.namespace);
+                        }
+                    }
+                    old
+                }
             };
             if let Some(old) = old {
                 for ip in &old.ips {
@@ -160,6 +225,19 @@ impl Selections {
             }
         };
 
+        // The pods (before or after) of each relabelled namespace, found once for all entries.
+        let mut pods_by_changed_namespace: HashMap<&str, Vec<&Key>> = HashMap::new();
+        if !changed_namespaces.is_empty() {
+            for (key, pod) in old_changed.iter().chain(self.pods.iter()) {
+                if changed_namespaces.contains(&pod.namespace) {
+                    pods_by_changed_namespace
+                        .entry(pod.namespace.as_str())
+                        .or_default()
+                        .push(key);
+                }
+            }
+        }
+
         for entry in self.entries.values_mut() {
             let mut judge: BTreeSet<&Key> = changed_pods.iter().collect();
             for ns in &changed_namespaces {
@@ -168,11 +246,10 @@ impl Selections {
                     .depends_on_namespace_labels(old_namespaces.get(ns), self.namespaces.get(ns))
                 {
                     judge.extend(
-                        old_changed
-                            .iter()
-                            .chain(self.pods.iter())
-                            .filter(|(_, p)| &p.namespace == ns)
-                            .map(|(k, _)| k),
+                        pods_by_changed_namespace
+                            .get(ns.as_str())
+                            .into_iter()
+                            .flatten(),
                     );
                 }
             }
@@ -256,13 +333,23 @@ impl Selections {
     }
 
     fn entry(&mut self, selection: &PodSelection) -> &mut Entry {
-        if !self.used.contains(selection) {
-            self.used.insert(selection.clone());
-        }
         if !self.entries.contains_key(selection) {
             let mut pods = BTreeSet::new();
             let mut members = Vec::new();
-            for (key, pod) in &self.pods {
+            let candidates: Box<dyn Iterator<Item = &Key>> = match &selection.namespaces {
+                NamespaceScope::Named(name) => {
+                    Box::new(self.pods_by_namespace.get(name).into_iter().flatten())
+                }
+                NamespaceScope::Matching(sel) => Box::new(
+                    self.pods_by_namespace
+                        .iter()
+                        .filter(|(ns, _)| self.namespaces.get(*ns).is_some_and(|l| sel.matches(l)))
+                        .flat_map(|(_, keys)| keys),
+                ),
+                NamespaceScope::All => Box::new(self.pods.keys()),
+            };
+            for key in candidates {
+                let pod = &self.pods[&**key];
                 if selection.selects(pod, self.namespaces.get(&pod.namespace)) {
                     pods.insert(key.clone());
                     members.extend(pod.ips.iter().map(|ip| SetMember::Ip(*ip)));
@@ -274,10 +361,13 @@ impl Selections {
                 pods,
                 members: split_by_family(members),
                 named: HashMap::new(),
+                used: true,
             };
             self.entries.insert(selection.clone(), entry);
         }
-        self.entries.get_mut(selection).expect("just made sure")
+        let entry = self.entries.get_mut(selection).expect("just made sure");
+        entry.used = true;
+        entry
     }
 
     /// The `hash:ip` set of the pods `selection` chooses.
@@ -342,8 +432,8 @@ impl Selections {
 
     /// Forgets entries that no compile since the last call used.
     pub fn evict_unused(&mut self) {
-        let used = std::mem::take(&mut self.used);
-        self.entries.retain(|k, _| used.contains(k));
+        self.entries
+            .retain(|_, entry| std::mem::take(&mut entry.used));
         let used = std::mem::take(&mut self.used_blocks);
         self.blocks.retain(|k, _| used.contains(k));
     }
