@@ -1,6 +1,7 @@
 //! A directory, or one file's text, → one `ClusterSnapshot`.
 
-use super::parse::{Loader, parse_files};
+use super::parallel::parse_files;
+use super::parse::Loader;
 use super::read::{DEFAULT_MAX_FILE_BYTES, LoadError, manifest_files, read_manifest};
 use crate::model::ClusterSnapshot;
 use std::path::Path;

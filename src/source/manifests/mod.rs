@@ -18,6 +18,7 @@
 //! starts with `---`); the result, errors included, is the sequential parse's (`parse_files`).
 
 mod load;
+mod parallel;
 mod parse;
 mod poll;
 mod read;

@@ -312,7 +312,7 @@ fn many_pods(count: usize) -> String {
 #[test]
 fn a_large_file_is_cut_at_document_starts_only() {
     let text = many_pods(3000);
-    let runs = super::parse::split_documents(&text, 64 * 1024).unwrap();
+    let runs = super::parallel::split_documents(&text, 64 * 1024).unwrap();
     assert!(runs.len() > 4, "{} runs", runs.len());
     assert_eq!(runs.concat(), text);
     for run in &runs[1..] {
@@ -321,14 +321,14 @@ fn a_large_file_is_cut_at_document_starts_only() {
     // Texts whose line starts or documents a cut could change are parsed whole.
     for odd in ["\r\n", "\r", "\u{2028}", "\n%YAML 1.2\n"] {
         let text = format!("{}{odd}{}", many_pods(1000), many_pods(1000));
-        assert!(super::parse::split_documents(&text, 64 * 1024).is_none());
+        assert!(super::parallel::split_documents(&text, 64 * 1024).is_none());
     }
     // A `---` that does not start a line, or is not followed by a blank, is no cut.
     let text = format!(
         "{}---\nkind: x\nmetadata: {{name: ' ---  '}}\n----\n",
         many_pods(1000)
     );
-    let runs = super::parse::split_documents(&text, 1).unwrap();
+    let runs = super::parallel::split_documents(&text, 1).unwrap();
     assert!(
         runs.iter()
             .all(|r| r.starts_with("---\n") || r.starts_with("apiVersion"))
