@@ -597,6 +597,9 @@ async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind:
         let _ = tx.send(line(&gone)).await;
     } else {
         let mut dropped = shared.drop_tx.subscribe();
+        // A reset (`reset_connections`) ends this watch's connection with a TCP RST; nothing may
+        // be sent on it after the reset was asked for, even before the connection task has run.
+        let reset = shared.reset_tx.subscribe();
         let shared = shared.clone();
         let q = q.clone();
         tokio::spawn(async move {
@@ -608,8 +611,8 @@ async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind:
                 // Flags and events under one lock: nothing slips out after the API "went down".
                 let (events, rv): (Vec<Value>, u64) = {
                     let s = shared.inner.lock().unwrap();
-                    // Only an outage ends a watch; RBAC is checked when it starts.
-                    if s.unavailable {
+                    // Only an outage or a reset ends a watch; RBAC is checked when it starts.
+                    if s.unavailable || reset.has_changed().unwrap_or(true) {
                         return;
                     }
                     if s.paused {
@@ -635,6 +638,9 @@ async fn watch_response(shared: &Arc<Shared>, q: &HashMap<String, String>, kind:
                 tokio::select! {
                     _ = changed => {}
                     _ = tick.tick() => {
+                        if reset.has_changed().unwrap_or(true) {
+                            return;
+                        }
                         if bookmarks {
                             let b = json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": kind.api_version(),
                                 "metadata": {"resourceVersion": sent.to_string()}}});
