@@ -4,17 +4,21 @@
 
 use std::process::Command;
 
-#[test]
-fn demo_manifests_render_as_recorded() {
+/// `render` of the demo manifests with `extra` flags, compared with (or, with KNI_BLESS, written to)
+/// `tests/golden/<golden>`.
+fn render_demo_as_recorded(extra: &[&str], golden: &str) -> String {
     let root = env!("CARGO_MANIFEST_DIR");
+    let manifests = format!("{root}/manifests/demo");
+    let mut args = vec![
+        "render",
+        "--manifests",
+        &manifests,
+        "--node-name",
+        "demo-node",
+    ];
+    args.extend_from_slice(extra);
     let out = Command::new(env!("CARGO_BIN_EXE_kube-netpol-iptables"))
-        .args([
-            "render",
-            "--manifests",
-            &format!("{root}/manifests/demo"),
-            "--node-name",
-            "demo-node",
-        ])
+        .args(&args)
         .output()
         .unwrap();
     assert!(
@@ -23,7 +27,7 @@ fn demo_manifests_render_as_recorded() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got = String::from_utf8(out.stdout).unwrap();
-    let golden = format!("{root}/tests/golden/demo.render");
+    let golden = format!("{root}/tests/golden/{golden}");
     if std::env::var_os("KNI_BLESS").is_some() {
         std::fs::write(&golden, &got).unwrap();
     }
@@ -32,6 +36,21 @@ fn demo_manifests_render_as_recorded() {
         got, want,
         "rendered text changed; if intended, run KNI_BLESS=1 cargo test --test render_golden"
     );
+    got
+}
+
+#[test]
+fn demo_manifests_render_as_recorded() {
+    render_demo_as_recorded(&[], "demo.render");
+}
+
+/// `--deny-action reject`: the pod chains end with a TCP reset and an ICMP unreachable instead of
+/// the default DROP.
+#[test]
+fn demo_manifests_render_with_reject_as_recorded() {
+    let got = render_demo_as_recorded(&["--deny-action", "reject"], "demo-reject.render");
+    assert!(got.contains("-j REJECT --reject-with tcp-reset"));
+    assert!(!got.contains("-j DROP"));
 }
 
 #[test]
