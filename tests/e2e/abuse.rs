@@ -126,20 +126,11 @@ fn a_pod_claiming_the_loopback_address_is_reported_and_loopback_keeps_working() 
         return;
     }
     let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = fakeapi::runtime();
     let _guard = runtime.enter();
     let node_ns = lab.nodes[0].netns.clone();
     let api = FakeApi::start(lab.loopback_listener(0));
-    for ns in lab::NAMESPACES {
-        api.apply(
-            Kind::Namespace,
-            &format!("metadata: {{name: {ns}, labels: {{ns: {ns}}}}}"),
-        );
-    }
+    api.apply_namespaces(&lab::NAMESPACES, true);
     for p in &lab.pods {
         api.apply(
             Kind::Pod,

@@ -17,23 +17,14 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
         return;
     }
     let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = fakeapi::runtime();
     let _guard = runtime.enter();
     let node_ns = lab.nodes[0].netns.clone();
     let api = FakeApi::start(lab.loopback_listener(0));
     // kube-apiserver authorizes a watch only when it starts; short watches make a revoked
     // permission show at the next one (the agent asks for 120 s).
     api.cap_watches(Duration::from_secs(2));
-    for ns in lab::NAMESPACES {
-        api.apply(
-            Kind::Namespace,
-            &format!("metadata: {{name: {ns}, labels: {{ns: {ns}}}}}"),
-        );
-    }
+    api.apply_namespaces(&lab::NAMESPACES, true);
     for p in &lab.pods {
         api.apply(
             Kind::Pod,

@@ -23,17 +23,11 @@ fn pod_cidrs_come_from_this_nodes_node_object() {
         return;
     }
     let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = fakeapi::runtime();
     let _guard = runtime.enter();
     let node_ns = lab.nodes[0].netns.clone();
     let api = FakeApi::start(lab.loopback_listener(0));
-    for ns in lab::NAMESPACES {
-        api.apply(Kind::Namespace, &format!("metadata: {{name: {ns}}}"));
-    }
+    api.apply_namespaces(&lab::NAMESPACES, false);
     for p in lab.pods.iter().filter(|p| p.key() != "z/c") {
         api.apply(Kind::Pod, &pod_doc(p));
     }

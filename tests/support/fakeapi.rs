@@ -205,6 +205,21 @@ impl FakeApi {
     }
 
     /// Creates or replaces an object (given as YAML or JSON), as `kubectl apply` would.
+    /// The namespaces `names`, labelled `ns: <name>` if `labelled` (the e2e cases select by it).
+    pub fn apply_namespaces(&self, names: &[&str], labelled: bool) {
+        for ns in names {
+            let labels = if labelled {
+                format!(", labels: {{ns: {ns}}}")
+            } else {
+                String::new()
+            };
+            self.apply(
+                Kind::Namespace,
+                &format!("metadata: {{name: {ns}{labels}}}"),
+            );
+        }
+    }
+
     pub fn apply(&self, kind: Kind, doc: &str) {
         let mut obj: Value = serde_yaml_ng::from_str(doc).unwrap();
         obj["apiVersion"] = json!(kind.api_version());
@@ -752,4 +767,13 @@ pub async fn ready_within(metrics: &Metrics, limit: Duration) {
         assert!(tokio::time::Instant::now() < deadline, "not ready: {why}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The runtime an e2e test serves the fake API from while the agent runs as a separate process.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
