@@ -14,11 +14,9 @@
 //!                                  [--rounds N]
 
 use kni_testlab::fakeapi::{FakeApi, Kind};
-use kni_testlab::lab::{add_netns, run_with_stdin, sh};
+use kni_testlab::floor::bare_restore;
+use kni_testlab::lab::{add_netns, sh};
 use kni_testlab::synthetic::{self, LOCAL_NODE, Params};
-use kube_netpol_iptables::compile::ir::{DesiredState, Family};
-use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable, View};
-use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
 use kube_netpol_iptables::dataplane::{self, Backend};
 use kube_netpol_iptables::reconcile::desired_states;
 use kube_netpol_iptables::source::manifests;
@@ -26,8 +24,6 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-type States = Vec<(Family, DesiredState)>;
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
@@ -81,45 +77,6 @@ fn parse_args() -> Options {
         }
     }
     opts
-}
-
-/// The restore text a fresh node needs: (ipset, [(family, iptables)]).
-fn payload(states: &States) -> (String, Vec<(Family, String)>) {
-    let ipset = render_ipset_update(states.iter().map(|(_, s)| s), &KernelSets::default()).unwrap();
-    let want = View::of_desired(states);
-    let tables = states
-        .iter()
-        .map(|(f, _)| {
-            (
-                *f,
-                render_iptables(&want.tables[f], &KernelTable::default()).unwrap(),
-            )
-        })
-        .collect();
-    (ipset, tables)
-}
-
-/// The kernel's floor: the same payload piped straight into the tools, nothing else.
-fn bare_restore(backend: Backend, states: &States) -> Duration {
-    let (ipset, tables) = payload(states);
-    let start = Instant::now();
-    run_with_stdin(&["ipset", "restore"], &ipset);
-    for (family, text) in &tables {
-        let prog = match family {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        };
-        run_with_stdin(
-            &[
-                &format!("{prog}-{backend}-restore"),
-                "--noflush",
-                "--wait",
-                "10",
-            ],
-            text,
-        );
-    }
-    start.elapsed()
 }
 
 fn clean() {

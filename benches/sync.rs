@@ -7,12 +7,11 @@
 //!   cargo bench --bench sync -- [--namespaces N] [--pods N] [--local-pods N] [--policies N]
 //!                               [--rules-per-policy N] [--connections N] [--skip-iperf]
 
-use kni_testlab::lab::{add_netns, add_pod_netns, in_netns, run_with_stdin};
+use kni_testlab::floor::{States, bare_restore, payload};
+use kni_testlab::lab::{add_netns, add_pod_netns, in_netns};
 use kni_testlab::synthetic::{self, LOCAL_NODE, Params};
 use kube_netpol_iptables::compile::Compiler;
-use kube_netpol_iptables::compile::ir::{DesiredState, Family};
-use kube_netpol_iptables::dataplane::kernel::{KernelSets, KernelTable, View};
-use kube_netpol_iptables::dataplane::render::{render_ipset_update, render_iptables};
+use kube_netpol_iptables::compile::ir::Family;
 use kube_netpol_iptables::dataplane::{self, Backend, Dataplane, SyncMode, Tables};
 use kube_netpol_iptables::model::ClusterSnapshot;
 use kube_netpol_iptables::reconcile::{desired_states, desired_states_cached};
@@ -21,8 +20,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-type States = Vec<(Family, DesiredState)>;
 
 fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -103,45 +100,6 @@ fn parse_args() -> Options {
         "need at least 2 local pods"
     );
     opts
-}
-
-/// The restore text a fresh node needs: (ipset, [(family, iptables)]).
-fn payload(states: &States) -> (String, Vec<(Family, String)>) {
-    let ipset = render_ipset_update(states.iter().map(|(_, s)| s), &KernelSets::default()).unwrap();
-    let want = View::of_desired(states);
-    let tables = states
-        .iter()
-        .map(|(f, _)| {
-            (
-                *f,
-                render_iptables(&want.tables[f], &KernelTable::default()).unwrap(),
-            )
-        })
-        .collect();
-    (ipset, tables)
-}
-
-fn restore_bin(backend: Backend, family: Family) -> String {
-    let prog = if family == Family::V4 {
-        "iptables"
-    } else {
-        "ip6tables"
-    };
-    format!("{prog}-{backend}-restore")
-}
-
-/// The kernel's floor: the same payload piped straight into the tools, nothing else.
-fn bare_restore(backend: Backend, states: &States) -> Duration {
-    let (ipset, tables) = payload(states);
-    let start = Instant::now();
-    run_with_stdin(&["ipset", "restore"], &ipset);
-    for (family, text) in &tables {
-        run_with_stdin(
-            &[&restore_bin(backend, *family), "--noflush", "--wait", "10"],
-            text,
-        );
-    }
-    start.elapsed()
 }
 
 fn clean() {
