@@ -4,9 +4,14 @@
 //! so the compiler never has to deal with malformed input.
 
 pub mod cidr;
+mod cluster_policy;
 mod family;
 mod selector;
 
+pub use cluster_policy::{
+    ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, ClusterRuleAction, ClusterSubject,
+    NodeInfo, Tier,
+};
 pub use family::{Family, PerFamily};
 pub use selector::{LabelSelector, Requirement};
 
@@ -25,6 +30,11 @@ pub struct ClusterSnapshot {
     /// `spec.podCIDRs` of the Node objects seen (only this node's in Kubernetes mode), by node
     /// name: new-pod isolation uses them.
     pub node_pod_cidrs: BTreeMap<String, Vec<IpNet>>,
+    /// ClusterNetworkPolicies (both tiers), in no particular order.
+    pub cluster_policies: Vec<ClusterPolicy>,
+    /// Nodes by name with labels and addresses; filled only when some ClusterNetworkPolicy has
+    /// a `nodes` peer (manifests mode: every `kind: Node` given).
+    pub nodes: BTreeMap<String, NodeInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

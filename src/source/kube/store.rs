@@ -64,6 +64,7 @@ impl ClusterStore {
             pods: s.pods.values().cloned().collect(),
             policies: s.policies.values().cloned().collect(),
             node_pod_cidrs: s.node_pod_cidrs.clone(),
+            ..ClusterSnapshot::default()
         };
         snapshot
             .pods
