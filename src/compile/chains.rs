@@ -22,7 +22,8 @@ use super::ir::{
 use super::names;
 use super::peers::Selections;
 use super::rules::{Direction, RuleBuilder};
-use crate::model::{ClusterSnapshot, Family, Pod, Policy, Protocol};
+use super::tiers::{self, PodTiers};
+use crate::model::{ClusterPolicy, ClusterSnapshot, Family, Pod, Policy, Protocol};
 use ipnet::IpNet;
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
@@ -65,6 +66,9 @@ struct LocalPod<'a> {
     ips: Vec<IpAddr>,
     ingress: Vec<&'a Policy>,
     egress: Vec<&'a Policy>,
+    /// The ClusterNetworkPolicies whose subject the pod is, per direction.
+    cluster_ingress: PodTiers<'a>,
+    cluster_egress: PodTiers<'a>,
 }
 
 /// The order of the keys `a_namespace/a_name` and `b_namespace/b_name` as strings.
@@ -88,6 +92,7 @@ impl<'a> ChainBuilder<'a> {
                 .or_default()
                 .push(policy);
         }
+        let cluster_policies = tiers::ordered(self.snapshot);
         let mut local: Vec<LocalPod> = self
             .snapshot
             .pods
@@ -111,6 +116,18 @@ impl<'a> ChainBuilder<'a> {
                         .copied()
                         .filter(|pol| pol.isolates_egress && pol.selects(pod))
                         .collect(),
+                    cluster_ingress: tiers::pod_tiers(
+                        &cluster_policies,
+                        self.snapshot,
+                        pod,
+                        Direction::Ingress,
+                    ),
+                    cluster_egress: tiers::pod_tiers(
+                        &cluster_policies,
+                        self.snapshot,
+                        pod,
+                        Direction::Egress,
+                    ),
                 }
             })
             .filter(|lp| !lp.ips.is_empty())
@@ -121,16 +138,23 @@ impl<'a> ChainBuilder<'a> {
 
         let mut ingress_dispatch = Vec::new();
         let mut egress_dispatch = Vec::new();
+        // Whether some pod chain uses the tier mark, which the dispatch chains then clear too.
+        let mut any_tiers = false;
         for lp in &local {
-            for (direction, selecting) in [
-                (Direction::Ingress, &lp.ingress),
-                (Direction::Egress, &lp.egress),
+            for (direction, selecting, cluster) in [
+                (Direction::Ingress, &lp.ingress, &lp.cluster_ingress),
+                (Direction::Egress, &lp.egress, &lp.cluster_egress),
             ] {
-                if selecting.is_empty() {
+                if selecting.is_empty() && cluster.is_empty() {
                     continue;
                 }
                 let chain = names::pod_chain(direction.is_ingress(), &lp.pod.key());
-                self.pod_chain(&chain, direction, selecting, &local);
+                if cluster.is_empty() {
+                    self.pod_chain(&chain, direction, selecting, &local);
+                } else {
+                    any_tiers = true;
+                    self.tiered_pod_chain(&chain, direction, lp, selecting, cluster, &local);
+                }
                 let comment = format!("{} {}", lp.pod.key(), direction.name());
                 for ip in &lp.ips {
                     let host = IpNet::from(*ip);
@@ -194,7 +218,14 @@ impl<'a> ChainBuilder<'a> {
         let [egress_dispatch, ingress_dispatch] = [&to_dispatch[0], &to_dispatch[1]];
 
         let established = Rule::new(vec![Match::EstablishedOrRelated], Target::Return);
-        let clear_mark = Rule::new(vec![], Target::ClearAllowMark);
+        let clear_mark = Rule::new(
+            vec![],
+            if any_tiers {
+                Target::ClearMarks
+            } else {
+                Target::ClearAllowMark
+            },
+        );
         let neighbour_discovery: Vec<Rule> = match self.family {
             Family::V4 => vec![],
             Family::V6 => NEIGHBOUR_DISCOVERY_TYPES
@@ -254,6 +285,83 @@ impl<'a> ChainBuilder<'a> {
         local: &[LocalPod<'a>],
     ) {
         let mut rules = vec![Rule::new(vec![], Target::ClearAllowMark)];
+        rules.extend(self.policy_jumps(direction, selecting, local));
+        rules.push(Rule::new(vec![Match::AllowMarkSet], Target::Return));
+        rules.push(Rule::new(
+            vec![Match::Protocol(Protocol::Tcp)],
+            Target::RejectWithTcpReset,
+        ));
+        rules.push(Rule::new(vec![], Target::Reject));
+        self.state.chains.insert(chain.to_string(), rules);
+    }
+
+    /// A pod chain with ClusterNetworkPolicy tiers around the NetworkPolicy stage (layout in
+    /// [`tiers`]).
+    fn tiered_pod_chain(
+        &mut self,
+        chain: &str,
+        direction: Direction,
+        lp: &LocalPod<'a>,
+        selecting: &[&'a Policy],
+        cluster: &PodTiers<'a>,
+        local: &[LocalPod<'a>],
+    ) {
+        let admin = cluster
+            .admin
+            .iter()
+            .map(|policy| self.cluster_jump(policy, direction))
+            .collect();
+        let network_policies =
+            (!selecting.is_empty()).then(|| self.policy_jumps(direction, selecting, local));
+        let baseline = cluster
+            .baseline
+            .iter()
+            .map(|policy| self.cluster_jump(policy, direction))
+            .collect();
+        let rules = tiers::pod_chain(&lp.ips, direction, admin, network_policies, baseline);
+        self.state.chains.insert(chain.to_string(), rules);
+    }
+
+    /// The jump to a cluster policy's chain, which is built on first use.
+    fn cluster_jump(&mut self, policy: &ClusterPolicy, direction: Direction) -> Rule {
+        let chain = names::cluster_policy_chain(direction.is_ingress(), &policy.name);
+        if !self.state.chains.contains_key(&chain) {
+            let built = tiers::policy_chain(
+                self.snapshot,
+                self.selections,
+                self.family,
+                policy,
+                direction,
+            );
+            self.state.sets.extend(built.sets);
+            self.state.chains.insert(chain.clone(), built.rules);
+            self.state.failed_closed.extend(built.failed_closed);
+            self.state.origins.insert(
+                chain.clone(),
+                PolicyChainOrigin {
+                    policy: policy.name.clone(),
+                    direction: direction.name(),
+                    rules: built.origins,
+                    tier: Some(policy.tier),
+                },
+            );
+        }
+        Rule::new(vec![], Target::Jump(chain)).commented(format!(
+            "cnp {} {} {}",
+            policy.tier.as_str(),
+            policy.name,
+            direction.name()
+        ))
+    }
+
+    /// The jumps to the chains of the NetworkPolicies `selecting` (built on first use).
+    fn policy_jumps(
+        &mut self,
+        direction: Direction,
+        selecting: &[&'a Policy],
+        local: &[LocalPod<'a>],
+    ) -> Vec<Rule> {
+        let mut rules = Vec::new();
         for policy in selecting {
             let policy_chain = names::policy_chain(direction.is_ingress(), &policy.key());
             if !self.state.chains.contains_key(&policy_chain) {
@@ -265,6 +373,7 @@ impl<'a> ChainBuilder<'a> {
                         policy: policy.key(),
                         direction: direction.name(),
                         rules: origins,
+                        tier: None,
                     },
                 );
             }
@@ -276,13 +385,7 @@ impl<'a> ChainBuilder<'a> {
                 )),
             );
         }
-        rules.push(Rule::new(vec![Match::AllowMarkSet], Target::Return));
-        rules.push(Rule::new(
-            vec![Match::Protocol(Protocol::Tcp)],
-            Target::RejectWithTcpReset,
-        ));
-        rules.push(Rule::new(vec![], Target::Reject));
-        self.state.chains.insert(chain.to_string(), rules);
+        rules
     }
 
     fn policy_chain(

@@ -4,7 +4,7 @@
 //! so that decision and the rules cannot disagree. The end-to-end suite checks the same semantics
 //! against the real kernel.
 
-use super::ir::{ALLOW_MARK, DesiredState, Match, SetDirection, SetKind, SetMember, Target};
+use super::ir::{ALLOW_MARK, DesiredState, TIER_MARK, Match, SetDirection, SetKind, SetMember, Target};
 use crate::model::Protocol;
 use std::net::IpAddr;
 
@@ -126,6 +126,10 @@ fn walk<'s>(
             Target::Return => return Outcome::Return,
             Target::SetAllowMark => *mark |= ALLOW_MARK,
             Target::ClearAllowMark => *mark &= !ALLOW_MARK,
+            Target::SetTierMark { accept } => {
+                *mark |= TIER_MARK | if *accept { ALLOW_MARK } else { 0 }
+            }
+            Target::ClearMarks => *mark &= !(ALLOW_MARK | TIER_MARK),
             Target::RejectWithTcpReset | Target::Reject | Target::Drop => {
                 return Outcome::Rejected(chain.to_string());
             }
@@ -145,6 +149,7 @@ fn matches(state: &DesiredState, m: &Match, p: &Packet, mark: u32) -> bool {
             matches!(p.l4, L4::Port(_, port) if (*first..=*last).contains(&port))
         }
         Match::AllowMarkSet => mark & ALLOW_MARK != 0,
+        Match::TierUndecided => mark & TIER_MARK == 0,
         Match::Icmp6Type(t) => matches!(p.l4, L4::Icmp6(pt) if pt == *t),
         Match::Set { name, direction } => {
             let set = state

@@ -14,6 +14,14 @@ use std::net::IpAddr;
 /// is configurable) and kube-router (0x10000, 0x20000).
 pub const ALLOW_MARK: u32 = 0x0040_0000;
 
+/// The packet mark bit a ClusterNetworkPolicy chain sets when one of its rules decided (Accept
+/// or Pass; Deny drops on the spot): the pod chain skips the rest of that tier once it is set,
+/// and Accept sets [`ALLOW_MARK`] with it. Bit 12 is clear of kube-proxy (0x4000 masquerade,
+/// 0x8000 drop), the CNI portmap plugin (0x2000), Cilium (0x0F00 magic, 0x00FF and 0xFFFF0000
+/// identity: `pkg/datapath/linux/linux_defaults/mark.go`), Calico's default 0xFFFF0000,
+/// kube-router (0x10000, 0x20000) and our own [`ALLOW_MARK`].
+pub const TIER_MARK: u32 = 0x0000_1000;
+
 /// The most members one set may hold. A selection or ipBlock list beyond it (150,000 pods is the
 /// largest cluster Kubernetes supports; more prefixes than this only come from pathological or
 /// hostile ipBlocks) is not programmed: its rule fails closed (see [`FailedClosed`]), so one
@@ -72,6 +80,8 @@ pub struct PolicyChainOrigin {
     pub direction: &'static str,
     /// One per rule of the chain, in the chain's order.
     pub rules: Vec<RuleOrigin>,
+    /// `Some` for a ClusterNetworkPolicy's chain (then `policy` is its name).
+    pub tier: Option<crate::model::Tier>,
 }
 
 /// The part of a policy that one kernel rule of its chain stands for.
@@ -205,6 +215,8 @@ pub enum Match {
         direction: SetDirection,
     },
     AllowMarkSet,
+    /// [`TIER_MARK`] is clear: no ClusterNetworkPolicy rule of the current tier decided yet.
+    TierUndecided,
     /// ICMPv6 type; used only to keep neighbour discovery between pod and node working.
     Icmp6Type(u8),
 }
@@ -215,6 +227,14 @@ pub enum Target {
     Return,
     SetAllowMark,
     ClearAllowMark,
+    /// A ClusterNetworkPolicy rule decided: sets [`TIER_MARK`], and [`ALLOW_MARK`] too when
+    /// `accept` (Pass sets the tier bit only).
+    SetTierMark {
+        accept: bool,
+    },
+    /// Clears [`ALLOW_MARK`] and [`TIER_MARK`] (pod chains with ClusterNetworkPolicy stages,
+    /// and the end of the dispatch chains when any exists).
+    ClearMarks,
     /// Answer with a TCP reset (only after `Protocol(Tcp)`), so callers fail fast.
     RejectWithTcpReset,
     /// Answer with ICMP(v6) port unreachable.

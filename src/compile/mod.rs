@@ -22,6 +22,7 @@ mod peers;
 mod rules;
 pub mod selection;
 pub mod strict;
+mod tiers;
 #[cfg(test)]
 mod tests;
 

@@ -49,6 +49,19 @@ pub fn policy_chain(ingress: bool, policy_key: &str) -> String {
     format!("{PREFIX}{tag}{}", digest(&[tag, policy_key]))
 }
 
+/// The chain of one ClusterNetworkPolicy (cluster-scoped: named by its name alone) in one
+/// direction: its rules in order, each deciding Accept, Deny or Pass.
+pub fn cluster_policy_chain(ingress: bool, name: &str) -> String {
+    let tag = if ingress { "CNPI-" } else { "CNPE-" };
+    format!("{PREFIX}{tag}{}", digest(&[tag, name]))
+}
+
+/// Whether `chain` is a ClusterNetworkPolicy chain of the egress direction (a Deny there is the
+/// source's verdict).
+pub fn is_cluster_egress_chain(chain: &str) -> bool {
+    has_generated_shape(chain, &["CNPE-"])
+}
+
 fn set_name(family: Family, kind: char, encoding: &str) -> String {
     let family = match family {
         Family::V4 => '4',
@@ -170,7 +183,10 @@ pub fn is_generated_set(name: &str) -> bool {
 /// behind the isolation sets are new and, like the pod chains, may be left unreachable when
 /// another tool flushes ours.
 pub fn is_generated_chain(name: &str) -> bool {
-    has_generated_shape(name, &["PODI-", "PODE-", "POLI-", "POLE-"])
+    has_generated_shape(
+        name,
+        &["PODI-", "PODE-", "POLI-", "POLE-", "CNPI-", "CNPE-"],
+    )
         || name == EGRESS_DISPATCH_CHAIN
         || name == INGRESS_DISPATCH_CHAIN
 }
@@ -184,6 +200,12 @@ mod tests {
     fn generated_chain_names_are_recognised_by_their_shape() {
         assert!(is_generated_chain(&pod_chain(true, "x/a")));
         assert!(is_generated_chain(&policy_chain(false, "x/p")));
+        assert!(is_generated_chain(&cluster_policy_chain(true, "p")));
+        assert!(is_generated_chain(&cluster_policy_chain(false, "p")));
+        assert!(is_cluster_egress_chain(&cluster_policy_chain(false, "p")));
+        assert!(!is_cluster_egress_chain(&cluster_policy_chain(true, "p")));
+        assert!(is_owned(&cluster_policy_chain(true, &"p".repeat(253))));
+        assert!(cluster_policy_chain(true, &"p".repeat(253)).len() <= MAX_CHAIN_NAME);
         assert!(is_generated_chain(EGRESS_DISPATCH_CHAIN));
         assert!(is_generated_chain(INGRESS_DISPATCH_CHAIN));
         assert!(is_isolation_set(&isolated_set(Family::V6, true)));

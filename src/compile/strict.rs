@@ -111,6 +111,7 @@ pub fn denied_by(
     let chain = denying_chain(state, builtin, &packet)?;
     // Denied on the sending side: a pod's egress chain, or an unknown pod address sending.
     let egress = chain.starts_with(&format!("{}PODE-", names::PREFIX))
+        || names::is_cluster_egress_chain(&chain)
         || chain == crate::compile::new_pod_isolation::SOURCE_CHAIN;
     Some(if egress {
         CutDirection::Egress

@@ -16,7 +16,7 @@ use super::view::{
     HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT, View, maxelem_for,
 };
 use crate::compile::ir::{
-    ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, Target,
+    ALLOW_MARK, DesiredState, TIER_MARK, Family, Hook, Match, Rule, SetDirection, Target,
 };
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -183,6 +183,7 @@ pub fn render_rule(family: Family, rule: &Rule) -> String {
             Match::AllowMarkSet => {
                 parts.push(format!("-m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"))
             }
+            Match::TierUndecided => parts.push(format!("-m mark --mark 0x0/{TIER_MARK:#x}")),
         }
     }
     parts.push(match &rule.target {
@@ -190,6 +191,14 @@ pub fn render_rule(family: Family, rule: &Rule) -> String {
         Target::Return => "-j RETURN".into(),
         Target::SetAllowMark => format!("-j MARK --set-xmark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"),
         Target::ClearAllowMark => format!("-j MARK --set-xmark 0x0/{ALLOW_MARK:#x}"),
+        Target::SetTierMark { accept } => {
+            let bits = TIER_MARK | if *accept { ALLOW_MARK } else { 0 };
+            format!("-j MARK --set-xmark {bits:#x}/{bits:#x}")
+        }
+        Target::ClearMarks => {
+            let bits = ALLOW_MARK | TIER_MARK;
+            format!("-j MARK --set-xmark 0x0/{bits:#x}")
+        }
         Target::RejectWithTcpReset => "-j REJECT --reject-with tcp-reset".into(),
         Target::Reject => match family {
             Family::V4 => "-j REJECT --reject-with icmp-port-unreachable".into(),
