@@ -4,7 +4,9 @@
 //! so that decision and the rules cannot disagree. The end-to-end suite checks the same semantics
 //! against the real kernel.
 
-use super::ir::{ALLOW_MARK, DesiredState, TIER_MARK, Match, SetDirection, SetKind, SetMember, Target};
+use super::ir::{
+    ALLOW_MARK, DesiredState, Match, SetDirection, SetKind, SetMember, TIER_MARK, Target,
+};
 use crate::model::Protocol;
 use std::net::IpAddr;
 

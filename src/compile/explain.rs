@@ -8,6 +8,9 @@
 //! `except` hits are looked up in the snapshot, to say why a block did not match.
 
 mod text;
+mod tiers;
+
+pub use tiers::{ClusterRuleHit, Decision};
 
 use super::Compiler;
 use super::enforcement;
@@ -81,10 +84,17 @@ pub struct End {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DirectionVerdict {
     pub allowed: bool,
-    /// Some policy selects the pod for this direction.
+    /// Some policy (NetworkPolicy or ClusterNetworkPolicy) selects the pod for this direction.
     pub isolated: bool,
-    /// The policies that do, `namespace/name`.
+    /// The NetworkPolicies that do, `namespace/name`.
     pub isolating_policies: Vec<String>,
+    /// The ClusterNetworkPolicies whose subject the pod is for this direction, in evaluation
+    /// order (`Admin/name`, `Baseline/name`).
+    pub cluster_policies: Vec<String>,
+    /// The ClusterNetworkPolicy rules the flow met (each decided its tier: Accept, Deny, Pass).
+    pub cluster_rules: Vec<ClusterRuleHit>,
+    /// The stage that decided this direction, and its policy and rule.
+    pub decided_by: Decision,
     /// The rules that allow the flow (every one that matches).
     pub allowed_by: Vec<AllowingRule>,
     /// ipBlock peers of the isolating policies whose cidr holds the other end but whose
@@ -187,7 +197,7 @@ pub fn explain(snapshot: &ClusterSnapshot, query: &Query) -> Result<Explanation,
 }
 
 fn is_pod_chain(chain: &str) -> bool {
-    chain.contains("PODI-") || chain.contains("PODE-")
+    chain.contains("PODI-") || chain.contains("PODE-") || chain.contains("CNP")
 }
 
 struct Resolved<'a> {
@@ -291,6 +301,9 @@ fn direction(
         allowed: true,
         isolated: false,
         isolating_policies: vec![],
+        cluster_policies: vec![],
+        cluster_rules: vec![],
+        decided_by: Decision::nothing_applies(),
         allowed_by: vec![],
         except_hits: vec![],
         failed_closed: vec![],
@@ -320,7 +333,14 @@ fn direction(
         if let Target::Jump(chain) = &rule.target
             && let Some(origin) = state.origins.get(chain)
         {
-            verdict.isolating_policies.push(origin.policy.clone());
+            match origin.tier {
+                None => verdict.isolating_policies.push(origin.policy.clone()),
+                Some(tier) => {
+                    verdict
+                        .cluster_policies
+                        .push(format!("{}/{}", tier.as_str(), origin.policy))
+                }
+            }
         }
     }
     let remote = if ingress { packet.src } else { packet.dst };
@@ -366,6 +386,18 @@ fn direction(
         let Some(rule_origin) = origin.rules.get(*position) else {
             continue;
         };
+        if let Some(tier) = origin.tier {
+            verdict.cluster_rules.extend(tiers::hit(
+                snapshot,
+                tier,
+                &origin.policy,
+                rule_origin,
+                ingress,
+                remote,
+                destination,
+            ));
+            continue;
+        }
         let Some(policy) = snapshot.policies.iter().find(|p| p.key() == origin.policy) else {
             continue;
         };
@@ -399,6 +431,7 @@ fn direction(
             port,
         });
     }
+    tiers::decide(&mut verdict, pod, remote);
     verdict
 }
 

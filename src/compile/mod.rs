@@ -22,9 +22,9 @@ mod peers;
 mod rules;
 pub mod selection;
 pub mod strict;
-mod tiers;
 #[cfg(test)]
 mod tests;
+mod tiers;
 
 pub use ir::DesiredState;
 

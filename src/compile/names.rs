@@ -186,8 +186,7 @@ pub fn is_generated_chain(name: &str) -> bool {
     has_generated_shape(
         name,
         &["PODI-", "PODE-", "POLI-", "POLE-", "CNPI-", "CNPE-"],
-    )
-        || name == EGRESS_DISPATCH_CHAIN
+    ) || name == EGRESS_DISPATCH_CHAIN
         || name == INGRESS_DISPATCH_CHAIN
 }
 

@@ -36,8 +36,43 @@ impl fmt::Display for Explanation {
             if let Some(note) = &v.note {
                 writeln!(f, "    {note}")?;
             }
-            if v.isolated {
+            if !v.isolating_policies.is_empty() {
                 writeln!(f, "    isolated by: {}", v.isolating_policies.join(", "))?;
+            }
+            if !v.cluster_policies.is_empty() {
+                writeln!(
+                    f,
+                    "    cluster network policies: {}",
+                    v.cluster_policies.join(", ")
+                )?;
+            }
+            for h in &v.cluster_rules {
+                write!(
+                    f,
+                    "    {} {} {name} rule {} ({:?}): {}",
+                    h.tier, h.policy, h.rule, h.name, h.action
+                )?;
+                for p in &h.peers {
+                    write!(f, ", peer {} ({})", p.index, p.what)?;
+                }
+                match &h.port {
+                    None => writeln!(f, ", any protocol")?,
+                    Some(p) => writeln!(f, ", port {} ({})", p.index, p.what)?,
+                }
+            }
+            let d = &v.decided_by;
+            match (&d.policy, d.rule) {
+                (Some(policy), Some(rule)) => writeln!(
+                    f,
+                    "    decided by: {} {policy} rule {rule}{}: {}",
+                    d.stage,
+                    d.rule_name
+                        .as_ref()
+                        .map(|n| format!(" ({n:?})"))
+                        .unwrap_or_default(),
+                    d.action
+                )?,
+                _ => writeln!(f, "    decided by: {}: {}", d.stage, d.action)?,
             }
             for a in &v.allowed_by {
                 write!(f, "    allowed by {} {name} rule {}", a.policy, a.rule)?;
@@ -54,7 +89,7 @@ impl fmt::Display for Explanation {
                     Some(p) => writeln!(f, ", port {} ({})", p.index, p.what)?,
                 }
             }
-            if v.isolated && !v.allowed {
+            if d.stage == "NetworkPolicy" && !v.allowed {
                 writeln!(f, "    no rule of these policies matches")?;
             }
             for hit in &v.except_hits {

@@ -131,9 +131,18 @@ spec:
     let s = with_policies(with(cluster(), vec![deny, accept]), &[allow_all, deny_all]);
     assert!(!tcp80(&s, "z/a", "x/a"));
     assert!(!tcp80(&s, "z/c", "x/c"));
-    assert!(tcp80(&s, "y/a", "x/a"), "the NetworkPolicy still allows the rest");
-    assert!(tcp80(&s, "z/a", "y/b"), "Admin Accept over the NetworkPolicy deny");
-    assert!(!tcp80(&s, "x/a", "y/b"), "the NetworkPolicy denies the rest");
+    assert!(
+        tcp80(&s, "y/a", "x/a"),
+        "the NetworkPolicy still allows the rest"
+    );
+    assert!(
+        tcp80(&s, "z/a", "y/b"),
+        "Admin Accept over the NetworkPolicy deny"
+    );
+    assert!(
+        !tcp80(&s, "x/a", "y/b"),
+        "the NetworkPolicy denies the rest"
+    );
 }
 
 #[test]
@@ -149,7 +158,10 @@ spec:
     );
     assert!(tcp80(&s, "y/a", "x/a"), "the NetworkPolicy decides for x/a");
     assert!(!tcp80(&s, "z/a", "x/a"));
-    assert!(!tcp80(&s, "y/a", "x/b"), "Baseline denies where no NetworkPolicy selects");
+    assert!(
+        !tcp80(&s, "y/a", "x/b"),
+        "Baseline denies where no NetworkPolicy selects"
+    );
     assert!(!tcp80(&s, "y/c", "x/c"));
     assert!(tcp80(&s, "x/a", "y/a"), "not a subject");
     // An egress-only NetworkPolicy does not take ingress away from the Baseline tier.
@@ -267,9 +279,18 @@ fn named_ports_resolve_on_the_destination_with_their_protocol() {
     let s = with(cluster(), vec![p]);
     assert!(reach(&s, "y/a", "x/a", Protocol::Udp, 80));
     assert!(reach(&s, "y/c", "x/b", Protocol::Udp, 80));
-    assert!(!reach(&s, "y/a", "x/a", Protocol::Tcp, 80), "protocol differs");
-    assert!(!reach(&s, "y/a", "x/a", Protocol::Udp, 81), "number differs");
-    assert!(reach(&s, "x/a", "z/c", Protocol::Tcp, 81), "egress: on the peer");
+    assert!(
+        !reach(&s, "y/a", "x/a", Protocol::Tcp, 80),
+        "protocol differs"
+    );
+    assert!(
+        !reach(&s, "y/a", "x/a", Protocol::Udp, 81),
+        "number differs"
+    );
+    assert!(
+        reach(&s, "x/a", "z/c", Protocol::Tcp, 81),
+        "egress: on the peer"
+    );
     assert!(!reach(&s, "x/a", "z/c", Protocol::Udp, 81));
     assert!(!reach(&s, "x/a", "z/c", Protocol::Tcp, 80));
 }
@@ -325,7 +346,10 @@ fn networks_match_per_family_and_match_pod_addresses() {
     for to in ["y/a", "y/c"] {
         assert!(!v4("x/a", to) && !v6("x/a", to), "{to}");
     }
-    assert!(!v4("x/a", "z/c") && v6("x/a", "z/c"), "an IPv4-only network");
+    assert!(
+        !v4("x/a", "z/c") && v6("x/a", "z/c"),
+        "an IPv4-only network"
+    );
     assert!(v4("x/a", "z/a") && v6("x/a", "z/a"));
     assert!(v4("y/a", "y/b"), "not a subject");
 }
@@ -354,13 +378,7 @@ fn nodes_peers_match_the_addresses_of_the_selected_nodes() {
     )];
     let s = with(s, vec![p]);
     let state = compile(&s, "n1", Family::V4);
-    let to = |dst: &str| {
-        Packet::new(
-            pod_ips("x", "a").0,
-            ip(dst),
-            L4::Port(Protocol::Tcp, 6443),
-        )
-    };
+    let to = |dst: &str| Packet::new(pod_ips("x", "a").0, ip(dst), L4::Port(Protocol::Tcp, 6443));
     assert!(!passes(&state, "FORWARD", &to("192.168.0.2")));
     assert!(passes(&state, "INPUT", &to(NODE_IP_N1)));
     assert!(passes(&state, "FORWARD", &to("192.168.0.3")));
@@ -467,11 +485,109 @@ fn drop_is_the_default_deny_and_the_tier_mark_is_cleared_by_the_dispatch() {
         L4::Port(Protocol::Udp, 53),
     );
     assert!(!passes(&state, "FORWARD", &packet));
-    for chain in [crate::compile::names::FORWARD_CHAIN, "KNI-INPUT", "KNI-OUTPUT"] {
+    for chain in [
+        crate::compile::names::FORWARD_CHAIN,
+        "KNI-INPUT",
+        "KNI-OUTPUT",
+    ] {
         assert_eq!(
             state.chains[chain].last().unwrap().target,
             Target::ClearMarks,
             "{chain}"
         );
     }
+}
+
+#[test]
+fn explain_names_the_tier_policy_and_rule_that_decided() {
+    use crate::compile::explain::{Query, explain};
+    let mut admin = cnp("admin", Tier::Admin, 1, "x");
+    admin.ingress = vec![
+        rule(Pass, vec![from_ns("y")], Some(vec![tcp(80, 80)])),
+        rule(Deny, vec![from_ns("z")], None),
+    ];
+    let mut baseline = cnp("baseline", Tier::Baseline, 1, "x");
+    baseline.ingress = vec![rule(
+        Accept,
+        vec![from_ns("y")],
+        Some(vec![ClusterPort::Named("serve-80-tcp".into())]),
+    )];
+    let s = with_policies(
+        with(cluster(), vec![admin, baseline]),
+        &["metadata: {name: np, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress]"],
+    );
+    let explained = |from: &str, to: &str| {
+        let e = explain(
+            &s,
+            &Query {
+                from: from.parse().unwrap(),
+                to: to.parse().unwrap(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                family: Some(Family::V6),
+            },
+        )
+        .unwrap();
+        assert_eq!(e.allowed, tcp80(&s, from, to), "{e}");
+        e
+    };
+    // Admin Deny.
+    let e = explained("z/a", "x/b");
+    let d = &e.ingress.decided_by;
+    assert_eq!(
+        (
+            d.stage.as_str(),
+            d.policy.as_deref(),
+            d.rule,
+            d.action.as_str()
+        ),
+        ("Admin", Some("admin"), Some(1), "Deny"),
+        "{e}"
+    );
+    assert_eq!(
+        e.ingress.cluster_policies,
+        ["Admin/admin", "Baseline/baseline"]
+    );
+    assert!(
+        e.to_string()
+            .contains("decided by: Admin admin rule 1 (\"deny-rule\"): Deny"),
+        "{e}"
+    );
+    // Admin Pass, then the NetworkPolicy decides.
+    let e = explained("y/a", "x/a");
+    assert_eq!(e.ingress.cluster_rules.len(), 1, "{e}");
+    assert_eq!(e.ingress.cluster_rules[0].action, "Pass");
+    assert_eq!(
+        e.ingress.cluster_rules[0].port.as_ref().unwrap().what,
+        "TCP 80"
+    );
+    assert_eq!(e.ingress.decided_by.stage, "NetworkPolicy");
+    assert_eq!(e.ingress.decided_by.action, "Deny");
+    // Admin Pass, no NetworkPolicy: the Baseline Accept on a named port.
+    let e = explained("y/a", "x/b");
+    let d = &e.ingress.decided_by;
+    assert_eq!(
+        (
+            d.stage.as_str(),
+            d.policy.as_deref(),
+            d.rule_name.as_deref()
+        ),
+        ("Baseline", Some("baseline"), Some("accept-rule")),
+        "{e}"
+    );
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["ingress"]["decided_by"]["action"], "Accept");
+    assert_eq!(json["ingress"]["cluster_rules"][1]["tier"], "Baseline");
+    assert!(
+        json["ingress"]["cluster_rules"][1]["port"]["what"]
+            .as_str()
+            .unwrap()
+            .contains("TCP 80 on the destination"),
+        "{json}"
+    );
+    // Not a subject in this direction: nothing decided.
+    assert_eq!(e.egress.decided_by.stage, "none");
 }

@@ -16,7 +16,7 @@ use super::view::{
     HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT, View, maxelem_for,
 };
 use crate::compile::ir::{
-    ALLOW_MARK, DesiredState, TIER_MARK, Family, Hook, Match, Rule, SetDirection, Target,
+    ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, TIER_MARK, Target,
 };
 use std::collections::BTreeMap;
 use std::fmt::Write;
