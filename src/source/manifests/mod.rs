@@ -1,8 +1,9 @@
 //! The manifests source: a directory of Kubernetes YAML/JSON files → one `ClusterSnapshot`.
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read, in name order;
-//! multi-document files and `kind: List` are supported. Namespace, Pod and NetworkPolicy objects
-//! are used; other kinds are skipped. Any malformed file fails the whole load, so a half-read
+//! multi-document files and `kind: List` are supported. Namespace, Pod, NetworkPolicy, Node and
+//! ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) objects are used; other kinds are
+//! skipped. Any malformed file fails the whole load, so a half-read
 //! directory never reaches the kernel. So does an entry that cannot be read (a dangling symlink,
 //! a FIFO, a file without permission): silently skipping it would drop its policies.
 //!
@@ -27,5 +28,7 @@ pub use load::{load_dir, load_dir_with_limit, load_text};
 pub use poll::DirSource;
 pub use read::{DEFAULT_MAX_FILE_BYTES, LoadError, Location, MAX_DEPTH, manifest_files};
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;

@@ -2,8 +2,8 @@
 //! typed and converted object by object.
 
 use super::read::{LoadError, Location, MAX_DEPTH};
-use crate::model::{ClusterSnapshot, Namespace, Pod, Policy};
-use crate::source::convert;
+use crate::model::{ClusterPolicy, ClusterSnapshot, Namespace, NodeInfo, Pod, Policy};
+use crate::source::convert::{self, cluster_policy_api as cnp};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
@@ -21,7 +21,8 @@ pub(super) enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Policy(Policy),
-    Node(String, Vec<IpNet>),
+    Node(String, Vec<IpNet>, NodeInfo),
+    ClusterPolicy(ClusterPolicy),
 }
 
 /// What a run of documents gave: the objects converted before the first error (in order), that
@@ -97,9 +98,15 @@ impl Loader {
                     self.remember("NetworkPolicy", &pol.key(), &at)?;
                     self.snapshot.policies.push(pol);
                 }
-                Object::Node(name, cidrs) => {
+                Object::Node(name, cidrs, info) => {
                     self.remember("Node", &name, &at)?;
-                    self.snapshot.node_pod_cidrs.insert(name, cidrs);
+                    self.snapshot.node_pod_cidrs.insert(name.clone(), cidrs);
+                    self.snapshot.nodes.insert(name, info);
+                }
+                Object::ClusterPolicy(cnp) => {
+                    self.remember(cnp::KIND, &cnp.name, &at)?;
+                    convert::warn_domain_names_once(&cnp);
+                    self.snapshot.cluster_policies.push(cnp);
                 }
             }
         }
@@ -181,7 +188,8 @@ fn convert_value(
         | (_, "NamespaceList")
         | (_, "PodList")
         | (_, "NetworkPolicyList")
-        | (_, "NodeList") => {
+        | (_, "NodeList")
+        | (_, "ClusterNetworkPolicyList") => {
             let mut value = value;
             let items = match value.get_mut("items").map(serde_json::Value::take) {
                 None | Some(serde_json::Value::Null) => return Ok(()),
@@ -220,9 +228,16 @@ fn convert_value(
         ("v1", "Node") => {
             let node: core::Node = typed(value, &at)?;
             let (name, cidrs) = convert::pod_cidrs(&node).map_err(|e| fail(&at, e))?;
-            Object::Node(name, cidrs)
+            let info = convert::node_info(&node).map_err(|e| fail(&at, e.to_string()))?;
+            Object::Node(name, cidrs, info)
         }
-        (_, "Namespace" | "Pod" | "NetworkPolicy" | "Node") => {
+        (cnp::API_VERSION, cnp::KIND) => {
+            let policy: convert::ClusterNetworkPolicy = typed(value, &at)?;
+            Object::ClusterPolicy(
+                convert::cluster_policy(&policy).map_err(|e| fail(&at, e.to_string()))?,
+            )
+        }
+        (_, "Namespace" | "Pod" | "NetworkPolicy" | "Node" | cnp::KIND) => {
             return Err(fail(
                 &at,
                 format!("unsupported apiVersion {api_version:?} for {kind}"),
