@@ -6,6 +6,7 @@
 
 mod abuse;
 mod agent;
+mod cnp;
 mod explain;
 mod faults;
 mod hardening;

@@ -195,6 +195,8 @@ pub struct Lab {
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub manifests: PathBuf,
+    /// The ports every pod serves on TCP and UDP (`PORTS` unless built with [`Lab::with_layout`]).
+    pub ports: Vec<u16>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
 }
@@ -209,6 +211,24 @@ impl Lab {
         node_count: usize,
         node_of: impl Fn(&str, &str) -> usize,
     ) -> Lab {
+        let pods: Vec<(&str, &str)> = NAMESPACES
+            .iter()
+            .flat_map(|ns| PODS.iter().map(move |pod| (*ns, *pod)))
+            .collect();
+        let lab = Lab::with_layout(agent_bin, node_count, &pods, &PORTS, node_of);
+        lab.write_cluster_manifests(&[]);
+        lab
+    }
+
+    /// A lab with other pods (`(namespace, name)`, e.g. the ClusterNetworkPolicy conformance
+    /// suite's) serving TCP and UDP on `ports`. Writes no manifests: the caller knows its labels.
+    pub fn with_layout(
+        agent_bin: impl Into<PathBuf>,
+        node_count: usize,
+        layout: &[(&str, &str)],
+        ports: &[u16],
+        node_of: impl Fn(&str, &str) -> usize,
+    ) -> Lab {
         let id = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("kni{}-{id}", std::process::id() % 100_000);
         let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
@@ -221,6 +241,7 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             manifests,
+            ports: ports.to_vec(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
         };
@@ -295,12 +316,18 @@ impl Lab {
         for (i, lines) in node_lines.iter().enumerate() {
             ip_batch(&lab.nodes[i].netns, lines);
         }
-        for (ni, ns) in NAMESPACES.iter().enumerate() {
-            for (pi, pod) in PODS.iter().enumerate() {
+        {
+            for (k, (ns, pod)) in layout.iter().enumerate() {
                 let node = node_of(ns, pod);
-                let netns = format!("{prefix}-{ns}{pod}");
-                let host_if = format!("v{ns}{pod}");
-                let k = (ni * 3 + pi + 2) as u8;
+                // Short names (interface names have 15 characters) for the long ones.
+                let short = if ns.len() + pod.len() <= 4 {
+                    format!("{ns}{pod}")
+                } else {
+                    format!("p{k}")
+                };
+                let netns = format!("{prefix}-{short}");
+                let host_if = format!("v{short}");
+                let k = (k + 2) as u8;
                 let v4 = Ipv4Addr::new(10, 244, node as u8 + 1, k);
                 let v6: Ipv6Addr = format!("fd00:244:{}::{k}", node + 1).parse().unwrap();
                 add_pod_netns(&lab.nodes[node].netns, &netns, &host_if, v4, v6);
@@ -323,13 +350,12 @@ impl Lab {
         for (netns, who) in targets {
             lab.serve(&netns, &who);
         }
-        lab.write_cluster_manifests(&[]);
         lab
     }
 
     /// TCP and UDP servers on ports 80 and 81 (both families) that answer with `who`.
     fn serve(&mut self, netns: &str, who: &str) {
-        for port in PORTS {
+        for port in self.ports.clone() {
             let stop = self.stop.clone();
             let reply = who.to_string();
             let tcp = in_netns(netns, move || {
@@ -791,7 +817,7 @@ pub fn check_matrix(lab: &Lab, expect: &dyn Fn(&Probe) -> bool) -> Vec<String> {
                 continue;
             }
             for proto in [Proto::Tcp, Proto::Udp] {
-                for port in PORTS {
+                for &port in &lab.ports {
                     for v6 in [false, true] {
                         probes.push(Probe {
                             from: from.key(),
