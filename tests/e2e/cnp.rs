@@ -10,7 +10,92 @@
 //! plus the tier pitfalls the issue lists. Expectations are written out by hand.
 
 use kni_testlab::lab::{self, Lab, Probe, Proto, check_matrix, skip_unless_root, wait_until};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// A long-lived TCP flow between two pods (its own echo server on port 7000 of the
+/// destination): a line every 100 ms, counting the echoes.
+struct EchoFlow {
+    stop: Arc<AtomicBool>,
+    echoes: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EchoFlow {
+    fn start(lab: &Lab, from: &str, to: &str) -> EchoFlow {
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoes = Arc::new(AtomicUsize::new(0));
+        let listener = lab::in_netns(&lab.pod(to).netns, || {
+            TcpListener::bind(("::", 7000)).unwrap()
+        })
+        .join()
+        .unwrap();
+        let server_stop = stop.clone();
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            while !server_stop.load(Ordering::Relaxed) {
+                match s.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        let target = SocketAddr::new(lab.pod(to).ip(false), 7000);
+        let (client_stop, count) = (stop.clone(), echoes.clone());
+        let client = lab::in_netns(&lab.pod(from).netns, move || {
+            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(150)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            while !client_stop.load(Ordering::Relaxed) {
+                if s.write_all(b"line\n").is_err() {
+                    return;
+                }
+                match s.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return,
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        EchoFlow {
+            stop,
+            echoes,
+            threads: vec![server, client],
+        }
+    }
+
+    fn echoes(&self) -> usize {
+        self.echoes.load(Ordering::Relaxed)
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
 
 const HOUSES: [(&str, &str); 4] = [
     ("gryffindor", "harry-potter"),
@@ -130,9 +215,18 @@ fn tcp(p: &Probe, port: u16) -> bool {
 /// the upstream test's reorderings (deny first, pass first).
 fn ingress_tcp(order: [usize; 3]) -> String {
     let first_three = [
-        format!("  - {{name: allow-from-ravenclaw-everything, action: Accept, from: [{}]}}", from("ravenclaw")),
-        format!("  - {{name: deny-from-ravenclaw-everything, action: Deny, from: [{}]}}", from("ravenclaw")),
-        format!("  - {{name: pass-from-ravenclaw-everything, action: Pass, from: [{}]}}", from("ravenclaw")),
+        format!(
+            "  - {{name: allow-from-ravenclaw-everything, action: Accept, from: [{}]}}",
+            from("ravenclaw")
+        ),
+        format!(
+            "  - {{name: deny-from-ravenclaw-everything, action: Deny, from: [{}]}}",
+            from("ravenclaw")
+        ),
+        format!(
+            "  - {{name: pass-from-ravenclaw-everything, action: Pass, from: [{}]}}",
+            from("ravenclaw")
+        ),
     ];
     let mut rules: Vec<String> = order.iter().map(|i| first_three[*i].clone()).collect();
     rules.extend([
@@ -155,13 +249,16 @@ fn cases(lab: &Lab) -> Vec<Case> {
     let s1 = lab.pod(&format!("{}/draco-malfoy-1", namespace("slytherin")));
     let (r0_key, s1_key) = (r0.key(), s1.key());
     let mut c = vec![
-        case("no cluster policies: everything reaches everything", vec![], |_| true),
+        case(
+            "no cluster policies: everything reaches everything",
+            vec![],
+            |_| true,
+        ),
         case(
             "CNPAdminTierIngressTCP: accept, deny and pass in order, per port",
             vec![ingress_tcp([0, 1, 2])],
             move |p| {
-                !(into_g(p, "slytherin") && tcp(p, 80)
-                    || into_g(p, "hufflepuff") && !tcp(p, 80))
+                !(into_g(p, "slytherin") && tcp(p, 80) || into_g(p, "hufflepuff") && !tcp(p, 80))
             },
         ),
         case(
@@ -177,8 +274,7 @@ fn cases(lab: &Lab) -> Vec<Case> {
             "CNPAdminTierIngressTCP: pass first, nothing below denies",
             vec![ingress_tcp([2, 1, 0])],
             move |p| {
-                !(into_g(p, "slytherin") && tcp(p, 80)
-                    || into_g(p, "hufflepuff") && !tcp(p, 80))
+                !(into_g(p, "slytherin") && tcp(p, 80) || into_g(p, "hufflepuff") && !tcp(p, 80))
             },
         ),
         // Modelled on admin_tier/standard-egress-udp-rules.yaml: UDP rules leave TCP alone (a
@@ -229,14 +325,20 @@ fn cases(lab: &Lab) -> Vec<Case> {
                     "Admin",
                     10,
                     "gryffindor",
-                    &format!("  ingress: [{{action: Pass, from: [{}]}}]", from("slytherin")),
+                    &format!(
+                        "  ingress: [{{action: Pass, from: [{}]}}]",
+                        from("slytherin")
+                    ),
                 ),
                 cnp(
                     "deny-slytherin",
                     "Admin",
                     20,
                     "gryffindor",
-                    &format!("  ingress: [{{action: Deny, from: [{}]}}]", from("slytherin")),
+                    &format!(
+                        "  ingress: [{{action: Deny, from: [{}]}}]",
+                        from("slytherin")
+                    ),
                 ),
                 np(
                     "gryffindor",
@@ -263,13 +365,20 @@ fn cases(lab: &Lab) -> Vec<Case> {
         case(
             "Admin Deny wins over a NetworkPolicy allow",
             vec![
-                np("slytherin", "allow-all", "  podSelector: {}\n  ingress: [{}]"),
+                np(
+                    "slytherin",
+                    "allow-all",
+                    "  podSelector: {}\n  ingress: [{}]",
+                ),
                 cnp(
                     "deny-ravenclaw",
                     "Admin",
                     1,
                     "slytherin",
-                    &format!("  ingress: [{{action: Deny, from: [{}]}}]", from("ravenclaw")),
+                    &format!(
+                        "  ingress: [{{action: Deny, from: [{}]}}]",
+                        from("ravenclaw")
+                    ),
                 ),
             ],
             |p| !(house(&p.to) == "slytherin" && house(&p.from) == "ravenclaw"),
@@ -383,7 +492,11 @@ fn run_cases(test: &str, backend: &str) {
     // Deleted: no chain of ours stands for a cluster policy any more.
     let state = lab.our_state(backend);
     assert!(!state.contains("KNI-CNP"), "{test}: left behind:\n{state}");
-    assert!(failures.is_empty(), "{test} ({backend}):\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{test} ({backend}):\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -415,14 +528,20 @@ fn running_agent(test: &str, backend: &str) {
                 "Admin",
                 50,
                 "gryffindor",
-                &format!("  ingress: [{{name: deny-all-ingress-from-slytherin, action: Deny, from: [{}]}}]", from("slytherin")),
+                &format!(
+                    "  ingress: [{{name: deny-all-ingress-from-slytherin, action: Deny, from: [{}]}}]",
+                    from("slytherin")
+                ),
             ),
             cnp(
                 "old-priority-60-new-priority-40-example",
                 "Admin",
                 accept_priority,
                 "gryffindor",
-                &format!("  ingress: [{{name: allow-all-ingress-from-slytherin, action: Accept, from: [{}]}}]", from("slytherin")),
+                &format!(
+                    "  ingress: [{{name: allow-all-ingress-from-slytherin, action: Accept, from: [{}]}}]",
+                    from("slytherin")
+                ),
             ),
             cnp(
                 "deny-blue",
@@ -440,7 +559,9 @@ fn running_agent(test: &str, backend: &str) {
     wait_until("priority 50 deny applies", limit, || !lab.tcp(&s0, &g0, 80));
     assert!(lab.tcp(&h0, &g0, 80));
     lab.write_file("policies.yaml", &priority(40).join("\n---\n"));
-    wait_until("priority 40 accept applies", limit, || lab.tcp(&s0, &g0, 80));
+    wait_until("priority 40 accept applies", limit, || {
+        lab.tcp(&s0, &g0, 80)
+    });
     lab.write_file(
         "cluster.yaml",
         &cluster_yaml(&lab, &[("hufflepuff", "team", "blue")]),
@@ -449,6 +570,21 @@ fn running_agent(test: &str, backend: &str) {
         !lab.tcp(&h0, &g0, 80)
     });
     assert!(lab.tcp(&s0, &g0, 80));
+
+    // Strict mode: the priority going back denies an established flow, which is cut.
+    let flow = EchoFlow::start(&lab, &s0, &g0);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(flow.echoes() >= 3, "{test}: the flow does not work");
+    lab.write_file("policies.yaml", &priority(60).join("\n---\n"));
+    let (s_netns, g_ip) = (lab.pod(&s0).netns.clone(), lab.pod(&g0).ip(false));
+    wait_until("the deny is back", limit, || {
+        !lab::probe(&s_netns, g_ip, Proto::Tcp, 80)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let at = flow.echoes();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(flow.echoes(), at, "{test}: the denied flow goes on");
+    flow.stop();
     drop(_agent);
 
     // nodes peers (experimental): node1 has role=infra; its addresses, both families.
@@ -473,7 +609,10 @@ fn running_agent(test: &str, backend: &str) {
         "Admin",
         1,
         "gryffindor",
-        &format!("  ingress: [{{action: Deny, from: [{}]}}]", from("slytherin")),
+        &format!(
+            "  ingress: [{{action: Deny, from: [{}]}}]",
+            from("slytherin")
+        ),
     );
     lab.write_file("policies.yaml", &deny);
     let once = || {
