@@ -440,6 +440,84 @@ fn cases(lab: &Lab) -> Vec<Case> {
             |p| !(house(&p.to) == "ravenclaw" && house(&p.from) == "hufflepuff"),
         ),
     ];
+    // Modelled on admin_tier/standard-egress-inline-cidr-rules.yaml and its test's variant with
+    // an Accept for two pod addresses inserted first.
+    let cidr_policy = |first: Option<String>| {
+        let mut rules = first.into_iter().collect::<Vec<_>>();
+        rules.push(format!(
+            "  - {{name: allow-egress-to-slytherin, action: Accept, to: [{{pods: {{namespaceSelector: {{matchLabels: {{conformance-house: slytherin}}}}, podSelector: {{matchLabels: {{conformance-house: slytherin}}}}}}}}]}}"
+        ));
+        rules.push(
+            "  - {name: deny-egress-to-internet, action: Deny, to: [{networks: [0.0.0.0/0, '::/0']}]}"
+                .into(),
+        );
+        cnp(
+            "inline-cidr-as-peers-example",
+            "Admin",
+            85,
+            "gryffindor",
+            &format!("  egress:\n{}", rules.join("\n")),
+        )
+    };
+    c.push(case(
+        "CNPAdminTierEgressInlineCIDRPeers: deny to 0.0.0.0/0 and ::/0",
+        vec![cidr_policy(None)],
+        |p| !(house(&p.from) == "gryffindor" && house(&p.to) != "slytherin"),
+    ));
+    let h0 = lab.pod(&format!("{}/cedric-diggory-0", namespace("hufflepuff")));
+    let (r0_v4, h0_v6) = (r0.v4, h0.v6);
+    let (r0_key, h0_key) = (r0.key(), h0.key());
+    c.push(case(
+        "CNPAdminTierEgressInlineCIDRPeers: accept to a pod's IPv4 and another's IPv6 first",
+        vec![cidr_policy(Some(format!(
+            "  - {{name: allow-egress-to-specific-podIPs, action: Accept, to: [{{networks: [{r0_v4}/32, '{h0_v6}/128']}}]}}"
+        )))],
+        move |p| {
+            house(&p.from) != "gryffindor"
+                || house(&p.to) == "slytherin"
+                || p.to == r0_key && !p.v6
+                || p.to == h0_key && p.v6
+        },
+    ));
+    // Modelled on baseline_tier/standard-gress-rules-combined.yaml (the `default` policy; the
+    // subject by the kubernetes.io/metadata.name label the API server adds).
+    let combined = |dir: &str, peer: &str| {
+        let at = |h: &str| {
+            format!(
+                "{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}}}",
+                namespace(h)
+            )
+        };
+        format!(
+            "  {dir}:\n  - {{name: accept-ravenclaw, action: Accept, {peer}: [{r}]}}\n  - {{name: deny-ravenclaw, action: Deny, {peer}: [{r}]}}\n  - {{name: deny-slytherin-80-53-9003, action: Deny, {peer}: [{s}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}, {{udp: {{destinationPort: {{number: 53}}}}}}, {{sctp: {{destinationPort: {{number: 9003}}}}}}]}}\n  - {{name: accept-hufflepuff-8080-5353-9003, action: Accept, {peer}: [{h}], protocols: [{{tcp: {{destinationPort: {{number: 8080}}}}}}, {{udp: {{destinationPort: {{number: 5353}}}}}}, {{sctp: {{destinationPort: {{number: 9003}}}}}}]}}\n  - {{name: deny-hufflepuff-everything-else, action: Deny, {peer}: [{h}]}}",
+            r = at("ravenclaw"),
+            s = at("slytherin"),
+            h = at("hufflepuff"),
+        )
+    };
+    c.push(case(
+        "CNPBaselineTierGressRules: combined egress and ingress rules in order",
+        vec![format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: default}}\nspec:\n  tier: Baseline\n  priority: 10\n  subject:\n    namespaces: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}\n{}\n{}",
+            namespace("gryffindor"),
+            combined("egress", "to"),
+            combined("ingress", "from"),
+        )],
+        |p| {
+            let other = match (house(&p.from), house(&p.to)) {
+                ("gryffindor", "gryffindor") => return true,
+                ("gryffindor", to) => to,
+                (from, "gryffindor") => from,
+                _ => return true,
+            };
+            let udp = p.proto == Proto::Udp;
+            match other {
+                "slytherin" => !(tcp(p, 80) || udp && p.port == 53),
+                "hufflepuff" => tcp(p, 8080) || udp && p.port == 5353,
+                _ => true,
+            }
+        },
+    ));
     let mut relabelled = case(
         "namespace label selects a new peer",
         vec![cnp(
