@@ -444,9 +444,10 @@ fn cases(lab: &Lab) -> Vec<Case> {
     // an Accept for two pod addresses inserted first.
     let cidr_policy = |first: Option<String>| {
         let mut rules = first.into_iter().collect::<Vec<_>>();
-        rules.push(format!(
-            "  - {{name: allow-egress-to-slytherin, action: Accept, to: [{{pods: {{namespaceSelector: {{matchLabels: {{conformance-house: slytherin}}}}, podSelector: {{matchLabels: {{conformance-house: slytherin}}}}}}}}]}}"
-        ));
+        rules.push(
+            "  - {name: allow-egress-to-slytherin, action: Accept, to: [{pods: {namespaceSelector: {matchLabels: {conformance-house: slytherin}}, podSelector: {matchLabels: {conformance-house: slytherin}}}}]}"
+                .into(),
+        );
         rules.push(
             "  - {name: deny-egress-to-internet, action: Deny, to: [{networks: [0.0.0.0/0, '::/0']}]}"
                 .into(),
