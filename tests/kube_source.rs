@@ -572,3 +572,323 @@ async fn the_fake_api_server_lists_like_kube_apiserver() {
         other => panic!("expected 403 Forbidden, got {other:?}"),
     }
 }
+
+// ClusterNetworkPolicy (issue 14): served only while its CRD is installed; Nodes only while a
+// policy selects them.
+
+const RECHECK: Duration = Duration::from_millis(200);
+
+/// Waits until a metric series has `value` (metrics follow the store a moment later).
+async fn metric_becomes(metrics: &Metrics, series: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(metrics, series) != Some(value) {
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {:?}, not {value}",
+            metric(metrics, series)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn cnp(name: &str, priority: u32) -> String {
+    format!(
+        "metadata: {{name: {name}}}\nspec: {{tier: Admin, priority: {priority}, subject: {{namespaces: {{matchLabels: {{team: a}}}}}}, ingress: [{{action: Deny, from: [{{namespaces: {{}}}}]}}]}}"
+    )
+}
+
+fn cnp_names(s: &kube_netpol_iptables::model::ClusterSnapshot) -> Vec<(String, u32)> {
+    s.cluster_policies
+        .iter()
+        .map(|p| (p.name.clone(), p.priority))
+        .collect()
+}
+
+/// Without the CRD the agent has its view (and would be ready); the CRD installed later is
+/// picked up by discovery, its policies follow the API, and deleting the CRD drops them while
+/// everything else stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_network_policies_follow_the_crd_and_the_api() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    let metrics = synced_metrics();
+    let store = kube_source::start_with(api.client(), Some(metrics.clone()), RECHECK);
+    let s = until(&store, "view without the CRD", |s| s.pods.len() == 1).await;
+    assert!(s.cluster_policies.is_empty());
+    ready_within(&metrics, Duration::from_secs(10)).await;
+    assert!(
+        api.requests_of(Kind::ClusterNetworkPolicy, false)
+            .is_empty()
+    );
+
+    api.install_cluster_policy_crd();
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("a", 10));
+    let s = until(&store, "CNP after the CRD was installed", |s| {
+        s.cluster_policies.len() == 1
+    })
+    .await;
+    assert_eq!(cnp_names(&s), [("a".to_string(), 10)]);
+    metric_becomes(
+        &metrics,
+        "kni_cluster_network_policies{tier=\"Admin\"}",
+        1.0,
+    )
+    .await;
+    // Lists come from the watch cache like the other kinds'.
+    assert!(
+        assert_watch_cache_lists(
+            &api,
+            Kind::ClusterNetworkPolicy,
+            Instant::now() - Duration::from_secs(60)
+        ) >= 1
+    );
+
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("a", 20));
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("b", 5));
+    until(&store, "priority change and a second CNP", |s| {
+        cnp_names(s) == [("a".to_string(), 20), ("b".to_string(), 5)]
+    })
+    .await;
+    api.delete(Kind::ClusterNetworkPolicy, "b");
+    until(&store, "CNP deleted", |s| {
+        cnp_names(s) == [("a".to_string(), 20)]
+    })
+    .await;
+
+    api.remove_cluster_policy_crd();
+    let s = until(&store, "CRD deleted", |s| s.cluster_policies.is_empty()).await;
+    assert_eq!(pod_keys(&s), ["x/a"]);
+    assert_eq!(s.policies.len(), 1);
+    // Still following the cluster, and ready.
+    api.apply(
+        Kind::NetworkPolicy,
+        "metadata: {name: more, namespace: y}\nspec: {podSelector: {}}",
+    );
+    until(&store, "NetworkPolicy after the CRD went", |s| {
+        s.policies.len() == 2
+    })
+    .await;
+    ready_within(&metrics, Duration::from_secs(10)).await;
+    metric_becomes(
+        &metrics,
+        "kni_cluster_network_policies{tier=\"Admin\"}",
+        0.0,
+    )
+    .await;
+
+    // And installed again.
+    api.install_cluster_policy_crd();
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("c", 1));
+    until(&store, "CNP after the CRD came back", |s| {
+        cnp_names(s) == [("c".to_string(), 1)]
+    })
+    .await;
+}
+
+/// Discovery is asked again while the CRD is absent, at the interval given, not in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_is_asked_again_at_the_recheck_interval() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    let _store = kube_source::start_with(api.client(), None, Duration::from_millis(500));
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let asked = api.shared.cnp_discoveries.load(Ordering::Relaxed);
+    assert!(
+        (4..=6).contains(&asked),
+        "{asked} discovery requests in 2.2 s"
+    );
+}
+
+/// With the CRD served at start, nothing is handed out before ClusterNetworkPolicies have
+/// listed: the first sync never goes without the admin's policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_crd_is_listed_before_the_first_snapshot() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("a", 1));
+    api.hold_lists(Kind::ClusterNetworkPolicy);
+    let store = kube_source::start_with(api.client(), None, RECHECK);
+    watching(&api, Kind::NetworkPolicy).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(store.generation().is_none());
+    assert!(store.snapshot().is_none());
+    api.release();
+    let s = until(&store, "first snapshot", |_| true).await;
+    assert_eq!(cnp_names(&s), [("a".to_string(), 1)]);
+}
+
+/// An invalid ClusterNetworkPolicy is logged, counted and left out; the others are enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_cluster_network_policy_is_counted_and_skipped() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("good", 1));
+    // What a CRD without the CEL rules (or an older one) could let through.
+    api.apply(
+        Kind::ClusterNetworkPolicy,
+        "metadata: {name: bad}\nspec: {tier: Admin, priority: 3, subject: {namespaces: {}}, egress: [{action: Deny, to: [{networks: [10.0.0.0/33]}]}]}",
+    );
+    let metrics = synced_metrics();
+    let store = kube_source::start_with(api.client(), Some(metrics.clone()), RECHECK);
+    let s = until(&store, "initial list", |s| !s.cluster_policies.is_empty()).await;
+    assert_eq!(cnp_names(&s), [("good".to_string(), 1)]);
+    assert_eq!(store.invalid_counts()["ClusterNetworkPolicy"], 1);
+    metric_becomes(
+        &metrics,
+        "kni_invalid_objects{kind=\"ClusterNetworkPolicy\"}",
+        1.0,
+    )
+    .await;
+    api.apply(
+        Kind::ClusterNetworkPolicy,
+        "metadata: {name: bad}\nspec: {tier: Baseline, priority: 3, subject: {namespaces: {}}, egress: [{action: Deny, to: [{networks: [10.0.0.0/8]}]}]}",
+    );
+    until(&store, "fixed CNP", |s| s.cluster_policies.len() == 2).await;
+    assert_eq!(store.invalid_counts()["ClusterNetworkPolicy"], 0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    metric_becomes(
+        &metrics,
+        "kni_invalid_objects{kind=\"ClusterNetworkPolicy\"}",
+        0.0,
+    )
+    .await;
+    metric_becomes(
+        &metrics,
+        "kni_cluster_network_policies{tier=\"Baseline\"}",
+        1.0,
+    )
+    .await;
+}
+
+fn node_lists(api: &FakeApi) -> usize {
+    api.requests_of(Kind::Node, false).len()
+}
+
+/// Every Node is listed and watched only while a ClusterNetworkPolicy has a `nodes` peer; then
+/// their labels and addresses are in the snapshot and follow the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_watched_only_while_a_policy_selects_nodes() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(
+        Kind::Node,
+        "metadata: {name: n1, labels: {role: infra}}\nstatus: {addresses: [{type: InternalIP, address: 10.9.0.1}, {type: Hostname, address: n1}, {type: InternalIP, address: 'fd00:9::1'}]}",
+    );
+    api.apply(
+        Kind::Node,
+        "metadata: {name: n2}\nstatus: {addresses: [{type: ExternalIP, address: 203.0.113.2}]}",
+    );
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("pods-only", 1));
+    let store = kube_source::start_with(api.client(), None, RECHECK);
+    let s = until(&store, "initial list", |s| s.cluster_policies.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(s.nodes.is_empty());
+    assert_eq!(node_lists(&api), 0, "nodes listed without a nodes peer");
+
+    let to_infra = "metadata: {name: to-infra}\nspec: {tier: Admin, priority: 2, subject: {namespaces: {}}, egress: [{action: Deny, to: [{nodes: {matchLabels: {role: infra}}}]}]}";
+    api.apply(Kind::ClusterNetworkPolicy, to_infra);
+    let s = until(&store, "nodes listed", |s| s.nodes.len() == 2).await;
+    assert_eq!(s.cluster_policies.len(), 2);
+    let ips: Vec<String> = s.nodes["n1"]
+        .addresses
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(ips, ["10.9.0.1", "fd00:9::1"]);
+    assert_eq!(s.nodes["n1"].labels["role"], "infra");
+    assert_eq!(
+        s.nodes["n2"].addresses,
+        ["203.0.113.2".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let lists = node_lists(&api);
+    assert!(lists >= 1);
+    // Without a field selector: every node.
+    assert!(
+        api.requests_of(Kind::Node, false)
+            .iter()
+            .all(|r| !r.query.contains_key("fieldSelector"))
+    );
+
+    api.apply(
+        Kind::Node,
+        "metadata: {name: n2, labels: {role: infra}}\nstatus: {addresses: [{type: ExternalIP, address: 203.0.113.3}]}",
+    );
+    until(&store, "node relabelled and readdressed", |s| {
+        s.nodes.get("n2").is_some_and(|n| {
+            n.labels.get("role").is_some_and(|r| r == "infra")
+                && n.addresses == ["203.0.113.3".parse::<std::net::IpAddr>().unwrap()]
+        })
+    })
+    .await;
+    api.delete(Kind::Node, "n1");
+    until(&store, "node deleted", |s| s.nodes.len() == 1).await;
+
+    // No more nodes peers: the node view is dropped and the watch stops.
+    api.delete(Kind::ClusterNetworkPolicy, "to-infra");
+    until(&store, "nodes dropped", |s| {
+        s.nodes.is_empty() && s.cluster_policies.len() == 1
+    })
+    .await;
+    let watches = api.requests_of(Kind::Node, true).len();
+    api.apply(Kind::Node, "metadata: {name: n3}");
+    api.cap_watches(Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        api.requests_of(Kind::Node, true).len(),
+        watches,
+        "nodes still watched"
+    );
+    assert_eq!(node_lists(&api), lists);
+    assert!(store.snapshot().unwrap().1.nodes.is_empty());
+}
+
+/// A policy with a `nodes` peer present at start: the first snapshot waits for the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_snapshot_waits_for_the_nodes_a_policy_needs() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(
+        Kind::Node,
+        "metadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: 10.9.0.1}]}",
+    );
+    api.apply(
+        Kind::ClusterNetworkPolicy,
+        "metadata: {name: to-nodes}\nspec: {tier: Baseline, priority: 2, subject: {namespaces: {}}, egress: [{action: Accept, to: [{nodes: {}}]}]}",
+    );
+    api.hold_lists(Kind::Node);
+    let store = kube_source::start_with(api.client(), None, RECHECK);
+    watching(&api, Kind::ClusterNetworkPolicy).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(store.snapshot().is_none());
+    api.release();
+    let s = until(&store, "first snapshot", |_| true).await;
+    assert_eq!(s.nodes["n1"].addresses.len(), 1);
+}
+
+/// Nodes forbidden (RBAC): the rest is enforced anyway (a policy cannot stop the node following
+/// the cluster), and readiness names the kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_forbidden_do_not_hold_up_the_view() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(
+        Kind::ClusterNetworkPolicy,
+        "metadata: {name: to-nodes}\nspec: {tier: Admin, priority: 2, subject: {namespaces: {}}, egress: [{action: Deny, to: [{nodes: {}}]}]}",
+    );
+    api.set_forbidden(Kind::Node, true);
+    let metrics = synced_metrics();
+    let store = kube_source::start_with(api.client(), Some(metrics.clone()), RECHECK);
+    let s = until(&store, "view without nodes", |s| {
+        s.cluster_policies.len() == 1
+    })
+    .await;
+    assert!(s.nodes.is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let why = metrics.readiness().unwrap_err();
+    assert!(why.contains("cannot read Node"), "{why}");
+}

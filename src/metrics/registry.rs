@@ -28,6 +28,7 @@ pub struct Metrics {
     drift_repairs: Counter,
     retained_chains: Gauge,
     invalid_objects: MetricFamily<Labels, Gauge>,
+    cluster_network_policies: MetricFamily<Labels, Gauge>,
     failed_closed_rules: Gauge,
     /// Policy rules that could not be programmed and allow nothing, one line each (for /readyz).
     failed_closed: Mutex<Vec<String>>,
@@ -122,6 +123,12 @@ impl Metrics {
             "Objects the agent could not use (see its log), by kind",
             invalid_objects.clone(),
         );
+        let cluster_network_policies = MetricFamily::<Labels, Gauge>::default();
+        registry.register(
+            "cluster_network_policies",
+            "Valid ClusterNetworkPolicies (Kubernetes mode), by tier",
+            cluster_network_policies.clone(),
+        );
         let failed_closed_rules = Gauge::default();
         registry.register(
             "policy_rules_failed_closed",
@@ -159,6 +166,7 @@ impl Metrics {
             drift_repairs,
             retained_chains,
             invalid_objects,
+            cluster_network_policies,
             failed_closed_rules,
             failed_closed: Mutex::new(Vec::new()),
             api_readable,
@@ -245,6 +253,12 @@ impl Metrics {
     pub fn set_invalid_objects(&self, kind: &str, count: usize) {
         self.invalid_objects
             .get_or_create(&vec![("kind".into(), kind.into())])
+            .set(count as i64);
+    }
+
+    pub fn set_cluster_policies(&self, tier: &str, count: usize) {
+        self.cluster_network_policies
+            .get_or_create(&vec![("tier".into(), tier.into())])
             .set(count as i64);
     }
 

@@ -18,6 +18,15 @@
 //!   while unavailable, connection refused while stopped, and connections reset on demand; a restart begins a new watch-cache history, so watches
 //!   from before it get 410 as from a restarted kube-apiserver, whose cache starts at "now".
 //!
+//! - ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) exists only while its
+//!   CustomResourceDefinition is installed (`install_cluster_policy_crd`): before, discovery
+//!   (`/apis/policy.networking.k8s.io/v1alpha2`) and the resource answer 404 with kube-apiserver's
+//!   plain-text body (the end of its handler chain is `http.NotFound`:
+//!   staging/src/k8s.io/apiserver/pkg/util/notfoundhandler/not_found_handler.go), after 403 is
+//!   checked as for any path; installed, it is listed and watched like the built-in kinds.
+//!   Deleting the definition deletes its objects first (DELETED events, as the CRD finalizer
+//!   does), then ends the watches and answers 404 again.
+//!
 //! Every request is recorded (kind, query, User-Agent) for tests to check what clients send.
 
 use axum::Router;
@@ -44,14 +53,21 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
-    /// Cluster-scoped; the agent watches only its own, by `fieldSelector=metadata.name=…`.
+    /// Cluster-scoped; the agent watches its own, by `fieldSelector=metadata.name=…`, and all
+    /// while a ClusterNetworkPolicy selects nodes.
     Node,
+    /// Cluster-scoped; served only while its CRD is installed.
+    ClusterNetworkPolicy,
 }
+
+/// The group/version ClusterNetworkPolicy is served in.
+pub const CNP_API_VERSION: &str = "policy.networking.k8s.io/v1alpha2";
 
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::ClusterNetworkPolicy => CNP_API_VERSION,
             _ => "v1",
         }
     }
@@ -61,6 +77,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Node => "Node",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
     /// The resource name, as in RBAC rules and error messages.
@@ -70,6 +87,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::NetworkPolicy => "networkpolicies",
             Kind::Node => "nodes",
+            Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
         }
     }
 }
@@ -107,6 +125,8 @@ struct Inner {
     watch_cap: Option<Duration>,
     /// This many next requests get 429 Too Many Requests with `Retry-After: .1` seconds.
     throttled: (usize, u64),
+    /// Whether the ClusterNetworkPolicy CRD is installed.
+    cnp_crd: bool,
 }
 
 pub struct Shared {
@@ -120,6 +140,8 @@ pub struct Shared {
     pub bookmarks_sent: AtomicUsize,
     pub lists_served: AtomicUsize,
     pub gone_sent: AtomicUsize,
+    /// Discovery requests for `CNP_API_VERSION`.
+    pub cnp_discoveries: AtomicUsize,
     pub requests: Mutex<Vec<Request>>,
 }
 
@@ -155,6 +177,7 @@ impl FakeApi {
             bookmarks_sent: AtomicUsize::new(0),
             lists_served: AtomicUsize::new(0),
             gone_sent: AtomicUsize::new(0),
+            cnp_discoveries: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
         });
         let api = FakeApi {
@@ -184,6 +207,11 @@ impl FakeApi {
             .route(
                 "/apis/networking.k8s.io/v1/networkpolicies",
                 get(|s, h, q| handle(s, h, q, Kind::NetworkPolicy)),
+            )
+            .route(&format!("/apis/{CNP_API_VERSION}"), get(cnp_discovery))
+            .route(
+                &format!("/apis/{CNP_API_VERSION}/clusternetworkpolicies"),
+                get(|s, h, q| handle(s, h, q, Kind::ClusterNetworkPolicy)),
             )
             .with_state(shared);
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
@@ -225,6 +253,10 @@ impl FakeApi {
         obj["apiVersion"] = json!(kind.api_version());
         obj["kind"] = json!(kind.name());
         let mut s = self.shared.inner.lock().unwrap();
+        assert!(
+            kind != Kind::ClusterNetworkPolicy || s.cnp_crd,
+            "no ClusterNetworkPolicy without its CRD (install_cluster_policy_crd)"
+        );
         s.rv += 1;
         let rv = s.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -251,6 +283,30 @@ impl FakeApi {
         }
         drop(s);
         self.shared.changed.notify_waiters();
+    }
+
+    /// Installs the ClusterNetworkPolicy CRD: discovery and the resource are served from now on.
+    pub fn install_cluster_policy_crd(&self) {
+        self.shared.inner.lock().unwrap().cnp_crd = true;
+    }
+
+    /// Deletes the ClusterNetworkPolicy CRD as kube-apiserver does: every object is deleted
+    /// (DELETED events), then the resource stops being served (open watches end, 404 after).
+    pub fn remove_cluster_policy_crd(&self) {
+        let keys: Vec<String> = {
+            let s = self.shared.inner.lock().unwrap();
+            s.objects
+                .get(&Kind::ClusterNetworkPolicy)
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        for key in keys {
+            self.delete(Kind::ClusterNetworkPolicy, &key);
+        }
+        // Let open watches deliver the deletions before they end.
+        std::thread::sleep(Duration::from_millis(300));
+        self.shared.inner.lock().unwrap().cnp_crd = false;
+        self.drop_watches();
     }
 
     /// The current resourceVersion.
@@ -422,6 +478,50 @@ fn status_response(code: u16, reason: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// kube-apiserver's answer for a path nothing serves: Go's `http.NotFound`, plain text.
+fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [("content-type", "text/plain; charset=utf-8")],
+        "404 page not found\n",
+    )
+        .into_response()
+}
+
+/// `GET /apis/policy.networking.k8s.io/v1alpha2`: the APIResourceList while the CRD is
+/// installed, 404 before.
+async fn cnp_discovery(State(shared): State<Arc<Shared>>) -> Response {
+    shared.cnp_discoveries.fetch_add(1, Ordering::Relaxed);
+    let (installed, unavailable) = {
+        let s = shared.inner.lock().unwrap();
+        (s.cnp_crd, s.unavailable)
+    };
+    if unavailable {
+        return status_response(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+        );
+    }
+    if !installed {
+        return not_found();
+    }
+    let body = json!({
+        "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": CNP_API_VERSION,
+        "resources": [{"name": "clusternetworkpolicies", "singularName": "clusternetworkpolicy",
+            "namespaced": false, "kind": "ClusterNetworkPolicy", "shortNames": ["cnp"],
+            "verbs": ["delete", "deletecollection", "get", "list", "patch", "create", "update", "watch"]},
+            {"name": "clusternetworkpolicies/status", "singularName": "", "namespaced": false,
+            "kind": "ClusterNetworkPolicy", "verbs": ["get", "patch", "update"]}],
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 fn expired(message: String) -> Response {
     status_response(410, "Expired", &message)
 }
@@ -461,10 +561,10 @@ async fn handle(
         )
     } else if forbidden {
         let verb = if is_watch { "watch" } else { "list" };
-        let group = if kind == Kind::NetworkPolicy {
-            "networking.k8s.io"
-        } else {
-            ""
+        let group = match kind {
+            Kind::NetworkPolicy => "networking.k8s.io",
+            Kind::ClusterNetworkPolicy => "policy.networking.k8s.io",
+            _ => "",
         };
         status_response(
             403,
@@ -474,6 +574,8 @@ async fn handle(
                 res = kind.resource()
             ),
         )
+    } else if kind == Kind::ClusterNetworkPolicy && !shared.inner.lock().unwrap().cnp_crd {
+        not_found()
     } else if is_watch {
         watch_response(&shared, &q, kind).await
     } else {

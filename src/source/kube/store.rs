@@ -1,8 +1,8 @@
 //! The store of converted objects the watchers fill and the reconcile loop reads.
 
-use crate::model::{ClusterSnapshot, Namespace, Pod, Policy};
+use crate::model::{ClusterPeer, ClusterPolicy, ClusterSnapshot, Namespace, NodeInfo, Pod, Policy};
 use crate::source::Source;
-use crate::source::convert::{self, InvalidField};
+use crate::source::convert::{self, ClusterNetworkPolicy, InvalidField};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use kube::runtime::watcher::Event;
@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// The log target from before the module layout of issue 10, kept so users' log filters still
 /// match.
@@ -26,15 +26,62 @@ pub(super) struct Store {
     invalid: BTreeMap<(&'static str, String), String>,
     /// This node's pod CIDRs, from its Node object (see `node`).
     node_pod_cidrs: BTreeMap<String, Vec<ipnet::IpNet>>,
-    listed: [bool; 3],
+    /// Empty while the API does not serve them (see `cluster_policy`).
+    cluster_policies: BTreeMap<String, ClusterPolicy>,
+    /// Every Node, watched only while some ClusterNetworkPolicy has a `nodes` peer (see
+    /// `node_addresses`); empty otherwise.
+    nodes: BTreeMap<String, NodeInfo>,
+    /// Per kind (`Kind::INDEX`): listed since it has been watched. ClusterNetworkPolicy counts as
+    /// listed when the API does not serve it; Nodes are waited for only while needed.
+    listed: [bool; KINDS],
+    /// Per kind: a list or watch failed since it started being watched.
+    failed: [bool; KINDS],
     generation: u64,
 }
 
+/// Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy, Node.
+const KINDS: usize = 5;
+const NODE_INDEX: usize = 4;
+
+impl Store {
+    /// Whether the first snapshot may be handed out: every kind listed, and Nodes too while some
+    /// policy needs them, unless their watch failed (then the policies are enforced without node
+    /// addresses and readiness says why, rather than holding up every other change).
+    fn complete(&self) -> bool {
+        self.listed[..NODE_INDEX].iter().all(|l| *l)
+            && (self.listed[NODE_INDEX]
+                || self.failed[NODE_INDEX]
+                || !nodes_needed(&self.cluster_policies))
+    }
+}
+
+/// Whether some ClusterNetworkPolicy selects nodes, so every Node's labels and addresses are
+/// needed.
+fn nodes_needed(policies: &BTreeMap<String, ClusterPolicy>) -> bool {
+    policies.values().any(|p| {
+        p.egress
+            .iter()
+            .flat_map(|r| &r.peers)
+            .any(|peer| matches!(peer, ClusterPeer::Nodes(_)))
+    })
+}
+
 /// The store shared by the watchers and the sync loop.
-#[derive(Default)]
 pub struct ClusterStore {
     inner: Mutex<Store>,
     changed: Notify,
+    /// Whether some ClusterNetworkPolicy has a `nodes` peer, for the Node watch to follow.
+    nodes_needed: watch::Sender<bool>,
+}
+
+impl Default for ClusterStore {
+    fn default() -> ClusterStore {
+        ClusterStore {
+            inner: Mutex::default(),
+            changed: Notify::new(),
+            nodes_needed: watch::Sender::new(false),
+        }
+    }
 }
 
 impl ClusterStore {
@@ -46,13 +93,13 @@ impl ClusterStore {
     /// Bumped on every change; `None` until every kind has listed once.
     pub fn generation(&self) -> Option<u64> {
         let s = self.inner.lock().unwrap();
-        s.listed.iter().all(|l| *l).then_some(s.generation)
+        s.complete().then_some(s.generation)
     }
 
     /// The cluster as last seen, once every kind has listed; `None` before.
     pub fn snapshot(&self) -> Option<(u64, ClusterSnapshot)> {
         let s = self.inner.lock().unwrap();
-        if !s.listed.iter().all(|l| *l) {
+        if !s.complete() {
             return None;
         }
         let mut snapshot = ClusterSnapshot {
@@ -64,7 +111,8 @@ impl ClusterStore {
             pods: s.pods.values().cloned().collect(),
             policies: s.policies.values().cloned().collect(),
             node_pod_cidrs: s.node_pod_cidrs.clone(),
-            ..ClusterSnapshot::default()
+            cluster_policies: s.cluster_policies.values().cloned().collect(),
+            nodes: s.nodes.clone(),
         };
         snapshot
             .pods
@@ -75,8 +123,13 @@ impl ClusterStore {
     /// Objects that could not be used, by kind.
     pub fn invalid_counts(&self) -> BTreeMap<&'static str, usize> {
         let s = self.inner.lock().unwrap();
-        let mut counts: BTreeMap<&'static str, usize> =
-            [("Namespace", 0), ("Pod", 0), ("NetworkPolicy", 0)].into();
+        let mut counts: BTreeMap<&'static str, usize> = [
+            ("Namespace", 0),
+            ("Pod", 0),
+            ("NetworkPolicy", 0),
+            ("ClusterNetworkPolicy", 0),
+        ]
+        .into();
         for (kind, _) in s.invalid.keys() {
             *counts.entry(kind).or_default() += 1;
         }
@@ -93,11 +146,50 @@ impl ClusterStore {
         });
     }
 
+    /// Valid ClusterNetworkPolicies per tier (for `kni_cluster_network_policies`).
+    pub fn cluster_policies_per_tier(&self) -> BTreeMap<&'static str, usize> {
+        let s = self.inner.lock().unwrap();
+        let mut counts: BTreeMap<&'static str, usize> = [("Admin", 0), ("Baseline", 0)].into();
+        for p in s.cluster_policies.values() {
+            *counts.entry(p.tier.as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Follows whether every Node's labels and addresses are needed.
+    pub(super) fn nodes_needed(&self) -> watch::Receiver<bool> {
+        self.nodes_needed.subscribe()
+    }
+
+    /// `K` is not (or no longer) served or watched: none of its objects, none invalid; `listed`
+    /// says whether the first snapshot may go without it.
+    pub(super) fn clear_kind<K: Kind>(&self, listed: bool) {
+        self.update(|s| {
+            K::map(s).clear();
+            s.invalid.retain(|(kind, _), _| *kind != K::NAME);
+            s.listed[K::INDEX] = listed;
+            s.failed[K::INDEX] = false;
+        });
+    }
+
+    /// A list or watch of `K` failed.
+    pub(super) fn kind_failed<K: Kind>(&self) {
+        if !self.inner.lock().unwrap().failed[K::INDEX] {
+            self.update(|s| s.failed[K::INDEX] = true);
+        }
+    }
+
     pub(super) fn update(&self, f: impl FnOnce(&mut Store)) {
         let mut s = self.inner.lock().unwrap();
         f(&mut s);
         s.generation += 1;
+        let needed = nodes_needed(&s.cluster_policies);
         drop(s);
+        self.nodes_needed.send_if_modified(|n| {
+            let changed = *n != needed;
+            *n = needed;
+            changed
+        });
         // A permit is kept if nobody waits right now, so no change is ever missed.
         self.changed.notify_one();
     }
@@ -147,6 +239,32 @@ impl Kind for net::NetworkPolicy {
     }
     fn map(store: &mut Store) -> &mut BTreeMap<String, Policy> {
         &mut store.policies
+    }
+}
+
+impl Kind for ClusterNetworkPolicy {
+    const NAME: &'static str = "ClusterNetworkPolicy";
+    const INDEX: usize = 3;
+    type Model = ClusterPolicy;
+    fn convert(&self) -> Result<ClusterPolicy, InvalidField> {
+        let policy = convert::cluster_policy(self)?;
+        convert::warn_domain_names_once(&policy);
+        Ok(policy)
+    }
+    fn map(store: &mut Store) -> &mut BTreeMap<String, ClusterPolicy> {
+        &mut store.cluster_policies
+    }
+}
+
+impl Kind for core::Node {
+    const NAME: &'static str = "Node";
+    const INDEX: usize = NODE_INDEX;
+    type Model = NodeInfo;
+    fn convert(&self) -> Result<NodeInfo, InvalidField> {
+        convert::node_info(self)
+    }
+    fn map(store: &mut Store) -> &mut BTreeMap<String, NodeInfo> {
+        &mut store.nodes
     }
 }
 
@@ -253,6 +371,6 @@ impl Source for ClusterStore {
     }
 
     fn waiting_for(&self) -> &'static str {
-        "waiting for the first list of namespaces, pods and network policies"
+        "waiting for the first list of namespaces, pods, network policies and cluster network policies (and nodes, when a cluster network policy selects nodes)"
     }
 }

@@ -3,10 +3,8 @@
 use super::store::{ClusterStore, Kind, apply_event};
 use crate::metrics::Metrics;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1 as core;
-use k8s_openapi::api::networking::v1 as net;
+use kube::Api;
 use kube::runtime::watcher;
-use kube::{Api, Client};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +23,8 @@ enum Failure {
     Forbidden,
     /// 401: the credentials were not accepted.
     Unauthorized,
+    /// 404: the API does not serve the kind (a CustomResourceDefinition deleted).
+    NotFound,
     Other,
 }
 
@@ -49,6 +49,7 @@ impl Failure {
             410 => Failure::Expired,
             403 => Failure::Forbidden,
             401 => Failure::Unauthorized,
+            404 => Failure::NotFound,
             429 | 500..=599 => Failure::Unreachable,
             _ => Failure::Other,
         }
@@ -61,6 +62,7 @@ impl Failure {
             Failure::Unreachable => "unreachable",
             Failure::Forbidden => "forbidden",
             Failure::Unauthorized => "unauthorized",
+            Failure::NotFound => "not_found",
             Failure::Other => "error",
         }
     }
@@ -220,7 +222,15 @@ const WATCH_HOLDS_AFTER: Duration = Duration::from_secs(2);
 /// and lets kube-runtime's watcher go on from where it was: a failed list lists again, a failed
 /// watch resumes from the last resourceVersion (kube-runtime `watcher.rs`, `step_trampolined`).
 /// Only 410 Expired starts a fresh watcher, which lists at once.
-async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>, metrics: Option<Arc<Metrics>>) {
+///
+/// With `until_not_found` (a kind a CustomResourceDefinition serves), returns when the API
+/// answers 404 (the definition was deleted); otherwise never.
+pub(super) async fn watch_kind<K: Kind>(
+    api: Api<K>,
+    store: Arc<ClusterStore>,
+    metrics: Option<Arc<Metrics>>,
+    until_not_found: bool,
+) {
     let mut health = Health {
         kind: K::NAME,
         failing: None,
@@ -256,6 +266,11 @@ async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>, metrics: Opt
                 None => break,
             };
             let failure = Failure::of(&error);
+            if failure == Failure::NotFound && until_not_found {
+                health.readable();
+                return;
+            }
+            store.kind_failed::<K>();
             health.failed(failure, &error);
             tokio::time::sleep(retry.delay(failure, retry_after(&error))).await;
             if failure == Failure::Expired {
@@ -270,34 +285,15 @@ async fn watch_kind<K: Kind>(api: Api<K>, store: Arc<ClusterStore>, metrics: Opt
     }
 }
 
-/// Keeps `kni_invalid_objects` current: every kind, zero included.
-fn report_invalid(store: &ClusterStore, metrics: Option<&Metrics>) {
+/// Keeps `kni_invalid_objects` (every kind, zero included) and `kni_cluster_network_policies`
+/// current.
+pub(super) fn report_invalid(store: &ClusterStore, metrics: Option<&Metrics>) {
     if let Some(m) = metrics {
         for (kind, count) in store.invalid_counts() {
             m.set_invalid_objects(kind, count);
         }
+        for (tier, count) in store.cluster_policies_per_tier() {
+            m.set_cluster_policies(tier, count);
+        }
     }
-}
-
-/// Starts watching the cluster; the returned store fills as lists complete. With `metrics`, the
-/// watchers report whether each kind can be read (readiness, `kni_api_*`).
-pub fn start(client: Client, metrics: Option<Arc<Metrics>>) -> Arc<ClusterStore> {
-    let store = Arc::new(ClusterStore::default());
-    report_invalid(&store, metrics.as_deref());
-    tokio::spawn(watch_kind(
-        Api::<core::Namespace>::all(client.clone()),
-        store.clone(),
-        metrics.clone(),
-    ));
-    tokio::spawn(watch_kind(
-        Api::<core::Pod>::all(client.clone()),
-        store.clone(),
-        metrics.clone(),
-    ));
-    tokio::spawn(watch_kind(
-        Api::<net::NetworkPolicy>::all(client),
-        store.clone(),
-        metrics,
-    ));
-    store
 }
