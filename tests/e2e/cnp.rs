@@ -540,6 +540,95 @@ fn cases(lab: &Lab) -> Vec<Case> {
     c
 }
 
+/// `explain --output json` of a TCP flow, from the lab's manifests.
+fn explain(lab: &Lab, from: &str, to: &str, port: u16, v6: bool) -> serde_json::Value {
+    let port = port.to_string();
+    let out = std::process::Command::new(crate::AGENT)
+        .arg("explain")
+        .arg("--manifests")
+        .arg(&lab.manifests)
+        .args([
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port,
+            "--protocol",
+            "TCP",
+        ])
+        .args(["--family", if v6 { "6" } else { "4" }, "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Flows whose ingress decision `explain` must name, per case: (from, to, port, IPv6, stage,
+/// policy, action).
+#[allow(clippy::type_complexity)]
+fn explained_cases(
+    case: &str,
+) -> Vec<(
+    String,
+    String,
+    u16,
+    bool,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+)> {
+    let pod = |h: &str, p: &str| format!("{}/{p}", namespace(h));
+    let (g0, g1) = (
+        pod("gryffindor", "harry-potter-0"),
+        pod("gryffindor", "harry-potter-1"),
+    );
+    let (s0, h0) = (
+        pod("slytherin", "draco-malfoy-0"),
+        pod("hufflepuff", "cedric-diggory-0"),
+    );
+    let r1 = pod("ravenclaw", "luna-lovegood-1");
+    if case.starts_with("Pass falls through") {
+        vec![
+            (
+                s0.clone(),
+                g0,
+                80,
+                false,
+                "NetworkPolicy",
+                Some("network-policy-conformance-gryffindor/harry-0-from-slytherin"),
+                "Allow",
+            ),
+            (
+                s0,
+                g1.clone(),
+                80,
+                true,
+                "Baseline",
+                Some("baseline-slytherin-80"),
+                "Deny",
+            ),
+            (h0, g1, 80, false, "none", None, "Allow"),
+        ]
+    } else if case.starts_with("Admin Deny wins") {
+        vec![(
+            r1,
+            pod("slytherin", "draco-malfoy-1"),
+            8080,
+            true,
+            "Admin",
+            Some("deny-ravenclaw"),
+            "Deny",
+        )]
+    } else {
+        vec![]
+    }
+}
+
 fn sync(lab: &Lab, backend: &str, docs: &[String], labels: &[(&str, &str, &str)]) {
     lab.write_file("cluster.yaml", &cluster_yaml(lab, labels));
     lab.write_file("policies.yaml", &docs.join("\n---\n"));
@@ -558,6 +647,27 @@ fn run_cases(test: &str, backend: &str) {
         eprintln!("{test}: {}: {} wrong", c.name, wrong.len());
         if !wrong.is_empty() {
             failures.push(format!("case {:?}:\n  {}", c.name, wrong.join("\n  ")));
+        }
+        for (from, to, port, v6, stage, policy, action) in explained_cases(c.name) {
+            let json = explain(&lab, &from, &to, port, v6);
+            let d = &json["ingress"]["decided_by"];
+            let want = (c.expect)(&Probe {
+                from: from.clone(),
+                to: to.clone(),
+                proto: Proto::Tcp,
+                port,
+                v6,
+            });
+            if json["allowed"] != want
+                || d["stage"] != stage
+                || d["policy"].as_str() != policy
+                || d["action"] != action
+            {
+                failures.push(format!(
+                    "case {:?}: explain {from} -> {to} TCP/{port} v6={v6}: want allowed={want} decided by {stage} {policy:?} {action}, got {json}",
+                    c.name
+                ));
+            }
         }
         if c.name.contains("SCTP") {
             let state = lab.our_state(backend);
