@@ -450,16 +450,12 @@ fn strict_mode_cuts_a_flow_a_new_cluster_policy_denies() {
         },
     };
     let states = |s: &ClusterSnapshot| vec![(Family::V4, compile(s, "n1", Family::V4))];
-    let is_local = |ip: &IpAddr| *ip == ip_of(NODE_IP_N1);
+    let is_local = |ip: &IpAddr| *ip == ip(NODE_IP_N1);
     assert_eq!(denied_by(&states(&before), &flow, &is_local), None);
     assert_eq!(
         denied_by(&states(&after), &flow, &is_local),
         Some(CutDirection::Egress)
     );
-}
-
-fn ip_of(s: &str) -> IpAddr {
-    ip(s)
 }
 
 #[test]
@@ -590,4 +586,64 @@ spec:
     );
     // Not a subject in this direction: nothing decided.
     assert_eq!(e.egress.decided_by.stage, "none");
+}
+
+#[test]
+fn a_long_lived_compiler_gives_a_fresh_compilers_state_with_cluster_policies() {
+    let mut p = cnp("mixed", Tier::Admin, 1, "x");
+    p.ingress = vec![
+        rule(
+            Accept,
+            vec![from_ns("y")],
+            Some(vec![ClusterPort::Named("serve-80-udp".into())]),
+        ),
+        rule(Deny, vec![from_pod("z", "a")], None),
+    ];
+    p.egress = vec![rule(
+        Pass,
+        vec![
+            ClusterPeer::Nodes(labels(&[("role", "infra")])),
+            ClusterPeer::Networks(vec!["10.0.2.0/24".parse().unwrap()]),
+        ],
+        None,
+    )];
+    let mut b = cnp("baseline", Tier::Baseline, 3, "");
+    b.egress = vec![rule(Deny, vec![from_ns("z")], Some(vec![tcp(80, 90)]))];
+    let mut s = with(cluster(), vec![p, b]);
+    s.nodes.insert(
+        "n1".into(),
+        NodeInfo {
+            name: "n1".into(),
+            labels: [("role".to_string(), "infra".to_string())].into(),
+            addresses: vec![ip(NODE_IP_N1)],
+        },
+    );
+    let mut long_lived = Compiler::new();
+    let mut steps = vec![s.clone()];
+    // z relabelled as y; a pod loses its named port; the node loses its label; priorities swap.
+    s.namespaces
+        .get_mut("z")
+        .unwrap()
+        .labels
+        .insert("ns".into(), "y".into());
+    steps.push(s.clone());
+    s.pods[0]
+        .ports
+        .retain(|p| p.name.as_deref() != Some("serve-80-udp"));
+    steps.push(s.clone());
+    s.nodes.get_mut("n1").unwrap().labels.clear();
+    s.cluster_policies[1].tier = Tier::Admin;
+    s.cluster_policies[1].priority = 0;
+    steps.push(s.clone());
+    s.cluster_policies.clear();
+    steps.push(s);
+    for (i, step) in steps.iter().enumerate() {
+        for node in ["n1", "n2"] {
+            assert_eq!(
+                long_lived.compile(step, node),
+                Compiler::new().compile(step, node),
+                "step {i} on {node}"
+            );
+        }
+    }
 }
