@@ -450,7 +450,7 @@ fn strict_mode_cuts_a_flow_a_new_cluster_policy_denies() {
         },
     };
     let states = |s: &ClusterSnapshot| vec![(Family::V4, compile(s, "n1", Family::V4))];
-    let is_local = |ip: &IpAddr| *ip == ip(NODE_IP_N1);
+    let is_local = |addr: &IpAddr| *addr == ip(NODE_IP_N1);
     assert_eq!(denied_by(&states(&before), &flow, &is_local), None);
     assert_eq!(
         denied_by(&states(&after), &flow, &is_local),
