@@ -313,11 +313,16 @@ impl<'a> ChainBuilder<'a> {
             .collect();
         let network_policies =
             (!selecting.is_empty()).then(|| self.policy_jumps(direction, selecting, local));
-        let baseline = cluster
-            .baseline
-            .iter()
-            .map(|policy| self.cluster_jump(policy, direction))
-            .collect();
+        // The Baseline tier only where no NetworkPolicy decides (its chains are not built for
+        // nothing).
+        let baseline = match network_policies {
+            Some(_) => vec![],
+            None => cluster
+                .baseline
+                .iter()
+                .map(|policy| self.cluster_jump(policy, direction))
+                .collect(),
+        };
         let rules = tiers::pod_chain(&lp.ips, direction, admin, network_policies, baseline);
         self.state.chains.insert(chain.to_string(), rules);
     }

@@ -647,3 +647,19 @@ fn a_long_lived_compiler_gives_a_fresh_compilers_state_with_cluster_policies() {
         }
     }
 }
+
+#[test]
+fn a_baseline_chain_is_built_only_where_it_can_decide() {
+    let mut baseline = cnp("baseline", Tier::Baseline, 1, "x");
+    baseline.ingress = vec![rule(Deny, vec![from_ns("z")], None)];
+    let np = "metadata: {name: np, namespace: x}
+spec:
+  podSelector: {}
+  ingress: [{}]";
+    let chain = crate::compile::names::cluster_policy_chain(true, "baseline");
+    let s = with_policies(with(cluster(), vec![baseline.clone()]), &[np]);
+    let state = compile(&s, "n1", Family::V4);
+    assert!(!state.chains.contains_key(&chain), "no pod can reach it");
+    let s = with(cluster(), vec![baseline]);
+    assert!(compile(&s, "n1", Family::V4).chains.contains_key(&chain));
+}
