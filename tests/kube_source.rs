@@ -892,3 +892,51 @@ async fn nodes_forbidden_do_not_hold_up_the_view() {
     let why = metrics.readiness().unwrap_err();
     assert!(why.contains("cannot read Node"), "{why}");
 }
+
+/// The CRD served but ClusterNetworkPolicy not readable (RBAC without the rule): as for every
+/// kind, nothing is handed out before it lists (never a first sync without the admin's
+/// policies), and readiness names it. Granted, it lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_served_crd_holds_up_the_first_sync_and_is_named() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("a", 1));
+    api.set_forbidden(Kind::ClusterNetworkPolicy, true);
+    let metrics = Metrics::new(Duration::from_secs(120));
+    let store = kube_source::start_with(api.client(), Some(metrics.clone()), RECHECK);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(store.snapshot().is_none());
+    let why = metrics.readiness().unwrap_err();
+    assert!(why.contains("cannot read ClusterNetworkPolicy"), "{why}");
+    assert!(
+        api.requests_of(Kind::ClusterNetworkPolicy, false)
+            .iter()
+            .all(|r| r.status == 403)
+    );
+    api.set_forbidden(Kind::ClusterNetworkPolicy, false);
+    let s = fakeapi::until_within(&store, "CNPs listed", Duration::from_secs(40), |_| true).await;
+    assert_eq!(cnp_names(&s), [("a".to_string(), 1)]);
+}
+
+/// The CRD deleted while the agent missed the deletions of its objects (a watch that delivered
+/// nothing meanwhile): the 404 that follows drops the policies all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_crd_drops_its_policies_even_when_the_deletions_were_missed() {
+    let api = FakeApi::start_local();
+    seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(Kind::ClusterNetworkPolicy, &cnp("a", 1));
+    let store = kube_source::start_with(api.client(), None, RECHECK);
+    until(&store, "CNP listed", |s| s.cluster_policies.len() == 1).await;
+    api.pause_watches();
+    api.remove_cluster_policy_crd();
+    api.resume_watches();
+    let s = until(&store, "CNPs dropped", |s| s.cluster_policies.is_empty()).await;
+    assert_eq!(s.policies.len(), 1);
+    assert!(
+        api.requests_of(Kind::ClusterNetworkPolicy, true)
+            .iter()
+            .any(|r| r.status == 404)
+    );
+}
