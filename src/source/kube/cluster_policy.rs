@@ -67,6 +67,8 @@ pub(super) async fn watch(
                 store.clear_kind::<ClusterNetworkPolicy>(true);
                 report_invalid(&store, metrics.as_deref());
                 known_absent = Some(true);
+                // Not at once: discovery and the resource could disagree for a moment.
+                tokio::time::sleep(recheck).await;
                 continue;
             }
             Ok(false) => {
