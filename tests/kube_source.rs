@@ -649,11 +649,27 @@ async fn cluster_network_policies_follow_the_crd_and_the_api() {
         cnp_names(s) == [("a".to_string(), 20), ("b".to_string(), 5)]
     })
     .await;
+    // A dropped watch resumes from its version, without a list, as for the other kinds.
+    let lists = api.requests_of(Kind::ClusterNetworkPolicy, false).len();
+    api.drop_watches();
     api.delete(Kind::ClusterNetworkPolicy, "b");
     until(&store, "CNP deleted", |s| {
         cnp_names(s) == [("a".to_string(), 20)]
     })
     .await;
+
+    assert_eq!(
+        api.requests_of(Kind::ClusterNetworkPolicy, false).len(),
+        lists
+    );
+    assert!(
+        api.requests_of(Kind::ClusterNetworkPolicy, true)
+            .iter()
+            .all(|r| r
+                .query
+                .get("allowWatchBookmarks")
+                .is_some_and(|b| b == "true"))
+    );
 
     api.remove_cluster_policy_crd();
     let s = until(&store, "CRD deleted", |s| s.cluster_policies.is_empty()).await;
