@@ -30,8 +30,8 @@ pub enum Command {
     /// Enforce NetworkPolicies on this node: from the Kubernetes API (in-cluster config or
     /// --kubeconfig), or from a manifests directory with --manifests.
     Run {
-        /// Directory of Namespace, Pod and NetworkPolicy manifests (*.yaml, *.yml, *.json)
-        /// to enforce instead of watching the Kubernetes API.
+        /// Directory of Namespace, Pod, NetworkPolicy, ClusterNetworkPolicy and Node manifests
+        /// (*.yaml, *.yml, *.json) to enforce instead of watching the Kubernetes API.
         #[arg(long, env = "KNI_MANIFESTS", conflicts_with = "kubeconfig")]
         manifests: Option<PathBuf>,
         /// Largest manifest file read, in bytes; a larger file fails the load (the last good state

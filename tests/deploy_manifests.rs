@@ -10,6 +10,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Resource;
 use kube_netpol_iptables::cli::{Cli, Command};
 use kube_netpol_iptables::metrics::DEFAULT_BIND;
+use kube_netpol_iptables::source::convert::{ClusterNetworkPolicy, cluster_policy};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,12 @@ fn docs_of(text: &str, file: &Path) -> Vec<Doc> {
             }
             "NetworkPolicy" => {
                 let _: NetworkPolicy = typed(v, file, &kind);
+                continue;
+            }
+            // Examples must be what the agent accepts.
+            "ClusterNetworkPolicy" => {
+                let p: ClusterNetworkPolicy = typed(v, file, &kind);
+                cluster_policy(&p).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
                 continue;
             }
             "Kustomization" | "Cluster" | "List" => Doc::Other(v),
@@ -270,6 +277,7 @@ fn watched() -> BTreeSet<(String, String)> {
         of::<Namespace>(),
         of::<NetworkPolicy>(),
         of::<Node>(),
+        of::<ClusterNetworkPolicy>(),
     ])
 }
 

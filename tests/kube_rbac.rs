@@ -69,6 +69,11 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
 
     let api = FakeApi::start_local();
     seed(&api);
+    api.install_cluster_policy_crd();
+    api.apply(
+        Kind::ClusterNetworkPolicy,
+        "metadata: {name: c}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}}",
+    );
     // kube-apiserver checks RBAC when a watch starts; a short server-side watch timeout makes
     // the revocation show at the next watch within a second.
     api.cap_watches(Duration::from_secs(1));
@@ -76,10 +81,10 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
     let store = kube_source::start(api.client(), Some(metrics.clone()));
     until(&store, "initial list", |s| s.pods.len() == 1).await;
     let first_lists = log.lines("listed");
-    assert_eq!(first_lists.len(), 3, "one line per kind: {first_lists:#?}");
+    assert_eq!(first_lists.len(), 4, "one line per kind: {first_lists:#?}");
     // Watches time out every second and resume: nothing to log.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(log.source_lines_since(0).len(), 3, "{:#?}", log.lines(""));
+    assert_eq!(log.source_lines_since(0).len(), 4, "{:#?}", log.lines(""));
 
     let mark = log.mark();
     api.set_forbidden(Kind::Pod, true);
@@ -224,7 +229,7 @@ async fn a_forbidden_kind_is_retried_with_growing_backoff_and_reported_once() {
             .shared
             .lists_served
             .load(std::sync::atomic::Ordering::Relaxed)
-            < lists + 3
+            < lists + 4
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

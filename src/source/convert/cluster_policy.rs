@@ -112,11 +112,11 @@ pub fn domain_names(policy: &ClusterPolicy) -> Vec<&str> {
 }
 
 /// Warns, once per policy name for the life of the process (sources re-read objects often), that
-/// its `domainNames` peers match nothing.
-pub fn warn_domain_names_once(policy: &ClusterPolicy) {
+/// its `domainNames` peers match nothing. Whether it warned now.
+pub fn warn_domain_names_once(policy: &ClusterPolicy) -> bool {
     let names = domain_names(policy);
     if names.is_empty() {
-        return;
+        return false;
     }
     static WARNED: OnceLock<Mutex<BTreeSet<String>>> = OnceLock::new();
     let first = WARNED
@@ -131,6 +131,7 @@ pub fn warn_domain_names_once(policy: &ClusterPolicy) {
             "ClusterNetworkPolicy has domainNames peers, which this agent accepts but never matches: enforcing names needs DNS replies held until the rules are in place, which iptables cannot do"
         );
     }
+    first
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -491,3 +491,18 @@ fn node_labels_and_addresses() {
         "status.addresses[0].address"
     );
 }
+
+#[test]
+fn domain_names_are_warned_about_once_per_policy() {
+    let with_names = |name: &str| {
+        let mut p = egress("[{domainNames: [example.com]}]", "").unwrap();
+        p.name = name.to_string();
+        p
+    };
+    assert!(warn_domain_names_once(&with_names("dn-once-a")));
+    assert!(!warn_domain_names_once(&with_names("dn-once-a")));
+    assert!(warn_domain_names_once(&with_names("dn-once-b")));
+    let mut without = egress("[{networks: [10.0.0.0/8]}]", "").unwrap();
+    without.name = "dn-once-c".into();
+    assert!(!warn_domain_names_once(&without));
+}

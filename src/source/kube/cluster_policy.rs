@@ -52,7 +52,10 @@ pub(super) async fn watch(
         let absent = match served(&client).await {
             Ok(true) => {
                 failing = false;
-                tracing::info!(target: LOG_TARGET, "{API_VERSION} ClusterNetworkPolicy is served: watching it");
+                // At start the kind's "listed" line says it; a CRD installed later is news.
+                if known_absent == Some(true) {
+                    tracing::info!(target: LOG_TARGET, "{API_VERSION} ClusterNetworkPolicy is served now: watching it");
+                }
                 watch_kind(
                     Api::<ClusterNetworkPolicy>::all(client.clone()),
                     store.clone(),
@@ -64,6 +67,8 @@ pub(super) async fn watch(
                 store.clear_kind::<ClusterNetworkPolicy>(true);
                 report_invalid(&store, metrics.as_deref());
                 known_absent = Some(true);
+                // Not at once: discovery and the resource could disagree for a moment.
+                tokio::time::sleep(recheck).await;
                 continue;
             }
             Ok(false) => {

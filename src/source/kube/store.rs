@@ -128,6 +128,7 @@ impl ClusterStore {
             ("Pod", 0),
             ("NetworkPolicy", 0),
             ("ClusterNetworkPolicy", 0),
+            ("Node", 0),
         ]
         .into();
         for (kind, _) in s.invalid.keys() {
