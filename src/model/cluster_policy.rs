@@ -71,7 +71,8 @@ pub struct ClusterRule {
     /// `spec.ingress[].name` (may be empty).
     pub name: String,
     pub action: ClusterRuleAction,
-    /// Never empty (the schema requires at least one peer).
+    /// Never empty from the API (the schema requires at least one peer); empty when every peer
+    /// of an Accept rule failed closed (written for a newer CRD version): it matches nothing.
     pub peers: Vec<ClusterPeer>,
     /// `None`: every protocol and port.
     pub ports: Option<Vec<ClusterPort>>,
@@ -85,7 +86,8 @@ pub enum ClusterPeer {
         namespaces: LabelSelector,
         pods: LabelSelector,
     },
-    /// Egress only: CIDRs (they match pod addresses too).
+    /// Egress only in the API: CIDRs (they match pod addresses too). The sources also use it,
+    /// with both whole address spaces, for a Deny or Pass rule that fails closed (deny all).
     Networks(Vec<IpNet>),
     /// Egress only (experimental): the addresses of the nodes the selector picks.
     Nodes(LabelSelector),

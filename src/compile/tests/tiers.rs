@@ -396,6 +396,35 @@ fn domain_names_match_nothing() {
     assert!(tcp80(&s, "x/a", "y/a"));
 }
 
+/// What the sources make of peers written for a newer CRD (fail closed): an Accept rule left
+/// without peers matches nothing, a deny-all rule (both whole spaces as networks) denies
+/// everything, in ingress too.
+#[test]
+fn failed_closed_rules_match_nothing_or_deny_everything() {
+    let mut accept_nothing = cnp("accept-nothing", Tier::Admin, 1, "x");
+    accept_nothing.ingress = vec![rule(Accept, vec![], None)];
+    let mut deny_later = cnp("deny-later", Tier::Admin, 2, "x");
+    deny_later.ingress = vec![rule(Deny, vec![from_ns("z")], None)];
+    let s = with(cluster(), vec![accept_nothing.clone(), deny_later]);
+    assert!(!tcp80(&s, "z/a", "x/a"), "the empty Accept matched nothing");
+    assert!(tcp80(&s, "y/a", "x/a"));
+
+    let mut deny_all = cnp("deny-all", Tier::Admin, 1, "x");
+    deny_all.ingress = vec![rule(
+        Deny,
+        vec![ClusterPeer::Networks(vec![
+            "0.0.0.0/0".parse().unwrap(),
+            "::/0".parse().unwrap(),
+        ])],
+        None,
+    )];
+    let s = with(cluster(), vec![deny_all]);
+    for from in ["y/a", "z/c", "x/b"] {
+        assert!(!tcp80(&s, from, "x/a"), "{from} -> x/a");
+    }
+    assert!(tcp80(&s, "x/a", "y/a"), "egress untouched");
+}
+
 #[test]
 fn only_subjects_are_isolated_and_host_network_pods_never_are() {
     let mut p = cnp("x-only", Tier::Baseline, 1, "x");

@@ -253,6 +253,8 @@ fn rule(r: RuleFields, direction: Direction, path: &str) -> Result<ClusterRule, 
         .enumerate()
         .map(|(i, p)| peer(p, direction, &format!("{peers_path}[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
+    let unknown_peers = peers.iter().filter(|p| p.is_none()).count();
+    let peers: Vec<ClusterPeer> = peers.into_iter().flatten().collect();
     let ports = match r.protocols {
         None => None,
         Some(list) => {
@@ -280,6 +282,24 @@ fn rule(r: RuleFields, direction: Direction, path: &str) -> Result<ClusterRule, 
             Some(ports)
         }
     };
+    if unknown_peers > 0 {
+        tracing::warn!(
+            rule = %path,
+            action = action.as_str(),
+            unknown_peers,
+            "ClusterNetworkPolicy rule has peers with no field this agent knows (a newer CRD version?): failing closed — an Accept rule ignores them, a Deny or Pass rule denies everything"
+        );
+        let closed = fail_closed(action, peers);
+        return Ok(ClusterRule {
+            name: name.to_string(),
+            ports: if action == ClusterRuleAction::Accept {
+                ports
+            } else {
+                None
+            },
+            ..closed
+        });
+    }
     Ok(ClusterRule {
         name: name.to_string(),
         action,
@@ -288,7 +308,13 @@ fn rule(r: RuleFields, direction: Direction, path: &str) -> Result<ClusterRule, 
     })
 }
 
-fn peer(p: &api::Peer, direction: Direction, path: &str) -> Result<ClusterPeer, InvalidField> {
+/// `None`: the peer sets no field this agent knows (an empty peer, or one written for a newer CRD
+/// version): the API asks implementations to fail closed on it (see [`fail_closed`]).
+fn peer(
+    p: &api::Peer,
+    direction: Direction,
+    path: &str,
+) -> Result<Option<ClusterPeer>, InvalidField> {
     let mut fields = vec![
         ("namespaces", p.namespaces.is_some()),
         ("pods", p.pods.is_some()),
@@ -309,9 +335,12 @@ fn peer(p: &api::Peer, direction: Direction, path: &str) -> Result<ClusterPeer, 
             }
         }
     }
+    if fields.iter().all(|(_, set)| !set) {
+        return Ok(None);
+    }
     let field = exactly_one(&fields, p.unknown.keys(), path)?;
     let at = format!("{path}.{field}");
-    Ok(match field {
+    Ok(Some(match field {
         "namespaces" => ClusterPeer::Namespaces(selector(p.namespaces.as_ref(), &at)?),
         "pods" => {
             let (namespaces, pods) = namespaced_pod(p.pods.as_ref().unwrap(), &at)?;
@@ -320,7 +349,31 @@ fn peer(p: &api::Peer, direction: Direction, path: &str) -> Result<ClusterPeer, 
         "nodes" => ClusterPeer::Nodes(selector(p.nodes.as_ref(), &at)?),
         "networks" => ClusterPeer::Networks(networks(p.networks.as_deref().unwrap(), &at)?),
         _ => ClusterPeer::DomainNames(domain_name_list(p.domain_names.as_deref().unwrap(), &at)?),
-    })
+    }))
+}
+
+/// A rule with peers this agent does not understand, made to fail closed as
+/// `apis/v1alpha2/clusternetworkpolicy_types.go` (ClusterNetworkPolicyIngressPeer/EgressPeer) asks:
+/// an Accept rule does not match them (it keeps its known peers, possibly none: it matches
+/// nothing), a Deny or Pass rule becomes "deny all" (every address, every port).
+fn fail_closed(action: ClusterRuleAction, known: Vec<ClusterPeer>) -> ClusterRule {
+    match action {
+        ClusterRuleAction::Accept => ClusterRule {
+            name: String::new(),
+            action,
+            peers: known,
+            ports: None,
+        },
+        ClusterRuleAction::Deny | ClusterRuleAction::Pass => ClusterRule {
+            name: String::new(),
+            action: ClusterRuleAction::Deny,
+            peers: vec![ClusterPeer::Networks(vec![
+                IpNet::V4(Default::default()),
+                IpNet::V6(Default::default()),
+            ])],
+            ports: None,
+        },
+    }
 }
 
 fn networks(list: &[String], path: &str) -> Result<Vec<IpNet>, InvalidField> {

@@ -212,17 +212,12 @@ fn rule_counts_names_and_actions_are_checked() {
 fn peers_need_exactly_one_field_and_egress_only_ones_stay_in_egress() {
     for (to, path, message) in [
         (
-            "[{}]",
-            "spec.egress[0].to[0]",
-            "must set exactly one of namespaces, pods, networks, nodes, domainNames",
-        ),
-        (
             "[{namespaces: {}, networks: [10.0.0.0/8]}]",
             "spec.egress[0].to[0]",
             "not namespaces and networks",
         ),
         (
-            "[{services: [a]}]",
+            "[{namespaces: {}, services: [a]}]",
             "spec.egress[0].to[0]",
             "unknown field \"services\"",
         ),
@@ -505,4 +500,37 @@ fn domain_names_are_warned_about_once_per_policy() {
     let mut without = egress("[{networks: [10.0.0.0/8]}]", "").unwrap();
     without.name = "dn-once-c".into();
     assert!(!warn_domain_names_once(&without));
+}
+
+/// `clusternetworkpolicy_types.go`: a peer with no field the implementation knows (a newer CRD)
+/// fails closed — an Accept rule does not match it, a Deny or Pass rule denies everything.
+#[test]
+fn peers_with_no_known_field_fail_closed() {
+    let all = ClusterPeer::Networks(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]);
+    for action in ["Deny", "Pass"] {
+        for peer in ["{}", "{services: [a]}"] {
+            let p = cnp(&format!(
+                "{{tier: Admin, priority: 1, subject: {{namespaces: {{}}}}, ingress: [{{name: r, action: {action}, from: [{{namespaces: {{}}}}, {peer}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]}}]}}"
+            ))
+            .unwrap();
+            let rule = &p.ingress[0];
+            assert_eq!(rule.action, ClusterRuleAction::Deny, "{action} {peer}");
+            assert_eq!(rule.peers, vec![all.clone()], "{action} {peer}");
+            assert_eq!(rule.ports, None, "{action} {peer}: every port");
+            assert_eq!(rule.name, "r");
+        }
+    }
+    let p = egress("[{networks: [10.0.0.0/8]}, {services: [a]}]", "").unwrap();
+    assert_eq!(p.egress[0].action, ClusterRuleAction::Deny);
+    let accept = cnp(
+        "{tier: Admin, priority: 1, subject: {namespaces: {}}, egress: [{action: Accept, to: [{networks: [10.0.0.0/8]}, {services: [a]}], protocols: [{udp: {destinationPort: {number: 53}}}]}, {action: Accept, to: [{}]}]}",
+    )
+    .unwrap();
+    assert_eq!(accept.egress[0].action, ClusterRuleAction::Accept);
+    assert_eq!(
+        accept.egress[0].peers,
+        vec![ClusterPeer::Networks(vec!["10.0.0.0/8".parse().unwrap()])]
+    );
+    assert!(accept.egress[0].ports.is_some(), "its ports are kept");
+    assert!(accept.egress[1].peers.is_empty(), "matches nothing");
 }
