@@ -401,6 +401,7 @@ impl Cli {
                         strict_mode,
                         new_pod_isolation: new_pod_isolation.into(),
                         pod_cidrs,
+                        log_denied: None,
                     },
                 })
             }

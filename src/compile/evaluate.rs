@@ -126,6 +126,8 @@ fn walk<'s>(
             Target::Return => return Outcome::Return,
             Target::SetAllowMark => *mark |= ALLOW_MARK,
             Target::ClearAllowMark => *mark &= !ALLOW_MARK,
+            // NFLOG copies the packet and goes on to the next rule.
+            Target::LogDenied(_) => {}
             Target::RejectWithTcpReset | Target::Reject | Target::Drop => {
                 return Outcome::Rejected(chain.to_string());
             }
