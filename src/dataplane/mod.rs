@@ -19,6 +19,7 @@ pub mod kernel;
 mod lock;
 #[cfg(test)]
 pub(crate) mod memory;
+pub mod nflog;
 pub mod other_engines;
 pub mod parse;
 mod probe;
