@@ -1,8 +1,7 @@
 //! Denied-packet logging (`--log-denied`): an NFLOG rule in front of every rule that drops or
 //! rejects, with the same matches, so a packet is logged exactly where it meets its final
-//! verdict and never when a later rule allows it. Applied last by
-//! [`enforcement::apply`](super::enforcement::apply), so it covers the pod chains, new-pod
-//! isolation and whatever else ends in a drop. Pure: the prefix says which direction and chain
+//! verdict and never when a later rule allows it. Applied last by the enforcement options'
+//! `apply`, so it covers the pod chains, new-pod isolation and whatever else ends in a drop. Pure: the prefix says which direction and chain
 //! dropped the packet, and the agent reading the group (`dataplane::nflog`) turns it back into
 //! pods and policies with [`decode_prefix`] and [`isolating_policies`].
 

@@ -12,6 +12,7 @@ mod backend;
 mod canary;
 mod cleanup;
 pub mod conntrack;
+pub mod counters;
 mod detect;
 mod drift;
 mod error;

@@ -2,6 +2,7 @@
 
 use crate::model::{ClusterSnapshot, Namespace, Pod, Policy};
 use crate::source::Source;
+use crate::source::change_times::ChangeTimes;
 use crate::source::convert::{self, InvalidField};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
@@ -35,6 +36,7 @@ pub(super) struct Store {
 pub struct ClusterStore {
     inner: Mutex<Store>,
     changed: Notify,
+    change_times: ChangeTimes,
 }
 
 impl ClusterStore {
@@ -97,6 +99,7 @@ impl ClusterStore {
         let mut s = self.inner.lock().unwrap();
         f(&mut s);
         s.generation += 1;
+        self.change_times.record(s.generation);
         drop(s);
         // A permit is kept if nobody waits right now, so no change is ever missed.
         self.changed.notify_one();
@@ -254,5 +257,9 @@ impl Source for ClusterStore {
 
     fn waiting_for(&self) -> &'static str {
         "waiting for the first list of namespaces, pods and network policies"
+    }
+
+    fn change_seen(&self, generation: u64) -> Option<std::time::Instant> {
+        self.change_times.take_through(generation)
     }
 }
