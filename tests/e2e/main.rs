@@ -12,6 +12,7 @@ mod hardening;
 mod image;
 mod kube;
 mod kube_node;
+mod logdenied;
 mod matrix;
 mod other_engines;
 mod strict;
