@@ -21,9 +21,9 @@ pub struct ObserveFlags {
     #[arg(long, env = "KNI_LOG_DENIED_RATE", default_value_t = Rate::default())]
     pub log_denied_rate: Rate,
     /// How often the policy chains' rule counters are read for
-    /// kni_policy_allowed_packets_total (one iptables-save -c per family; "0s": never).
+    /// kni_policy_allowed_packets_total (one iptables-save -c per family; "0s" or "off": never).
     #[arg(long, env = "KNI_POLICY_COUNTERS_INTERVAL", default_value = "30s",
-          value_parser = |s: &str| super::parse_duration_at_most(s, Duration::from_secs(3600)))]
+          value_parser = parse_interval)]
     pub policy_counters_interval: Duration,
 }
 
@@ -38,6 +38,14 @@ impl ObserveFlags {
     /// `None`: not read at all.
     pub fn policy_counters_interval(&self) -> Option<Duration> {
         (!self.policy_counters_interval.is_zero()).then_some(self.policy_counters_interval)
+    }
+}
+
+/// A duration up to 1h, or `0s`/`off`: never.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    match s.trim() {
+        "0" | "0s" | "off" => Ok(Duration::ZERO),
+        s => super::parse_duration_at_most(s, Duration::from_secs(3600)),
     }
 }
 
