@@ -76,7 +76,8 @@ impl PolicyCounters {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) {
-        let mut ticks = tokio::time::interval(interval);
+        // The first reading one interval after start, not during the first sync.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

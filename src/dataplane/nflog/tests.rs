@@ -147,3 +147,22 @@ fn ipv6_extension_headers_are_skipped_and_later_fragments_have_no_port() {
     assert!(parse_headers(&[0x45, 0]).is_none());
     assert!(parse_headers(&[0x20; 40]).is_none());
 }
+
+#[test]
+fn a_kernel_refusing_the_log_rule_is_named_with_its_modules_and_left_clean() {
+    use crate::dataplane::Backend;
+    use crate::dataplane::memory::MemoryKernel;
+    let kernel = MemoryKernel::new(Backend::Nft);
+    kernel.state().faults.reject_iptables = usize::MAX;
+    let log = LogDenied {
+        group: 100,
+        rate: Default::default(),
+    };
+    let err = probe(&kernel, &log).err().expect("refused").to_string();
+    assert!(err.contains("NFLOG") && err.contains("xt_NFLOG"), "{err}");
+    kernel.state().faults.reject_iptables = 0;
+    for family in Family::ALL {
+        let saved = kernel.iptables_save(family).unwrap();
+        assert!(!saved.contains(PROBE_CHAIN), "{saved}");
+    }
+}
