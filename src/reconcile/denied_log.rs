@@ -130,3 +130,56 @@ impl DeniedLog {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::enforcement::{self, Options};
+    use crate::compile::log_denied::{Direction, LogDenied};
+    use crate::compile::{Compiler, names};
+    use crate::source::manifests::load_text;
+
+    #[test]
+    fn a_denied_packet_names_the_pods_and_the_policies_isolating_the_dropping_pod() {
+        let text = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: 10.0.0.4}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: shop}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+";
+        let snapshot = load_text("test.yaml", text).unwrap();
+        let mut states = Compiler::new().compile(&snapshot, "n1").into_vec();
+        let options = Options {
+            log_denied: Some(LogDenied {
+                group: 100,
+                rate: Default::default(),
+            }),
+            ..Options::default()
+        };
+        enforcement::apply(&mut states, &snapshot, "n1", &options);
+        let log = DeniedLog::default();
+        log.update(&snapshot, &states);
+        let packet = DeniedPacket {
+            direction: Direction::Ingress,
+            chain: names::pod_chain(true, "shop/db"),
+            src: "192.0.2.9".parse().unwrap(),
+            dst: "10.0.0.4".parse().unwrap(),
+            protocol: 6,
+            dst_port: Some(5432),
+        };
+        assert_eq!(
+            log.resolve(&packet),
+            DeniedEvent {
+                src: "192.0.2.9".into(),
+                dst: "shop/db".into(),
+                policies: vec!["shop/default-deny".into()],
+            }
+        );
+    }
+}

@@ -99,3 +99,55 @@ impl PolicyCounters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::ir::PolicyChainOrigin;
+
+    fn allowed(metrics: &Metrics) -> Option<f64> {
+        metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("kni_policy_allowed_packets_total{") && l.contains("\"web\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn readings_become_increments_and_a_rewritten_chain_counts_from_zero() {
+        let metrics = Metrics::new(Duration::from_secs(120));
+        let counters = PolicyCounters::default();
+        let mut state = DesiredState::default();
+        state.origins.insert(
+            "KNI-POLI-0".into(),
+            PolicyChainOrigin {
+                policy: "shop/web".into(),
+                direction: "ingress",
+                rules: vec![],
+            },
+        );
+        counters.update(&[(Family::V4, state)]);
+        let read = |n: u64, family| {
+            counters.record(family, BTreeMap::from([("KNI-POLI-0".into(), n)]), &metrics)
+        };
+        read(5, Family::V4);
+        assert_eq!(allowed(&metrics), Some(5.0));
+        read(8, Family::V4);
+        assert_eq!(allowed(&metrics), Some(8.0));
+        // Rewritten (a policy change): the kernel counts from zero again.
+        read(2, Family::V4);
+        assert_eq!(allowed(&metrics), Some(10.0));
+        // The other family's chain of the same name is counted on its own.
+        read(1, Family::V6);
+        assert_eq!(allowed(&metrics), Some(11.0));
+        read(2, Family::V4);
+        assert_eq!(allowed(&metrics), Some(11.0), "nothing new");
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "kni_policy_allowed_packets_total{namespace=\"shop\",policy=\"web\",direction=\"ingress\"} 11"
+            ),
+            "{text}"
+        );
+    }
+}
