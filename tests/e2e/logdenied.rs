@@ -112,6 +112,16 @@ fn log_denied(backend: &str) {
         (0, 0),
         "{backend}: an unchanged state with the log rules writes nothing"
     );
+    // The same with --deny-action reject (a log rule before the TCP reset and one before the
+    // ICMP unreachable), then back.
+    let reject = [&log_flags[..], &["--deny-action", "reject"]].concat();
+    assert!(once_writes(&lab, backend, &reject).1 > 0);
+    assert_eq!(
+        once_writes(&lab, backend, &reject),
+        (0, 0),
+        "{backend}: reject with the log rules"
+    );
+    assert!(once_writes(&lab, backend, &log_flags).1 > 0);
     let saved = lab.our_state(backend);
     assert!(
         saved.contains("-j NFLOG --nflog-prefix kni-deny-ingress-KNI-PODI-")
