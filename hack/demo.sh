@@ -98,3 +98,15 @@ echo "== Why? (kube-netpol-iptables explain, from the same manifests; touches no
 "$BIN" explain --manifests "$WORK" --from shop/web --to shop/api --port 80
 echo
 "$BIN" explain --manifests "$WORK" --from other/intruder --to shop/db --port 80
+echo
+echo "== Denied packets, as the agent logs them (run --log-denied; one line per dropped packet, rate-limited per pod)"
+LOG="$WORK/agent.log"
+ip netns exec "$NODE" "$BIN" run --manifests "$WORK" --node-name demo-node --log-denied \
+  --metrics-bind-address off 2>"$LOG" &
+AGENT=$!
+for _ in $(seq 50); do grep -q ' synced' "$LOG" && break; sleep 0.1; done
+ip netns exec kni-demo-intruder nc -z -w 1 "${IP[db]}" 80 2>/dev/null || true
+ip netns exec kni-demo-web nc -z -w 1 "${IP[db]}" 80 2>/dev/null || true
+sleep 0.3
+kill "$AGENT" && wait "$AGENT" 2>/dev/null || true
+grep 'kube_netpol_iptables::denied:' "$LOG" | sed 's/\x1b\[[0-9;]*m//g' | head -4

@@ -23,6 +23,21 @@ use std::time::Duration;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text or as one JSON object each.
+    #[arg(
+        long,
+        global = true,
+        env = "KNI_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +116,8 @@ pub enum Command {
         /// Node object's spec.podCIDRs.
         #[arg(long = "pod-cidr", env = "KNI_POD_CIDRS", value_delimiter = ',')]
         pod_cidrs: Vec<ipnet::IpNet>,
+        #[command(flatten)]
+        observe: observe::ObserveFlags,
     },
     /// Print the ipset and iptables-restore text `run` would write to a fresh node; touches nothing.
     Render {
@@ -328,8 +345,10 @@ pub struct RunConfig {
     pub metrics_bind: Option<SocketAddr>,
     pub timing: Timing,
     pub xtables_wait: Duration,
-    /// Deny action, strict mode, new-pod isolation.
+    /// Deny action, strict mode, new-pod isolation, denied-packet log.
     pub enforcement: enforcement::Options,
+    /// How often the policy chains' counters are read; `None`: never.
+    pub policy_counters_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -364,6 +383,7 @@ impl Cli {
                 strict_mode,
                 new_pod_isolation,
                 pod_cidrs,
+                observe,
             } => {
                 let Some(node_name) = node_name.filter(|n| !n.is_empty()) else {
                     bail!(
@@ -401,7 +421,9 @@ impl Cli {
                         strict_mode,
                         new_pod_isolation: new_pod_isolation.into(),
                         pod_cidrs,
+                        log_denied: observe.log_denied(),
                     },
+                    policy_counters_interval: observe.policy_counters_interval(),
                 })
             }
             Command::Render {
@@ -446,5 +468,6 @@ impl Cli {
     }
 }
 
+mod observe;
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,8 @@ use crate::cli::{Config, RunConfig, SourceConfig};
 use crate::compile::{enforcement, explain};
 use crate::dataplane::{self, BackendChoice, Dataplane, render};
 use crate::metrics::{self, Metrics};
+use crate::reconcile::denied_log::DeniedLog;
+use crate::reconcile::policy_counters::PolicyCounters;
 use crate::reconcile::{self, NodeTarget, Timing};
 use crate::source::{Source, kube, manifests};
 use anyhow::Result;
@@ -139,6 +141,7 @@ fn run_agent(config: RunConfig) -> Result<()> {
         dataplane::probe_kernel(&tables)?;
         host::check_bridge_netfilter();
         dataplane::other_engines::report();
+        let observers = start_observers(&config, &tables, &metrics, &stop)?;
         let dataplane = Dataplane::new(tables);
         let node = config.node_name;
         let run_mode = (config.once, config.timing);
@@ -153,7 +156,7 @@ fn run_agent(config: RunConfig) -> Result<()> {
                 if !config.once {
                     tokio::spawn(source.clone().poll(poll_interval, stop.clone()));
                 }
-                let target = (dataplane, node, enforcement);
+                let target = (dataplane, node, enforcement, observers);
                 enforce(source, target, run_mode, metrics, stop).await
             }
             SourceConfig::Kube { kubeconfig } => {
@@ -161,7 +164,7 @@ fn run_agent(config: RunConfig) -> Result<()> {
                 let source = kube::start(client.clone(), (!config.once).then(|| metrics.clone()));
                 // Only this node's Node object, for its pod CIDRs (new-pod isolation).
                 kube::node::start(client, source.clone(), node.clone());
-                let target = (dataplane, node, enforcement);
+                let target = (dataplane, node, enforcement, observers);
                 enforce(source, target, run_mode, metrics, stop).await
             }
         }
@@ -171,7 +174,7 @@ fn run_agent(config: RunConfig) -> Result<()> {
 /// Syncs `source` into the node: once, or until `stop`.
 async fn enforce<S: Source>(
     source: Arc<S>,
-    (dataplane, node, enforcement): (Dataplane, String, enforcement::Options),
+    (dataplane, node, enforcement, observers): (Dataplane, String, enforcement::Options, Observers),
     (once, timing): (bool, Timing),
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -180,9 +183,53 @@ async fn enforce<S: Source>(
         let target = NodeTarget::new(dataplane, node, None, enforcement);
         reconcile::once(source, target, stop).await
     } else {
-        let target = NodeTarget::new(dataplane, node, Some(metrics.clone()), enforcement);
+        let target = NodeTarget::new(dataplane, node, Some(metrics.clone()), enforcement)
+            .observed_by(observers.0, observers.1);
         reconcile::run(source, target, timing, Some(metrics), stop).await
     }
+}
+
+/// What watches the written state besides the loop: the denied-packet log and the policy
+/// counters.
+type Observers = (Option<Arc<DeniedLog>>, Option<Arc<PolicyCounters>>);
+
+/// Starts the denied-packet log's reader (after checking the kernel can log, see
+/// `dataplane::nflog::probe`) and the policy counters' reader, as configured. A one-shot sync
+/// programs the log rules but reads nothing.
+fn start_observers(
+    config: &RunConfig,
+    tables: &dataplane::Tables,
+    metrics: &Arc<Metrics>,
+    stop: &CancellationToken,
+) -> Result<Observers> {
+    let denied_log = match &config.enforcement.log_denied {
+        Some(log) => {
+            let reader = dataplane::nflog::probe(tables, log)?;
+            tracing::info!(target: LOG_TARGET, group = log.group, rate = %log.rate, "logging denied packets");
+            let denied_log = Arc::new(DeniedLog::default());
+            if !config.once {
+                denied_log
+                    .clone()
+                    .spawn_reader(reader, Some(metrics.clone()))?;
+            }
+            Some(denied_log)
+        }
+        None => None,
+    };
+    let policy_counters = match config.policy_counters_interval {
+        Some(interval) if !config.once => {
+            let counters = Arc::new(PolicyCounters::default());
+            tokio::spawn(counters.clone().run(
+                tables.clone(),
+                interval,
+                metrics.clone(),
+                stop.clone(),
+            ));
+            Some(counters)
+        }
+        _ => None,
+    };
+    Ok((denied_log, policy_counters))
 }
 
 /// Cancels `stop` on SIGTERM or SIGINT: the loop finishes the sync in progress (a batch is never

@@ -207,3 +207,58 @@ fn explain_flags() {
         .is_err()
     );
 }
+
+/// The denied-packet log's flags: off by default; on, with group and rate, into the enforcement
+/// options; absurd rates refused; the counters' interval can be turned off.
+#[test]
+fn log_denied_flags() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["k", "run", "--node-name", "n"];
+        args.extend_from_slice(extra);
+        match Cli::try_parse_from(args)
+            .map_err(|e| e.to_string())?
+            .into_config()
+            .map_err(|e| e.to_string())?
+        {
+            Config::Run(run) => Ok::<_, String>(run),
+            other => panic!("{other:?}"),
+        }
+    };
+    let default = run(&[]).unwrap();
+    assert_eq!(default.enforcement.log_denied, None);
+    assert_eq!(
+        default.policy_counters_interval,
+        Some(Duration::from_secs(30))
+    );
+    let on = run(&[
+        "--log-denied",
+        "--nflog-group",
+        "7",
+        "--log-denied-rate",
+        "2/s,burst=4",
+        "--policy-counters-interval",
+        "off",
+    ])
+    .unwrap();
+    let log = on.enforcement.log_denied.unwrap();
+    assert_eq!(log.group, 7);
+    assert_eq!((log.rate.per_second, log.rate.burst), (2, 4));
+    assert_eq!(on.policy_counters_interval, None);
+    let defaults = run(&["--log-denied"])
+        .unwrap()
+        .enforcement
+        .log_denied
+        .unwrap();
+    assert_eq!(defaults.group, 100);
+    assert_eq!((defaults.rate.per_second, defaults.rate.burst), (5, 10));
+    for bad in [
+        &["--log-denied-rate", "0/s"][..],
+        &["--log-denied-rate", "20000/s"],
+        &["--nflog-group", "70000"],
+        &["--policy-counters-interval", "2h"],
+    ] {
+        assert!(run(bad).is_err(), "{bad:?}");
+    }
+    let json = Cli::try_parse_from(["k", "--log-format", "json", "version"]).unwrap();
+    assert_eq!(json.log_format, LogFormat::Json);
+}

@@ -6,6 +6,7 @@
 //! [`apply`], still pure, before the dataplane renders it.
 
 use crate::compile::ir::{DesiredState, Family, Target};
+use crate::compile::log_denied::{self, LogDenied};
 use crate::compile::new_pod_isolation::{self, NewPodIsolation};
 use crate::model::ClusterSnapshot;
 use ipnet::IpNet;
@@ -31,6 +32,8 @@ pub struct Options {
     pub new_pod_isolation: NewPodIsolation,
     /// This node's pod CIDRs (`--pod-cidr`); when empty, those of its Node object are used.
     pub pod_cidrs: Vec<IpNet>,
+    /// `--log-denied`: an NFLOG rule in front of every drop (see [`log_denied`]).
+    pub log_denied: Option<LogDenied>,
 }
 
 impl Default for Options {
@@ -40,6 +43,7 @@ impl Default for Options {
             strict_mode: true,
             new_pod_isolation: NewPodIsolation::Ingress,
             pod_cidrs: Vec::new(),
+            log_denied: None,
         }
     }
 }
@@ -77,6 +81,10 @@ pub fn apply(
             pod_cidrs,
             snapshot,
         );
+        // Last: every drop the options above added is logged too.
+        if let Some(log) = &options.log_denied {
+            log_denied::apply(state, log);
+        }
     }
 }
 

@@ -132,6 +132,8 @@ fn walk<'s>(
                 *mark |= TIER_MARK | if *accept { ALLOW_MARK } else { 0 }
             }
             Target::ClearMarks => *mark &= !(ALLOW_MARK | TIER_MARK),
+            // NFLOG copies the packet and goes on to the next rule.
+            Target::LogDenied(_) => {}
             Target::RejectWithTcpReset | Target::Reject | Target::Drop => {
                 return Outcome::Rejected(chain.to_string());
             }

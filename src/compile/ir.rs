@@ -242,4 +242,19 @@ pub enum Target {
     /// Drop silently (`--deny-action drop`): the sender times out, as the conformance tests of
     /// ClusterNetworkPolicy require. See `crate::enforcement`.
     Drop,
+    /// Copy the packet to an NFLOG group, at most at a rate, and go on (non-terminating): put in
+    /// front of each rule that drops or rejects by `--log-denied` (see `compile::log_denied`).
+    LogDenied(LogRule),
+}
+
+/// What a [`Target::LogDenied`] rule sends where, and how often at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRule {
+    /// The NFLOG group the agent reads.
+    pub group: u16,
+    /// Says which direction and chain dropped the packet (see `compile::log_denied::Prefix`).
+    pub prefix: String,
+    /// Packets per second this rule logs at most, after a burst of `burst` (`-m limit`).
+    pub per_second: u32,
+    pub burst: u32,
 }

@@ -9,13 +9,14 @@
 //!   the kernel names derived from it; [`ir`]: the desired-state types; [`evaluate`]: walks a
 //!   desired state packet by packet as netfilter would.
 //! - [`enforcement`]: what the node's options add after compiling (deny action, new-pod
-//!   isolation, see [`new_pod_isolation`]); [`strict`]: which established flows a state denies.
+//!   isolation, see [`new_pod_isolation`]; denied-packet logging, see [`log_denied`]); [`strict`]: which established flows a state denies.
 
 mod chains;
 pub mod enforcement;
 pub mod evaluate;
 pub mod explain;
 pub mod ir;
+pub mod log_denied;
 pub mod names;
 pub mod new_pod_isolation;
 mod peers;

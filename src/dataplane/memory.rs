@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 const BUILTINS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
-const TARGETS: [&str; 6] = ["ACCEPT", "DROP", "RETURN", "MARK", "REJECT", "LOG"];
+const TARGETS: [&str; 7] = ["ACCEPT", "DROP", "RETURN", "MARK", "REJECT", "LOG", "NFLOG"];
 
 /// Failures to inject.
 #[derive(Debug, Default, Clone)]

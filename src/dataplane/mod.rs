@@ -12,6 +12,7 @@ mod backend;
 mod canary;
 mod cleanup;
 pub mod conntrack;
+pub mod counters;
 mod detect;
 mod drift;
 mod error;
@@ -19,6 +20,7 @@ pub mod kernel;
 mod lock;
 #[cfg(test)]
 pub(crate) mod memory;
+pub mod nflog;
 pub mod other_engines;
 pub mod parse;
 mod probe;

@@ -89,6 +89,18 @@ impl Tables {
         run_tool(&self.save[family_index(family)], &["-t", table], None)
     }
 
+    /// `iptables-save -c -t filter`: the filter table with each rule's packet and byte counters.
+    pub fn save_filter_with_counters(&self, family: Family) -> Result<String> {
+        if !self.has_table(family, "filter") {
+            return Ok(String::new());
+        }
+        run_tool(
+            &self.save[family_index(family)],
+            &["-c", "-t", "filter"],
+            None,
+        )
+    }
+
     /// `iptables-save` of every table.
     pub(super) fn save_all_tables(&self, family: Family) -> Result<String> {
         run_tool(&self.save[family_index(family)], &[], None)

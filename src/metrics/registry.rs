@@ -35,6 +35,9 @@ pub struct Metrics {
     api_readable: MetricFamily<Labels, Gauge>,
     api_watch_errors: MetricFamily<Labels, Counter>,
     flows_cut: MetricFamily<Labels, Counter>,
+    denied_packets: MetricFamily<Labels, Counter>,
+    policy_allowed_packets: MetricFamily<Labels, Counter>,
+    programming_latency: Histogram,
     /// Why each watched kind cannot be read right now (absent: readable).
     api_problems: Mutex<BTreeMap<String, String>>,
     /// A full sync has succeeded since start.
@@ -153,6 +156,24 @@ impl Metrics {
             "Established flows strict mode cut because the new policy state denies them, by the policy direction that denies them",
             flows_cut.clone(),
         );
+        let denied_packets = MetricFamily::<Labels, Counter>::default();
+        registry.register(
+            "denied_packets",
+            "Denied packets logged (--log-denied; rate-limited per pod, so a sample of the drops), by direction",
+            denied_packets.clone(),
+        );
+        let policy_allowed_packets = MetricFamily::<Labels, Counter>::default();
+        registry.register(
+            "policy_allowed_packets",
+            "New connections' first packets a policy's rules allowed, from the kernel's rule counters (read at most every 30 s), by policy and direction",
+            policy_allowed_packets.clone(),
+        );
+        let programming_latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "programming_latency_seconds",
+            "Time from a change being seen (API watch event received, manifests change noticed) to the kernel holding it",
+            programming_latency.clone(),
+        );
         Arc::new(Metrics {
             registry,
             sync_duration,
@@ -172,6 +193,9 @@ impl Metrics {
             api_readable,
             api_watch_errors,
             flows_cut,
+            denied_packets,
+            policy_allowed_packets,
+            programming_latency,
             api_problems: Mutex::new(BTreeMap::new()),
             synced_once: AtomicBool::new(false),
             failing: AtomicBool::new(false),
@@ -291,6 +315,29 @@ impl Metrics {
         self.flows_cut
             .get_or_create(&vec![("direction".into(), direction.into())])
             .inc_by(count);
+    }
+
+    /// One denied packet was logged (`direction`: ingress, egress or other).
+    pub fn denied_packet(&self, direction: &str) {
+        self.denied_packets
+            .get_or_create(&vec![("direction".into(), direction.into())])
+            .inc();
+    }
+
+    /// `packets` more were allowed by `namespace/policy` in `direction`.
+    pub fn policy_allowed(&self, namespace: &str, policy: &str, direction: &str, packets: u64) {
+        self.policy_allowed_packets
+            .get_or_create(&vec![
+                ("namespace".into(), namespace.into()),
+                ("policy".into(), policy.into()),
+                ("direction".into(), direction.into()),
+            ])
+            .inc_by(packets);
+    }
+
+    /// A change seen `took` ago is now in the kernel.
+    pub fn programmed(&self, took: Duration) {
+        self.programming_latency.observe(took.as_secs_f64());
     }
 
     /// A list or watch of `kind` failed.

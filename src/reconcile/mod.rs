@@ -3,6 +3,8 @@
 //! node: compile for both families, then the dataplane). Time is tokio's, so tests run it with
 //! paused time and a fake target.
 
+pub mod denied_log;
+pub mod policy_counters;
 mod run;
 mod schedule;
 mod strict;

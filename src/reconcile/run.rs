@@ -43,7 +43,16 @@ fn load_and_sync<S: Source, T: Target>(
     metrics: Option<&Metrics>,
 ) -> Option<(Option<u64>, Result<()>)> {
     match source.snapshot() {
-        Ok(Some((generation, snapshot))) => Some((Some(generation), target.sync(&snapshot, mode))),
+        Ok(Some((generation, snapshot))) => {
+            let result = target.sync(&snapshot, mode);
+            // From the earliest change this sync covers to the kernel holding it.
+            if let (Ok(()), Some(m)) = (&result, metrics)
+                && let Some(seen) = source.change_seen(generation)
+            {
+                m.programmed(seen.elapsed());
+            }
+            Some((Some(generation), result))
+        }
         Ok(None) => None,
         Err(e) => {
             if let Some(m) = metrics {

@@ -1,6 +1,8 @@
 //! What the loop syncs into: the node (compile for both families, then the dataplane), behind a
 //! small trait so the loop can be tested with a fake. The only place that calls the compiler.
 
+use super::denied_log::DeniedLog;
+use super::policy_counters::PolicyCounters;
 use super::strict::FlowCutter;
 use crate::compile::ir::{DesiredState, Family};
 use crate::compile::{Compiler, enforcement};
@@ -49,6 +51,10 @@ pub struct NodeTarget {
     /// Deny action, strict mode and new-pod isolation.
     enforcement: enforcement::Options,
     flow_cutter: FlowCutter,
+    /// `--log-denied`: told the pods and chains of each state written.
+    denied_log: Option<Arc<DeniedLog>>,
+    /// Told the policy chains of each state written, for their counters.
+    policy_counters: Option<Arc<PolicyCounters>>,
 }
 
 impl NodeTarget {
@@ -65,7 +71,20 @@ impl NodeTarget {
             metrics,
             enforcement,
             flow_cutter: FlowCutter::default(),
+            denied_log: None,
+            policy_counters: None,
         }
+    }
+
+    /// Keeps `denied_log` and `policy_counters` told what each sync wrote.
+    pub fn observed_by(
+        mut self,
+        denied_log: Option<Arc<DeniedLog>>,
+        policy_counters: Option<Arc<PolicyCounters>>,
+    ) -> NodeTarget {
+        self.denied_log = denied_log;
+        self.policy_counters = policy_counters;
+        self
     }
 
     /// Compiles a snapshot and writes it, logging the outcome and recording it in the metrics.
@@ -94,6 +113,12 @@ impl NodeTarget {
         }
         if let Some(m) = metrics {
             m.sync_succeeded(mode, started.elapsed(), &report, &desired);
+        }
+        if let Some(log) = &self.denied_log {
+            log.update(snapshot, &desired);
+        }
+        if let Some(counters) = &self.policy_counters {
+            counters.update(&desired);
         }
         // Strict mode: flows the new rules deny stop now, not when they end.
         if self.enforcement.strict_mode

@@ -31,6 +31,7 @@ struct FakeSource {
     changed: Notify,
     broken: AtomicBool,
     loads: AtomicUsize,
+    change_times: crate::source::change_times::ChangeTimes,
 }
 
 impl FakeSource {
@@ -43,6 +44,7 @@ impl FakeSource {
     fn bump(&self) {
         let mut g = self.generation.lock().unwrap();
         *g = Some(g.map_or(0, |g| g + 1));
+        self.change_times.record(g.unwrap());
         self.changed.notify_one();
     }
 }
@@ -74,6 +76,10 @@ impl Source for FakeSource {
 
     fn waiting_for(&self) -> &'static str {
         "waiting for the fake"
+    }
+
+    fn change_seen(&self, generation: u64) -> Option<std::time::Instant> {
+        self.change_times.take_through(generation)
     }
 }
 
@@ -454,4 +460,47 @@ async fn once_told_to_stop_before_the_source_is_complete_fails_without_writing()
         "{err}"
     );
     assert!(target.log().is_empty());
+}
+
+/// The programming latency: one sample per successful sync of seen changes (a burst is one
+/// sample; a failed sync's changes are measured by the retry that writes them); none for the
+/// start-up sync or a resync without changes.
+#[tokio::test(start_paused = true)]
+async fn each_successful_sync_of_changes_gives_one_latency_sample() {
+    let samples = |m: &crate::metrics::Metrics| -> u64 {
+        m.render()
+            .lines()
+            .find_map(|l| l.strip_prefix("kni_programming_latency_seconds_count "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let metrics = crate::metrics::Metrics::new(Duration::from_secs(600));
+    let source = FakeSource::ready();
+    let target = FakeTarget::new();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(run(
+        source.clone(),
+        target.clone(),
+        timing(),
+        Some(metrics.clone()),
+        stop.clone(),
+    ));
+    sleep(10 * MS).await;
+    assert_eq!(samples(&metrics), 0, "start-up sync");
+    for _ in 0..3 {
+        source.bump();
+        sleep(20 * MS).await;
+    }
+    sleep(200 * MS).await;
+    assert_eq!(samples(&metrics), 1, "{:?}", target.log());
+    target.failures.store(1, Ordering::SeqCst);
+    source.bump();
+    sleep(200 * MS).await;
+    assert_eq!(samples(&metrics), 1, "failed: {:?}", target.log());
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(samples(&metrics), 2, "retried: {:?}", target.log());
+    sleep(Duration::from_secs(400)).await;
+    assert_eq!(samples(&metrics), 2, "resyncs see no change");
+    stop.cancel();
+    handle.await.unwrap().unwrap();
 }

@@ -20,4 +20,10 @@ pub trait Source: Send + Sync + 'static {
 
     /// What the loop waits for while `generation` is `None`, for the log.
     fn waiting_for(&self) -> &'static str;
+
+    /// When the earliest change up to `generation` (just synced) was seen; each change is
+    /// given once. `None`: none, or the source does not say.
+    fn change_seen(&self, _generation: u64) -> Option<std::time::Instant> {
+        None
+    }
 }

@@ -13,6 +13,7 @@ mod hardening;
 mod image;
 mod kube;
 mod kube_node;
+mod logdenied;
 mod matrix;
 mod other_engines;
 mod strict;

@@ -12,7 +12,7 @@ mod explain;
 mod scale;
 mod selections;
 mod semantics;
-mod tiers;
+pub(crate) mod tiers;
 use crate::compile::evaluate::{L4, Packet, passes};
 use crate::compile::{Compiler, DesiredState};
 use crate::model::Family;

@@ -16,7 +16,7 @@ use super::view::{
     HOOK_COMMENT, Jump, KernelSet, KernelSets, KernelTable, RETIRED_COMMENT, View, maxelem_for,
 };
 use crate::compile::ir::{
-    ALLOW_MARK, DesiredState, Family, Hook, Match, Rule, SetDirection, TIER_MARK, Target,
+    ALLOW_MARK, DesiredState, Family, Hook, LogRule, Match, Rule, SetDirection, TIER_MARK, Target,
 };
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -205,8 +205,44 @@ pub fn render_rule(family: Family, rule: &Rule) -> String {
             Family::V6 => "-j REJECT --reject-with icmp6-port-unreachable".into(),
         },
         Target::Drop => "-j DROP".into(),
+        Target::LogDenied(log) => render_log(log),
     });
     parts.join(" ")
+}
+
+/// `-m limit … -j NFLOG …` exactly as iptables-save prints it back (both backends), so that an
+/// unchanged rule compares equal and is never rewritten: the rate as the kernel stores it (an
+/// interval of 1/10,000 s, `XT_LIMIT_SCALE`, printed back per second), the burst and the group
+/// only when not their defaults (5, 0), the prefix unquoted (it holds only letters, digits, `-`).
+fn render_log(log: &LogRule) -> String {
+    const LIMIT_SCALE: u32 = 10_000;
+    const DEFAULT_BURST: u32 = 5;
+    let per_second = log.per_second.clamp(1, LIMIT_SCALE);
+    let mut out = format!(
+        "-m limit --limit {}/sec",
+        LIMIT_SCALE / (LIMIT_SCALE / per_second)
+    );
+    if log.burst != DEFAULT_BURST {
+        write!(out, " --limit-burst {}", log.burst).unwrap();
+    }
+    write!(
+        out,
+        " -j NFLOG --nflog-prefix {}",
+        sanitize_prefix(&log.prefix)
+    )
+    .unwrap();
+    if log.group != 0 {
+        write!(out, " --nflog-group {}", log.group).unwrap();
+    }
+    out
+}
+
+/// Prefixes are made of chain names; as for comments, nothing else can reach the restore text.
+fn sanitize_prefix(p: &str) -> String {
+    p.chars()
+        .filter(|ch| ch.is_ascii_alphanumeric() || "_-".contains(*ch))
+        .take(crate::compile::log_denied::MAX_PREFIX_LEN)
+        .collect()
 }
 
 /// Comments only ever carry validated Kubernetes names; this is a second line of defence so that

@@ -2,6 +2,7 @@
 
 use crate::model::{ClusterPeer, ClusterPolicy, ClusterSnapshot, Namespace, NodeInfo, Pod, Policy};
 use crate::source::Source;
+use crate::source::change_times::ChangeTimes;
 use crate::source::convert::{self, ClusterNetworkPolicy, InvalidField};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
@@ -72,6 +73,7 @@ pub struct ClusterStore {
     changed: Notify,
     /// Whether some ClusterNetworkPolicy has a `nodes` peer, for the Node watch to follow.
     nodes_needed: watch::Sender<bool>,
+    change_times: ChangeTimes,
 }
 
 impl Default for ClusterStore {
@@ -80,6 +82,7 @@ impl Default for ClusterStore {
             inner: Mutex::default(),
             changed: Notify::new(),
             nodes_needed: watch::Sender::new(false),
+            change_times: ChangeTimes::default(),
         }
     }
 }
@@ -185,6 +188,7 @@ impl ClusterStore {
         f(&mut s);
         s.generation += 1;
         let needed = nodes_needed(&s.cluster_policies);
+        self.change_times.record(s.generation);
         drop(s);
         self.nodes_needed.send_if_modified(|n| {
             let changed = *n != needed;
@@ -373,5 +377,9 @@ impl Source for ClusterStore {
 
     fn waiting_for(&self) -> &'static str {
         "waiting for the first list of namespaces, pods, network policies and cluster network policies (and nodes, when a cluster network policy selects nodes)"
+    }
+
+    fn change_seen(&self, generation: u64) -> Option<std::time::Instant> {
+        self.change_times.take_through(generation)
     }
 }

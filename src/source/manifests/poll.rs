@@ -4,6 +4,7 @@ use super::load::load_dir_with_limit;
 use super::read::manifest_files;
 use crate::model::ClusterSnapshot;
 use crate::source::Source;
+use crate::source::change_times::ChangeTimes;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,7 @@ pub struct DirSource {
     max_file_bytes: u64,
     generation: AtomicU64,
     changed: Notify,
+    change_times: ChangeTimes,
 }
 
 impl DirSource {
@@ -46,6 +48,7 @@ impl DirSource {
             max_file_bytes,
             generation: AtomicU64::new(0),
             changed: Notify::new(),
+            change_times: ChangeTimes::default(),
         })
     }
 
@@ -71,7 +74,8 @@ impl DirSource {
                 };
                 if seen != last_seen {
                     last_seen = seen;
-                    self.generation.fetch_add(1, Ordering::Relaxed);
+                    let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.change_times.record(generation);
                     self.changed.notify_one();
                 }
             }
@@ -97,5 +101,9 @@ impl Source for DirSource {
 
     fn waiting_for(&self) -> &'static str {
         "waiting for the manifests directory"
+    }
+
+    fn change_seen(&self, generation: u64) -> Option<std::time::Instant> {
+        self.change_times.take_through(generation)
     }
 }
