@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 const NP: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n";
 
 /// x: every pod isolated for ingress, allowed nothing by `allow-nothing`; x/b allowed from y by
-/// `later-from-y`. y/c may send only to z (`c-to-z`).
+/// `later-from-y`. y/c may send only to z (`c-to-z`). y/a may not reach z on TCP 82 (the Admin
+/// ClusterNetworkPolicy `y-a-not-to-z-82`, whose Deny drops in its own chain).
 fn policies() -> Vec<String> {
     vec![
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: y-a-not-to-z-82}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {pods: {namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: a}}}}\n  egress: [{name: no-82, action: Deny, to: [{namespaces: {matchLabels: {ns: z}}}], protocols: [{tcp: {destinationPort: {number: 82}}}]}]\n".to_string(),
         format!(
             "{NP}metadata: {{name: allow-nothing, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n"
         ),
@@ -163,23 +165,29 @@ fn log_denied(backend: &str) {
         assert!(!tcp_attempt(&z_a.netns, SocketAddr::new(x_a.ip(v6), 80)));
         assert!(!probe(&z_b.netns, x_a.ip(v6), Proto::Udp, 81), "z/b -> x/a");
         assert!(!tcp_attempt(&y_c.netns, SocketAddr::new(y_a.ip(v6), 81)));
+        assert!(!tcp_attempt(&y_a.netns, SocketAddr::new(z_a.ip(v6), 82)));
     }
     wait_until(
         "the denied packets are logged",
         Duration::from_secs(10),
         || {
             let events = denied_events(&lab);
-            [("z/a", "x/a"), ("z/b", "x/a"), ("y/c", "y/a")]
-                .iter()
-                .all(|(src, dst)| {
-                    let found = matching(&events, src, dst);
-                    found
+            [
+                ("z/a", "x/a"),
+                ("z/b", "x/a"),
+                ("y/c", "y/a"),
+                ("y/a", "z/a"),
+            ]
+            .iter()
+            .all(|(src, dst)| {
+                let found = matching(&events, src, dst);
+                found
+                    .iter()
+                    .any(|e| e["dst_ip"].as_str().unwrap().contains(':'))
+                    && found
                         .iter()
-                        .any(|e| e["dst_ip"].as_str().unwrap().contains(':'))
-                        && found
-                            .iter()
-                            .any(|e| e["dst_ip"].as_str().unwrap().contains('.'))
-                })
+                        .any(|e| e["dst_ip"].as_str().unwrap().contains('.'))
+            })
         },
     );
     let events = denied_events(&lab);
@@ -208,6 +216,12 @@ fn log_denied(backend: &str) {
         assert_eq!(e["policies"], "y/c-to-z", "{e}");
         assert_eq!(e["port"], 81, "{e}");
     }
+    // The cluster policy's Deny: logged from its own chain, named with its tier.
+    for e in matching(&events, "y/a", "z/a") {
+        assert_eq!(e["direction"], "egress", "{e}");
+        assert_eq!(e["policies"], "Admin/y-a-not-to-z-82", "{e}");
+        assert_eq!(e["port"], 82, "{e}");
+    }
     // Nothing allowed was logged, in particular not y/a -> x/b, which x/allow-nothing's chain
     // (walked first) does not allow.
     for (src, dst) in [("y/a", "x/b"), ("z/a", "y/a"), ("y/c", "z/b")] {
@@ -221,7 +235,10 @@ fn log_denied(backend: &str) {
         events.len(),
         events
             .iter()
-            .filter(|e| ["z/a", "z/b", "y/c"].contains(&e["src"].as_str().unwrap()))
+            .filter(
+                |e| ["z/a", "z/b", "y/c"].contains(&e["src"].as_str().unwrap())
+                    || (e["src"] == "y/a" && e["dst"] == "z/a")
+            )
             .count(),
         "only the denied probes: {events:?}"
     );
