@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How often discovery is asked whether ClusterNetworkPolicy has become served: one small
-/// request per node per minute, answered from kube-apiserver's memory, while the CRD is absent.
-pub const CRD_RECHECK: Duration = Duration::from_secs(60);
+/// request per node every 10 s, answered from kube-apiserver's memory, while the CRD is absent (a
+/// CRD installed later is enforced within that; a CRD watch would need read access to every CRD).
+pub const CRD_RECHECK: Duration = Duration::from_secs(10);
 /// The retry after discovery failed for another reason (the API unreachable: every kind waits).
 const DISCOVERY_RETRY: Duration = Duration::from_secs(3);
 
