@@ -12,6 +12,7 @@ mod faults;
 mod hardening;
 mod image;
 mod kube;
+mod kube_cnp;
 mod kube_node;
 mod logdenied;
 mod matrix;
