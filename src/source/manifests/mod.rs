@@ -22,6 +22,8 @@ mod parallel;
 mod parse;
 mod poll;
 mod read;
+mod strict;
+mod typed;
 
 pub use load::{load_dir, load_dir_with_limit, load_text};
 pub use poll::DirSource;
@@ -29,3 +31,5 @@ pub use read::{DEFAULT_MAX_FILE_BYTES, LoadError, Location, MAX_DEPTH, manifest_
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod typed_tests;
