@@ -13,7 +13,9 @@
 use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
 use super::names;
 use super::selection::{NamespaceScope, PodSelection};
-use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
+use crate::model::{
+    ClusterSnapshot, ContainerPort, Family, Labels, PerFamily, Pod, Protocol, cidr,
+};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
@@ -35,8 +37,10 @@ pub type Blocks = Vec<(IpNet, Vec<IpNet>)>;
 
 #[derive(Default)]
 pub struct Selections {
-    /// Policy-relevant pods of the snapshot the entries match, by key.
-    pods: HashMap<Key, Pod>,
+    /// What the entries looked at of the policy-relevant pods of the snapshot they match, by key.
+    pods: HashMap<Key, KnownPod>,
+    /// The label maps of `pods`, each distinct one once (replicas share theirs).
+    labels: HashSet<Arc<Labels>>,
     /// The keys of `pods` by namespace: a new entry looks only in the namespaces it can select.
     pods_by_namespace: HashMap<String, HashSet<Key>>,
     namespaces: HashMap<String, Labels>,
@@ -48,6 +52,54 @@ pub struct Selections {
     blocks: HashMap<Blocks, PerFamily<Result<Option<SetRef>, usize>>>,
     /// Blocks asked for since the last eviction (entries carry their own flag).
     used_blocks: HashSet<Blocks>,
+}
+
+/// What selections and named ports look at of a pod: not a copy of the whole pod, and its
+/// labels shared with every other pod that has the same (a label map costs ~700 bytes).
+struct KnownPod {
+    namespace: String,
+    labels: Arc<Labels>,
+    ips: Vec<IpAddr>,
+    ports: Vec<ContainerPort>,
+}
+
+impl KnownPod {
+    fn new(pod: &Pod, pool: &mut HashSet<Arc<Labels>>) -> KnownPod {
+        let labels = match pool.get(&pod.labels) {
+            Some(shared) => shared.clone(),
+            None => {
+                let labels = Arc::new(pod.labels.clone());
+                pool.insert(labels.clone());
+                labels
+            }
+        };
+        KnownPod {
+            namespace: pod.namespace.clone(),
+            labels,
+            ips: pod.ips.clone(),
+            ports: pod.ports.clone(),
+        }
+    }
+
+    /// Whether `pod` (of the same key) is the same to every selection and named port.
+    fn same_as(&self, pod: &Pod) -> bool {
+        *self.labels == pod.labels
+            && self.ips == pod.ips
+            && self.ports == pod.ports
+            && self.namespace == pod.namespace
+    }
+
+    fn selected_by(&self, selection: &PodSelection, namespace_labels: Option<&Labels>) -> bool {
+        selection.selects_labels(&self.namespace, &self.labels, namespace_labels)
+    }
+
+    fn named_pairs<'p>(
+        &'p self,
+        port_name: &'p str,
+        protocol: Protocol,
+    ) -> impl Iterator<Item = SetMember> + 'p {
+        pairs_of(&self.ips, &self.ports, port_name, protocol)
+    }
 }
 
 /// The pods one selection chooses, their addresses, and the named ports resolved on them.
@@ -68,12 +120,20 @@ pub fn named_pairs<'p>(
     port_name: &'p str,
     protocol: Protocol,
 ) -> impl Iterator<Item = SetMember> + 'p {
-    pod.ports
+    pairs_of(&pod.ips, &pod.ports, port_name, protocol)
+}
+
+fn pairs_of<'p>(
+    ips: &'p [IpAddr],
+    ports: &'p [ContainerPort],
+    port_name: &'p str,
+    protocol: Protocol,
+) -> impl Iterator<Item = SetMember> + 'p {
+    ports
         .iter()
         .filter(move |cp| cp.name.as_deref() == Some(port_name) && cp.protocol == protocol)
         .flat_map(move |cp| {
-            pod.ips
-                .iter()
+            ips.iter()
                 .map(move |ip| SetMember::IpPort(*ip, protocol, cp.port))
         })
 }
@@ -108,7 +168,7 @@ impl Selections {
             match self.pods.get(key_buf.as_str()) {
                 Some(old) => {
                     known_seen += usize::from(first);
-                    if old == p {
+                    if old.same_as(p) {
                         if !new_pods.is_empty() {
                             new_pods.remove(key_buf.as_str());
                         }
@@ -160,6 +220,8 @@ impl Selections {
         if changed_pods.is_empty() && changed_namespaces.is_empty() {
             return;
         }
+        // Label maps no known pod has any more (since the previous change).
+        self.labels.retain(|labels| Arc::strong_count(labels) > 1);
         let mut old_namespaces: HashMap<String, Labels> = HashMap::new();
         for name in &changed_namespaces {
             let old = match snapshot.namespaces.get(name) {
@@ -172,7 +234,7 @@ impl Selections {
         }
 
         // Apply only what changed; keep the old versions of changed pods for their addresses.
-        let mut old_changed: HashMap<Key, Pod> = HashMap::new();
+        let mut old_changed: HashMap<Key, KnownPod> = HashMap::new();
         for key in &changed_pods {
             let old = match new_pods.get(&**key) {
                 Some(p) => {
@@ -182,7 +244,8 @@ impl Selections {
                             .or_default()
                             .insert(key.clone());
                     }
-                    self.pods.insert(key.clone(), (*p).clone())
+                    let known = KnownPod::new(p, &mut self.labels);
+                    self.pods.insert(key.clone(), known)
                 }
                 None => {
                     let old = self.pods.remove(&**key);
@@ -264,9 +327,7 @@ impl Selections {
             for key in judge {
                 let was = entry.pods.contains(&**key);
                 let now = self.pods.get(&**key).is_some_and(|p| {
-                    entry
-                        .selection
-                        .selects(p, self.namespaces.get(&p.namespace))
+                    p.selected_by(&entry.selection, self.namespaces.get(&p.namespace))
                 });
                 if was || now {
                     touched.push((key, was, now));
@@ -299,11 +360,11 @@ impl Selections {
                         let old = old_changed.get(&***key).or_else(|| self.pods.get(&***key));
                         pairs.extend(
                             old.into_iter()
-                                .flat_map(|p| named_pairs(p, port_name, *protocol)),
+                                .flat_map(|p| p.named_pairs(port_name, *protocol)),
                         );
                     }
                     if *now {
-                        pairs.extend(named_pairs(&self.pods[&***key], port_name, *protocol));
+                        pairs.extend(self.pods[&***key].named_pairs(port_name, *protocol));
                     }
                 }
                 for pair in pairs {
@@ -355,7 +416,7 @@ impl Selections {
             };
             for key in candidates {
                 let pod = &self.pods[&**key];
-                if selection.selects(pod, self.namespaces.get(&pod.namespace)) {
+                if pod.selected_by(selection, self.namespaces.get(&pod.namespace)) {
                     pods.insert(key.clone());
                     members.extend(pod.ips.iter().map(|ip| SetMember::Ip(*ip)));
                 }
@@ -407,7 +468,7 @@ impl Selections {
                     entry
                         .pods
                         .iter()
-                        .flat_map(|key| named_pairs(&pods[&**key], port_name, protocol)),
+                        .flat_map(|key| pods[&**key].named_pairs(port_name, protocol)),
                 );
                 PerFamily::from_fn(|f| SetRef {
                     name: names::named_port_set(f, selection, port_name, protocol),
