@@ -175,7 +175,7 @@ fn main() {
     let previous_sets: usize = previous.iter().map(|(_, s)| s.sets.len()).sum();
     let previous_members: usize = previous.iter().map(|(_, s)| s.member_count()).sum();
     row(
-        "yardstick: the same rules with a set per reference (the layout before issue 11)",
+        "yardstick: the same rules with a set per chain and selection (close to the layout before issue 11)",
         format!("{previous_sets} sets, {previous_members} set members"),
     );
 
@@ -265,7 +265,7 @@ fn main() {
             ms(floor),
         );
         row(
-            &format!("[{backend}] bare restore of the yardstick payload (set per reference)"),
+            &format!("[{backend}] bare restore of the yardstick payload"),
             format!(
                 "{} ({:.2}x the payload's)",
                 ms(previous_floor),
