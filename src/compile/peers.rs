@@ -11,11 +11,10 @@
 //! changes always gives what a fresh one gives.
 
 use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
+use super::known_pod::{KnownPod, pairs_of};
 use super::names;
 use super::selection::{NamespaceScope, PodSelection};
-use crate::model::{
-    ClusterSnapshot, ContainerPort, Family, Labels, PerFamily, Pod, Protocol, cidr,
-};
+use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
@@ -54,54 +53,6 @@ pub struct Selections {
     used_blocks: HashSet<Blocks>,
 }
 
-/// What selections and named ports look at of a pod: not a copy of the whole pod, and its
-/// labels shared with every other pod that has the same (a label map costs ~700 bytes).
-struct KnownPod {
-    namespace: String,
-    labels: Arc<Labels>,
-    ips: Vec<IpAddr>,
-    ports: Vec<ContainerPort>,
-}
-
-impl KnownPod {
-    fn new(pod: &Pod, pool: &mut HashSet<Arc<Labels>>) -> KnownPod {
-        let labels = match pool.get(&pod.labels) {
-            Some(shared) => shared.clone(),
-            None => {
-                let labels = Arc::new(pod.labels.clone());
-                pool.insert(labels.clone());
-                labels
-            }
-        };
-        KnownPod {
-            namespace: pod.namespace.clone(),
-            labels,
-            ips: pod.ips.clone(),
-            ports: pod.ports.clone(),
-        }
-    }
-
-    /// Whether `pod` (of the same key) is the same to every selection and named port.
-    fn same_as(&self, pod: &Pod) -> bool {
-        *self.labels == pod.labels
-            && self.ips == pod.ips
-            && self.ports == pod.ports
-            && self.namespace == pod.namespace
-    }
-
-    fn selected_by(&self, selection: &PodSelection, namespace_labels: Option<&Labels>) -> bool {
-        selection.selects_labels(&self.namespace, &self.labels, namespace_labels)
-    }
-
-    fn named_pairs<'p>(
-        &'p self,
-        port_name: &'p str,
-        protocol: Protocol,
-    ) -> impl Iterator<Item = SetMember> + 'p {
-        pairs_of(&self.ips, &self.ports, port_name, protocol)
-    }
-}
-
 /// The pods one selection chooses, their addresses, and the named ports resolved on them.
 struct Entry {
     selection: PodSelection,
@@ -121,21 +72,6 @@ pub fn named_pairs<'p>(
     protocol: Protocol,
 ) -> impl Iterator<Item = SetMember> + 'p {
     pairs_of(&pod.ips, &pod.ports, port_name, protocol)
-}
-
-fn pairs_of<'p>(
-    ips: &'p [IpAddr],
-    ports: &'p [ContainerPort],
-    port_name: &'p str,
-    protocol: Protocol,
-) -> impl Iterator<Item = SetMember> + 'p {
-    ports
-        .iter()
-        .filter(move |cp| cp.name.as_deref() == Some(port_name) && cp.protocol == protocol)
-        .flat_map(move |cp| {
-            ips.iter()
-                .map(move |ip| SetMember::IpPort(*ip, protocol, cp.port))
-        })
 }
 
 fn split_by_family(members: impl IntoIterator<Item = SetMember>) -> PerFamily<Members> {
