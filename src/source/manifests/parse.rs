@@ -47,9 +47,7 @@ pub(super) fn parse_text(file: &Path, text: &str) -> Parsed {
         });
         return parsed;
     }
-    // The fast route, straight to typed objects; on any error, the general route, for the
-    // error as it reports it.
-    super::typed::parse_typed(file, text).unwrap_or_else(|| parse_general(file, text))
+    parse_general(file, text)
 }
 
 /// Every document through a `serde_json::Value`, then typed: any document, any field order.

@@ -9,8 +9,8 @@
 //! which reports the error with its usual wording and location. So this route only has to be
 //! right on valid input, and must refuse whatever the general route refuses.
 
-use super::parse::{Object, Parsed, StrictValue, convert_value};
-use super::read::Location;
+use super::parse::{Object, Parsed, StrictValue, convert_value, flow_nesting_beyond, parse_text};
+use super::read::{Location, MAX_DEPTH};
 use super::strict::Strict;
 use crate::source::convert;
 use k8s_openapi::api::core::v1 as core;
@@ -22,6 +22,16 @@ use serde::de::{
 };
 use std::fmt;
 use std::path::Path;
+
+/// Parses the documents of `text` as `parse::parse_text` does (same objects, same errors): this
+/// route first, the general one if this one gives up.
+pub(super) fn parse(file: &Path, text: &str) -> Parsed {
+    // Deep flow nesting is refused before any YAML parser sees it (see `flow_nesting_beyond`).
+    if flow_nesting_beyond(text, MAX_DEPTH).is_some() {
+        return parse_text(file, text);
+    }
+    parse_typed(file, text).unwrap_or_else(|| parse_text(file, text))
+}
 
 /// The documents of `text` converted, or `None` if anything in it is not valid (then the general
 /// route gives the error).

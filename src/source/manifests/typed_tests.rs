@@ -2,8 +2,8 @@
 //! `serde_json::Value` (parse.rs): the same objects from valid input, and no objects (so the
 //! general route reports the error) from anything the general route refuses.
 
-use super::parse::{Object, Parsed, parse_general, parse_text};
-use super::typed::parse_typed;
+use super::parse::{Object, Parsed, parse_general};
+use super::typed::{parse, parse_typed};
 use std::path::Path;
 
 fn listing(parsed: &Parsed) -> Vec<String> {
@@ -53,7 +53,7 @@ fn the_fast_route_gives_what_the_general_route_gives() {
     // route gives up on it, and what is loaded is what the general route makes of it.
     let odd = "apiVersion: v1\nkind: PodList\nitems:\n- metadata: {name: a}\n  kind: Namespace\n";
     assert!(parse_typed(Path::new("o.yaml"), odd).is_none());
-    let loaded = parse_text(Path::new("o.yaml"), odd);
+    let loaded = parse(Path::new("o.yaml"), odd);
     assert!(loaded.error.is_none());
     assert_eq!(
         listing(&loaded),
