@@ -22,8 +22,6 @@ mod parallel;
 mod parse;
 mod poll;
 mod read;
-mod strict;
-mod typed;
 
 pub use load::{load_dir, load_dir_with_limit, load_text};
 pub use poll::DirSource;
@@ -31,5 +29,3 @@ pub use read::{DEFAULT_MAX_FILE_BYTES, LoadError, Location, MAX_DEPTH, manifest_
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod typed_tests;

@@ -2,7 +2,6 @@
 //! threads, and put back in order; any error is the sequential parse's (see [`parse_files`]).
 
 use super::parse::{Parsed, parse_text};
-use super::typed;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -24,7 +23,7 @@ pub(super) fn parse_files(files: &[(PathBuf, String)]) -> Vec<Parsed> {
         .min(MAX_THREADS)
         .min(units.len());
     let results = parallel_map(&units, threads, |&(index, text)| {
-        typed::parse(&files[index].0, text)
+        parse_text(&files[index].0, text)
     });
     let mut per_file: Vec<Parsed> = files.iter().map(|_| Parsed::default()).collect();
     let mut failed = vec![false; files.len()];

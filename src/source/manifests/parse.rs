@@ -17,7 +17,6 @@ use std::path::Path;
 const LOG_TARGET: &str = "kube_netpol_iptables::manifests";
 
 /// One object of a manifest, converted.
-#[cfg_attr(test, derive(Debug, PartialEq))]
 pub(super) enum Object {
     Namespace(Namespace),
     Pod(Pod),
@@ -47,12 +46,6 @@ pub(super) fn parse_text(file: &Path, text: &str) -> Parsed {
         });
         return parsed;
     }
-    parse_general(file, text)
-}
-
-/// Every document through a `serde_json::Value`, then typed: any document, any field order.
-pub(super) fn parse_general(file: &Path, text: &str) -> Parsed {
-    let mut parsed = Parsed::default();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         parsed.documents = index + 1;
         let at = Location {
@@ -151,7 +144,7 @@ impl Loader {
 
 /// Converts one document's value (an object or a List of them) into `out`, stopping at the
 /// first error.
-pub(super) fn convert_value(
+fn convert_value(
     value: serde_json::Value,
     at: Location,
     out: &mut Vec<(Location, Object)>,
@@ -247,16 +240,11 @@ pub(super) fn convert_value(
 /// Builds a `serde_json::Value` like its own `Deserialize`, but refuses a mapping key given twice
 /// (kubectl does: sigs.k8s.io/yaml for YAML, sigs.k8s.io/json's DisallowDuplicateFields for
 /// JSON) instead of letting the last one win, and nesting deeper than `MAX_DEPTH`.
-pub(super) struct StrictValue {
+struct StrictValue {
     depth: usize,
 }
 
 impl StrictValue {
-    /// A value at `depth` (the document's root is at 0).
-    pub(super) fn at(depth: usize) -> StrictValue {
-        StrictValue { depth }
-    }
-
     fn nested<E: serde::de::Error>(&self) -> Result<StrictValue, E> {
         if self.depth >= MAX_DEPTH {
             return Err(E::custom(format_args!(
