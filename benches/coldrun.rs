@@ -14,7 +14,7 @@
 //!                                  [--rounds N]
 
 use kni_testlab::fakeapi::{FakeApi, Kind};
-use kni_testlab::floor::bare_restore;
+use kni_testlab::floor::{bare_restore, previous_layout};
 use kni_testlab::lab::{add_netns, sh};
 use kni_testlab::synthetic::{self, LOCAL_NODE, Params};
 use kube_netpol_iptables::dataplane::{self, Backend};
@@ -153,9 +153,14 @@ fn main() {
     }
     let opts = parse_args();
     let params = opts.params.clone();
-    enter_new_netns(&format!("kni-coldrun-{}", std::process::id()));
+    let netns = format!("kni-coldrun-{}", std::process::id());
+    enter_new_netns(&netns);
     println!("kube-netpol-iptables cold-run benchmark: {params:?}");
-    let row = |k: &str, v: String| println!("{k:<58} {v}");
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut row = |k: &str, v: String| {
+        println!("{k:<58} {v}");
+        rows.push((k.into(), v));
+    };
 
     let snapshot = synthetic::generate(&params);
     let states = desired_states(&snapshot, LOCAL_NODE);
@@ -165,6 +170,13 @@ fn main() {
     row(
         "payload",
         format!("{rules} rules, {sets} sets, {members} set members"),
+    );
+    let previous = previous_layout(&states);
+    let previous_sets: usize = previous.iter().map(|(_, s)| s.sets.len()).sum();
+    let previous_members: usize = previous.iter().map(|(_, s)| s.member_count()).sum();
+    row(
+        "yardstick: the same rules with a set per chain and selection (close to the layout before issue 11)",
+        format!("{previous_sets} sets, {previous_members} set members"),
     );
 
     // The manifests: one file, as a ConfigMap or `kubectl get -o yaml` would give.
@@ -213,10 +225,13 @@ fn main() {
     for backend in [Backend::Nft, Backend::Legacy] {
         let backend_arg = backend.to_string();
         let mut floor = Duration::MAX;
+        let mut previous_floor = Duration::MAX;
         let mut cold: (Duration, Option<u64>) = (Duration::MAX, None);
         let mut kube: (Duration, Option<u64>) = (Duration::MAX, None);
         // Alternate the three so that machine noise hits them alike; best of the rounds.
         for _ in 0..opts.rounds {
+            clean();
+            previous_floor = previous_floor.min(bare_restore(backend, &previous));
             clean();
             floor = floor.min(bare_restore(backend, &states));
             clean();
@@ -250,6 +265,14 @@ fn main() {
             ms(floor),
         );
         row(
+            &format!("[{backend}] bare restore of the yardstick payload"),
+            format!(
+                "{} ({:.2}x the payload's)",
+                ms(previous_floor),
+                previous_floor.as_secs_f64() / floor.as_secs_f64()
+            ),
+        );
+        row(
             &format!("[{backend}] cold run, manifests → kernel (whole process)"),
             format!("{} (peak {})", ms(cold.0), mib(cold.1)),
         );
@@ -265,4 +288,6 @@ fn main() {
     drop(api);
     drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+    kni_testlab::table::record(rows.iter().map(|(k, v)| (k.as_str(), v.as_str())));
 }

@@ -480,10 +480,7 @@ fn main() {
     peak_memory(&snapshot, &mut row);
     clean();
     let _ = Command::new("ip").args(["netns", "del", &node_ns]).output();
-    println!("\n| measure | result |\n|---|---|");
-    for Row(k, v) in rows {
-        println!("| {k} | {v} |");
-    }
+    kni_testlab::table::record(rows.iter().map(|Row(k, v)| (k.as_str(), v.as_str())));
 }
 
 /// What the rules cost the traffic between two local pods, with the large case programmed and

@@ -106,6 +106,18 @@ fn list_cluster(kubeconfig: Option<std::path::PathBuf>) -> Result<crate::model::
 /// `run`: until a signal, or one sync with `--once`.
 fn run_agent(config: RunConfig) -> Result<()> {
     host::raise_open_file_limit();
+    // The manifests load while the lock is taken and the kernel probed (a cold start's time).
+    let mut manifests_source = match &config.source {
+        SourceConfig::Manifests {
+            dir,
+            max_file_bytes,
+            ..
+        } => Some(manifests::DirSource::prefetching(
+            dir.clone(),
+            *max_file_bytes,
+        )),
+        SourceConfig::Kube { .. } => None,
+    };
     // A one-shot sync refuses at once; the agent waits (see below).
     let mut lock_attempt = instance_lock::try_acquire()?;
     if config.once {
@@ -152,7 +164,9 @@ fn run_agent(config: RunConfig) -> Result<()> {
                 max_file_bytes,
                 poll_interval,
             } => {
-                let source = manifests::DirSource::new(dir, max_file_bytes);
+                let source = manifests_source
+                    .take()
+                    .unwrap_or_else(|| manifests::DirSource::new(dir, max_file_bytes));
                 if !config.once {
                     tokio::spawn(source.clone().poll(poll_interval, stop.clone()));
                 }

@@ -16,6 +16,7 @@ pub mod enforcement;
 pub mod evaluate;
 pub mod explain;
 pub mod ir;
+mod known_pod;
 pub mod log_denied;
 pub mod names;
 pub mod new_pod_isolation;

@@ -11,6 +11,7 @@
 //! changes always gives what a fresh one gives.
 
 use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
+use super::known_pod::{KnownPod, pairs_of};
 use super::names;
 use super::selection::{NamespaceScope, PodSelection};
 use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
@@ -35,13 +36,17 @@ pub type Blocks = Vec<(IpNet, Vec<IpNet>)>;
 
 #[derive(Default)]
 pub struct Selections {
-    /// Policy-relevant pods of the snapshot the entries match, by key.
-    pods: HashMap<Key, Pod>,
+    /// What the entries looked at of the policy-relevant pods of the snapshot they match, by key.
+    pods: HashMap<Key, KnownPod>,
+    /// The label maps of `pods`, each distinct one once (replicas share theirs).
+    labels: HashSet<Arc<Labels>>,
     /// The keys of `pods` by namespace: a new entry looks only in the namespaces it can select.
     pods_by_namespace: HashMap<String, HashSet<Key>>,
     namespaces: HashMap<String, Labels>,
     /// Relevant pods by address (addresses may be shared for a moment, e.g. during IP reuse).
-    owners: HashMap<IpAddr, BTreeSet<Key>>,
+    /// A list, not a set: almost always one key, and a `BTreeSet` node costs ~200 bytes each
+    /// (4 MB at 10,000 dual-stack pods).
+    owners: HashMap<IpAddr, Vec<Key>>,
     entries: HashMap<PodSelection, Entry>,
     blocks: HashMap<Blocks, PerFamily<Result<Option<SetRef>, usize>>>,
     /// Blocks asked for since the last eviction (entries carry their own flag).
@@ -66,14 +71,7 @@ pub fn named_pairs<'p>(
     port_name: &'p str,
     protocol: Protocol,
 ) -> impl Iterator<Item = SetMember> + 'p {
-    pod.ports
-        .iter()
-        .filter(move |cp| cp.name.as_deref() == Some(port_name) && cp.protocol == protocol)
-        .flat_map(move |cp| {
-            pod.ips
-                .iter()
-                .map(move |ip| SetMember::IpPort(*ip, protocol, cp.port))
-        })
+    pairs_of(&pod.ips, &pod.ports, port_name, protocol)
 }
 
 fn split_by_family(members: impl IntoIterator<Item = SetMember>) -> PerFamily<Members> {
@@ -106,7 +104,7 @@ impl Selections {
             match self.pods.get(key_buf.as_str()) {
                 Some(old) => {
                     known_seen += usize::from(first);
-                    if old == p {
+                    if old.same_as(p) {
                         if !new_pods.is_empty() {
                             new_pods.remove(key_buf.as_str());
                         }
@@ -158,6 +156,8 @@ impl Selections {
         if changed_pods.is_empty() && changed_namespaces.is_empty() {
             return;
         }
+        // Label maps no known pod has any more (since the previous change).
+        self.labels.retain(|labels| Arc::strong_count(labels) > 1);
         let mut old_namespaces: HashMap<String, Labels> = HashMap::new();
         for name in &changed_namespaces {
             let old = match snapshot.namespaces.get(name) {
@@ -170,7 +170,7 @@ impl Selections {
         }
 
         // Apply only what changed; keep the old versions of changed pods for their addresses.
-        let mut old_changed: HashMap<Key, Pod> = HashMap::new();
+        let mut old_changed: HashMap<Key, KnownPod> = HashMap::new();
         for key in &changed_pods {
             let old = match new_pods.get(&**key) {
                 Some(p) => {
@@ -180,7 +180,8 @@ impl Selections {
                             .or_default()
                             .insert(key.clone());
                     }
-                    self.pods.insert(key.clone(), (*p).clone())
+                    let known = KnownPod::new(p, &mut self.labels);
+                    self.pods.insert(key.clone(), known)
                 }
                 None => {
                     let old = self.pods.remove(&**key);
@@ -198,7 +199,7 @@ impl Selections {
             if let Some(old) = old {
                 for ip in &old.ips {
                     if let Some(owners) = self.owners.get_mut(ip) {
-                        owners.remove(&**key);
+                        owners.retain(|owner| owner != key);
                         if owners.is_empty() {
                             self.owners.remove(ip);
                         }
@@ -208,7 +209,10 @@ impl Selections {
             }
             if let Some(p) = new_pods.get(&**key) {
                 for ip in &p.ips {
-                    self.owners.entry(*ip).or_default().insert(key.clone());
+                    let owners = self.owners.entry(*ip).or_default();
+                    if !owners.contains(key) {
+                        owners.push(key.clone());
+                    }
                 }
             }
         }
@@ -259,9 +263,7 @@ impl Selections {
             for key in judge {
                 let was = entry.pods.contains(&**key);
                 let now = self.pods.get(&**key).is_some_and(|p| {
-                    entry
-                        .selection
-                        .selects(p, self.namespaces.get(&p.namespace))
+                    p.selected_by(&entry.selection, self.namespaces.get(&p.namespace))
                 });
                 if was || now {
                     touched.push((key, was, now));
@@ -294,11 +296,11 @@ impl Selections {
                         let old = old_changed.get(&***key).or_else(|| self.pods.get(&***key));
                         pairs.extend(
                             old.into_iter()
-                                .flat_map(|p| named_pairs(p, port_name, *protocol)),
+                                .flat_map(|p| p.named_pairs(port_name, *protocol)),
                         );
                     }
                     if *now {
-                        pairs.extend(named_pairs(&self.pods[&***key], port_name, *protocol));
+                        pairs.extend(self.pods[&***key].named_pairs(port_name, *protocol));
                     }
                 }
                 for pair in pairs {
@@ -350,7 +352,7 @@ impl Selections {
             };
             for key in candidates {
                 let pod = &self.pods[&**key];
-                if selection.selects(pod, self.namespaces.get(&pod.namespace)) {
+                if pod.selected_by(selection, self.namespaces.get(&pod.namespace)) {
                     pods.insert(key.clone());
                     members.extend(pod.ips.iter().map(|ip| SetMember::Ip(*ip)));
                 }
@@ -402,7 +404,7 @@ impl Selections {
                     entry
                         .pods
                         .iter()
-                        .flat_map(|key| named_pairs(&pods[&**key], port_name, protocol)),
+                        .flat_map(|key| pods[&**key].named_pairs(port_name, protocol)),
                 );
                 PerFamily::from_fn(|f| SetRef {
                     name: names::named_port_set(f, selection, port_name, protocol),

@@ -53,12 +53,22 @@ impl PodSelection {
 
     /// Whether `pod` is chosen, given its namespace's labels (`None`: namespace unknown).
     pub fn selects(&self, pod: &Pod, namespace_labels: Option<&Labels>) -> bool {
+        self.selects_labels(&pod.namespace, &pod.labels, namespace_labels)
+    }
+
+    /// `selects` for a pod given by its namespace and labels.
+    pub fn selects_labels(
+        &self,
+        namespace: &str,
+        labels: &Labels,
+        namespace_labels: Option<&Labels>,
+    ) -> bool {
         let namespace_ok = match &self.namespaces {
             NamespaceScope::All => true,
             NamespaceScope::Matching(sel) => namespace_labels.is_some_and(|l| sel.matches(l)),
-            NamespaceScope::Named(name) => pod.namespace == *name,
+            NamespaceScope::Named(name) => namespace == name,
         };
-        namespace_ok && self.pods.matches(&pod.labels)
+        namespace_ok && self.pods.matches(labels)
     }
 
     /// Whether the namespace labels going from `old` to `new` can change what this selects.

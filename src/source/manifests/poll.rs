@@ -6,8 +6,9 @@ use crate::model::ClusterSnapshot;
 use crate::source::Source;
 use crate::source::change_times::ChangeTimes;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +40,16 @@ pub struct DirSource {
     generation: AtomicU64,
     changed: Notify,
     change_times: ChangeTimes,
+    /// A load started early (see [`DirSource::prefetching`]), with the directory's fingerprint
+    /// and generation from before it began.
+    prefetch: Mutex<Option<Prefetch>>,
 }
+
+type Prefetch = (
+    Fingerprint,
+    u64,
+    JoinHandle<Result<ClusterSnapshot, super::LoadError>>,
+);
 
 impl DirSource {
     pub fn new(dir: PathBuf, max_file_bytes: u64) -> Arc<DirSource> {
@@ -49,7 +59,30 @@ impl DirSource {
             generation: AtomicU64::new(0),
             changed: Notify::new(),
             change_times: ChangeTimes::default(),
+            prefetch: Mutex::new(None),
         })
+    }
+
+    /// `new`, with the first load started at once on a thread of its own, so that it overlaps
+    /// what the agent does before its first sync (the node lock, the kernel probe). The first
+    /// `snapshot` takes it if the directory has not changed since (same fingerprint and
+    /// generation); otherwise it loads again.
+    pub fn prefetching(dir: PathBuf, max_file_bytes: u64) -> Arc<DirSource> {
+        let source = DirSource::new(dir.clone(), max_file_bytes);
+        let before = fingerprint(&dir);
+        let load = std::thread::spawn(move || load_dir_with_limit(&dir, max_file_bytes));
+        *source.prefetch.lock().unwrap() = Some((before, 0, load));
+        source
+    }
+
+    fn take_prefetched(
+        &self,
+        generation: u64,
+    ) -> Option<Result<ClusterSnapshot, super::LoadError>> {
+        let (before, at_generation, load) = self.prefetch.lock().unwrap().take()?;
+        let loaded = load.join().ok()?;
+        (at_generation == generation && before.is_some() && before == fingerprint(&self.dir))
+            .then_some(loaded)
     }
 
     /// Checks the directory every `interval` until `stop`; a change bumps the generation. The
@@ -95,7 +128,10 @@ impl Source for DirSource {
     /// Loads the whole directory; nothing is enforced from a directory that does not load.
     fn snapshot(&self) -> anyhow::Result<Option<(u64, ClusterSnapshot)>> {
         let generation = self.generation.load(Ordering::Relaxed);
-        let snapshot = load_dir_with_limit(&self.dir, self.max_file_bytes)?;
+        let snapshot = match self.take_prefetched(generation) {
+            Some(loaded) => loaded?,
+            None => load_dir_with_limit(&self.dir, self.max_file_bytes)?,
+        };
         Ok(Some((generation, snapshot)))
     }
 

@@ -294,6 +294,29 @@ async fn polling_sees_a_changed_file() {
     poller.await.unwrap();
 }
 
+/// The load started early (at the agent's start) is used only if the directory has not changed
+/// since it began; a change in between is loaded, not lost.
+#[test]
+fn an_early_load_is_not_used_after_the_directory_changed() {
+    use crate::source::Source;
+    let dir = TempDir::new("prefetch");
+    dir.write("a.yaml", POD_X_A);
+    let source = DirSource::prefetching(dir.0.clone(), DEFAULT_MAX_FILE_BYTES);
+    let (_, snapshot) = source.snapshot().unwrap().unwrap();
+    assert_eq!(snapshot.pods.len(), 1);
+
+    let source = DirSource::prefetching(dir.0.clone(), DEFAULT_MAX_FILE_BYTES);
+    // Let the early load finish before the change.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    dir.write("b.yaml", &POD_X_A.replace("name: a", "name: b"));
+    let (_, snapshot) = source.snapshot().unwrap().unwrap();
+    assert_eq!(
+        snapshot.pods.len(),
+        2,
+        "the change after the early load was lost"
+    );
+}
+
 /// A file of many documents, larger than one parallel unit: `count` pods in namespace `ns`.
 fn many_pods(count: usize) -> String {
     (0..count)
