@@ -10,8 +10,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 /// The packet mark bit the agent uses to carry "some policy allowed this" from a policy chain back
-/// to the pod chain. Chosen clear of kube-proxy (0x4000, 0x8000), Calico (0xffff0000 by default
-/// is configurable) and kube-router (0x10000, 0x20000).
+/// to the pod chain. Chosen clear of kube-proxy (0x4000, 0x8000) and kube-router (0x10000,
+/// 0x20000); it lies inside Calico's default mark mask (0xffff0000, configurable there), which is
+/// fine only because Calico enforces policy itself and is not run beside this agent.
 pub const ALLOW_MARK: u32 = 0x0040_0000;
 
 /// The packet mark bit a ClusterNetworkPolicy chain sets when one of its rules decided (Accept
