@@ -267,12 +267,81 @@ pub fn cut_denied_flows(states: &[(Family, DesiredState)]) -> Result<CutReport> 
         flows: entries.len(),
         ..Default::default()
     };
-    for entry in &entries {
-        if let Some(direction) = denied_by(states, &entry.flow, &is_local)
+    let verdicts = judge(states, entries.iter().map(|e| &e.flow), &is_local)?;
+    for (entry, verdict) in entries.iter().zip(verdicts) {
+        if let Some(direction) = verdict
             && conntrack.delete(entry).context("conntrack delete")?
         {
             *report.cut.entry(direction).or_default() += 1;
         }
     }
     Ok(report)
+}
+
+/// Which direction denies each flow now, judged before anything is deleted. The evaluator panics
+/// on a state the compiler never makes (a jump to a missing chain or set): that bug then cuts
+/// nothing and comes back as an error, instead of killing the agent or cutting on a half-made
+/// judgement.
+fn judge<'f>(
+    states: &[(Family, DesiredState)],
+    flows: impl Iterator<Item = &'f Flow>,
+    is_local: &dyn Fn(&IpAddr) -> bool,
+) -> Result<Vec<Option<CutDirection>>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        flows.map(|f| denied_by(states, f, is_local)).collect()
+    }))
+    .map_err(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown");
+        anyhow::anyhow!("judging flows against the new state failed (a bug; no flow cut): {what}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::ir::Hook;
+
+    fn tcp_flow(src: &str, dst: &str) -> Flow {
+        let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        let tuple = |src, dst, src_port, dst_port| FlowTuple {
+            protocol: 6,
+            src,
+            dst,
+            src_port,
+            dst_port,
+        };
+        Flow {
+            original: tuple(src, dst, 40000, 80),
+            reply: tuple(dst, src, 80, 40000),
+        }
+    }
+
+    #[test]
+    fn a_state_the_evaluator_cannot_walk_cuts_nothing_and_says_so() {
+        let broken = DesiredState {
+            hooks: vec![Hook {
+                builtin: "FORWARD",
+                target: "KNI-MISSING".into(),
+            }],
+            ..DesiredState::default()
+        };
+        let flows = [tcp_flow("10.0.0.1", "10.0.0.2")];
+        let no_local = |_: &IpAddr| false;
+        let err = judge(&[(Family::V4, broken)], flows.iter(), &no_local)
+            .expect_err("a missing chain is an error, not a verdict");
+        assert!(err.to_string().contains("KNI-MISSING"), "{err}");
+        assert!(err.to_string().contains("no flow cut"), "{err}");
+        // A state it can walk: verdicts, one per flow.
+        let fine = judge(
+            &[(Family::V4, DesiredState::default())],
+            flows.iter(),
+            &no_local,
+        )
+        .unwrap();
+        assert_eq!(fine, vec![None]);
+    }
 }
