@@ -8,7 +8,7 @@ use kni_testlab::lab;
 
 use fakeapi::{FakeApi, Kind};
 use lab::{Lab, Proto, http_get, in_netns, probe, skip_unless_root, wait_until};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 #[test]
@@ -34,33 +34,8 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
             ),
         );
     }
-    let kubeconfig = lab.manifests_dir().join("kubeconfig.conf");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let log = std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap();
-    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-    let mut agent = lab::AgentProcess(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node_ns,
-                bin,
-                "run",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--backend",
-                "nft",
-                // Kubernetes mode wakes on watch events: this must not slow anything down.
-                "--poll-interval",
-                "5s",
-            ])
-            .env("NODE_NAME", "node1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    // Kubernetes mode wakes on watch events: a slow poll must not slow anything down.
+    let mut agent = lab.spawn_kube_agent(&api.kubeconfig(), "nft", &["--poll-interval", "5s"]);
 
     wait_until("ready", Duration::from_secs(15), || {
         http_get(&node_ns, "/readyz").is_some_and(|(c, _)| c == 200)

@@ -9,7 +9,6 @@ use kni_testlab::lab;
 
 use fakeapi::{FakeApi, Kind};
 use lab::{Lab, Proto, http_get, probe, skip_unless_root, wait_until};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// The agent asks discovery every 10 s while the CRD is absent (`CRD_RECHECK`), plus a sync.
@@ -42,32 +41,7 @@ fn cluster_policies_are_enforced_once_their_crd_is_installed_and_dropped_with_it
         Kind::NetworkPolicy,
         "metadata: {name: from-y, namespace: x}\nspec: {podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]}",
     );
-    let kubeconfig = lab.manifests_dir().join("kubeconfig.conf");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let log = std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap();
-    let bin = env!("CARGO_BIN_EXE_kube-netpol-iptables");
-    let mut agent = lab::AgentProcess(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node_ns,
-                bin,
-                "run",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--backend",
-                "legacy",
-                "--deny-action",
-                "reject",
-            ])
-            .env("NODE_NAME", "node1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut agent = lab.spawn_kube_agent(&api.kubeconfig(), "legacy", &["--deny-action", "reject"]);
     // Not installed: ready, and NetworkPolicy is enforced.
     wait_until("ready without the CRD", Duration::from_secs(15), || {
         http_get(&node_ns, "/readyz").is_some_and(|(c, _)| c == 200)

@@ -7,7 +7,6 @@ use kni_testlab::lab;
 
 use fakeapi::{FakeApi, Kind};
 use lab::{Lab, Proto, http_get, probe, skip_unless_root, wait_until};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn pod_doc(p: &lab::LabPod) -> String {
@@ -40,29 +39,7 @@ fn pod_cidrs_come_from_this_nodes_node_object() {
         Kind::Node,
         "metadata: {name: node2}\nspec: {podCIDRs: [10.244.0.0/16]}",
     );
-    let kubeconfig = lab.manifests_dir().join("kubeconfig.conf");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let log = std::fs::File::create(lab.manifests_dir().join("agent.log")).unwrap();
-    let mut agent = lab::AgentProcess(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node_ns,
-                env!("CARGO_BIN_EXE_kube-netpol-iptables"),
-                "run",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--backend",
-                "nft",
-            ])
-            .env("NODE_NAME", "node1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut agent = lab.spawn_kube_agent(&api.kubeconfig(), "nft", &[]);
     wait_until("ready", Duration::from_secs(15), || {
         http_get(&node_ns, "/readyz").is_some_and(|(c, _)| c == 200)
     });

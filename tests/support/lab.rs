@@ -620,6 +620,33 @@ impl Lab {
         )
     }
 
+    /// The agent in Kubernetes mode on node 1 (`NODE_NAME=node1`), reading the API through
+    /// `kubeconfig` (written to the manifests directory), log in `agent.log`.
+    pub fn spawn_kube_agent(
+        &self,
+        kubeconfig: &str,
+        backend: &str,
+        extra: &[&str],
+    ) -> AgentProcess {
+        let path = self.manifests.join("kubeconfig.conf");
+        std::fs::write(&path, kubeconfig).unwrap();
+        let log = std::fs::File::create(self.manifests.join("agent.log")).unwrap();
+        AgentProcess(
+            Command::new("ip")
+                .args(["netns", "exec", &self.nodes[0].netns])
+                .arg(&self.agent_bin)
+                .args(["run", "--kubeconfig", path.to_str().unwrap()])
+                .args(["--backend", backend])
+                .args(extra)
+                .env("NODE_NAME", "node1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
     /// A TCP listener on 127.0.0.1 (any port) inside node `node`'s namespace, where the agent
     /// under test runs (e.g. for a fake API server).
     pub fn loopback_listener(&self, node: usize) -> TcpListener {
