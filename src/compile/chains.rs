@@ -4,7 +4,9 @@
 //! - `FORWARD`, `INPUT` and `OUTPUT` each jump first thing to a dispatch chain of ours.
 //! - A dispatch chain lets replies of allowed flows through, then sends traffic from an
 //!   egress-isolated local pod (one `hash:ip` set lookup) to the egress dispatch chain, which jumps
-//!   to that pod's egress chain, and likewise traffic to an ingress-isolated local pod. A same-node flow passes both. Pod→node traffic (INPUT) meets the
+//!   to that pod's egress chain (through branch chains by address prefix when there are many, so
+//!   the walk grows with the logarithm of the local pods), and likewise traffic to an
+//!   ingress-isolated local pod. A same-node flow passes both. Pod→node traffic (INPUT) meets the
 //!   pod's egress chain only; traffic the node itself sends (OUTPUT from a local address) is allowed.
 //! - A pod chain clears our mark bit, jumps to the chain of every policy that selects the pod for
 //!   that direction, returns if one of them set the mark, and rejects otherwise.
@@ -157,14 +159,15 @@ impl<'a> ChainBuilder<'a> {
                 }
                 let comment = format!("{} {}", lp.pod.key(), direction.name());
                 for ip in &lp.ips {
-                    let host = IpNet::from(*ip);
-                    let (m, out) = match direction {
-                        Direction::Ingress => (Match::Destination(host), &mut ingress_dispatch),
-                        Direction::Egress => (Match::Source(host), &mut egress_dispatch),
+                    let out = match direction {
+                        Direction::Ingress => &mut ingress_dispatch,
+                        Direction::Egress => &mut egress_dispatch,
                     };
-                    out.push(
+                    let m = address_match(direction, IpNet::from(*ip));
+                    out.push((
+                        *ip,
                         Rule::new(vec![m], Target::Jump(chain.clone())).commented(comment.clone()),
-                    );
+                    ));
                 }
             }
         }
@@ -190,14 +193,7 @@ impl<'a> ChainBuilder<'a> {
                 Direction::Ingress => SetDirection::Dst,
             };
             let set = names::isolated_set(self.family, direction.is_ingress());
-            let members = rules
-                .iter()
-                .flat_map(|r| &r.matches)
-                .filter_map(|m| match m {
-                    Match::Source(net) | Match::Destination(net) => Some(SetMember::Ip(net.addr())),
-                    _ => None,
-                })
-                .collect();
+            let members = rules.iter().map(|(ip, _)| SetMember::Ip(*ip)).collect();
             self.state.sets.insert(
                 set.clone(),
                 IpSet {
@@ -206,7 +202,8 @@ impl<'a> ChainBuilder<'a> {
                     members: Members::new(members),
                 },
             );
-            self.state.chains.insert(chain.to_string(), rules);
+            let root = dispatch_branch(direction, rules, 0, &mut self.state.chains);
+            self.state.chains.insert(chain.to_string(), root);
             to_dispatch.push(Rule::new(
                 vec![Match::Set {
                     name: set,
@@ -441,6 +438,101 @@ impl<'a> ChainBuilder<'a> {
             }
         }
         (out, origins)
+    }
+}
+
+/// A dispatch chain with more jumps than this is split by address prefix, so that a new flow
+/// walks about 2·log2(n/LEAF) + LEAF rules to its pod's chain instead of up to one per isolated
+/// local address.
+const DISPATCH_LEAF: usize = 4;
+/// Branch chains below a dispatch chain at most; deeper, a chain lists its jumps one by one (only
+/// addresses spread bit by bit, never a node's pod CIDR, get there).
+const DISPATCH_MAX_DEPTH: usize = 6;
+
+/// The match on the subject pod's address: the source of its egress, the destination of its ingress.
+fn address_match(direction: Direction, net: IpNet) -> Match {
+    match direction {
+        Direction::Ingress => Match::Destination(net),
+        Direction::Egress => Match::Source(net),
+    }
+}
+
+/// The rules of a dispatch chain holding `entries` (a local address and the jump to its pod's
+/// chain), adding the branch chains it needs to `chains`. Above [`DISPATCH_LEAF`] entries the
+/// addresses are split on the first bit they do not share. A half of one or two jumps stays in
+/// this chain, and the other half is split further here; when both halves are larger, each goes
+/// behind one rule matching the prefix its addresses share (a branch chain, one level deeper).
+/// Jumps for the same address stay together and in their order, so every packet meets the jumps
+/// it met in a plain list, in the same order.
+fn dispatch_branch(
+    direction: Direction,
+    entries: Vec<(IpAddr, Rule)>,
+    depth: usize,
+    chains: &mut std::collections::BTreeMap<String, Vec<Rule>>,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    let mut kept = Vec::new();
+    let mut rest = entries;
+    while rest.len() > DISPATCH_LEAF && depth < DISPATCH_MAX_DEPTH {
+        let shared = shared_prefix(rest.iter().map(|(ip, _)| *ip));
+        if shared.prefix_len() == shared.max_prefix_len() {
+            // One address (a pod with several chains, or several pods claiming one address).
+            break;
+        }
+        let split_bit = shared.prefix_len();
+        let (zeros, ones): (Vec<_>, Vec<_>) = std::mem::take(&mut rest)
+            .into_iter()
+            .partition(|(ip, _)| !address_bit(*ip, split_bit));
+        match (zeros.len() <= 2, ones.len() <= 2) {
+            (true, _) => {
+                kept.extend(zeros);
+                rest = ones;
+            }
+            (false, true) => {
+                kept.extend(ones);
+                rest = zeros;
+            }
+            (false, false) => {
+                for half in [zeros, ones] {
+                    let prefix = shared_prefix(half.iter().map(|(ip, _)| *ip));
+                    let chain = names::dispatch_branch_chain(direction.is_ingress(), &prefix);
+                    let branch = dispatch_branch(direction, half, depth + 1, chains);
+                    chains.insert(chain.clone(), branch);
+                    rules.push(Rule::new(
+                        vec![address_match(direction, prefix)],
+                        Target::Jump(chain),
+                    ));
+                }
+            }
+        }
+    }
+    rules.extend(rest.into_iter().chain(kept).map(|(_, rule)| rule));
+    rules
+}
+
+/// The longest prefix every address of one family shares.
+fn shared_prefix(mut ips: impl Iterator<Item = IpAddr>) -> IpNet {
+    let first = ips.next().expect("a dispatch branch has addresses");
+    let bits = |ip: IpAddr| -> u128 {
+        match ip {
+            IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+            IpAddr::V6(a) => u128::from(a),
+        }
+    };
+    let base = bits(first);
+    let differ = ips.fold(0u128, |acc, ip| acc | (bits(ip) ^ base));
+    let width = if first.is_ipv4() { 32 } else { 128 };
+    let len = (differ.leading_zeros() as u8).min(width);
+    IpNet::new(first, len)
+        .expect("a prefix length within the family's width")
+        .trunc()
+}
+
+/// Bit `index` (0 = most significant) of `ip`.
+fn address_bit(ip: IpAddr, index: u8) -> bool {
+    match ip {
+        IpAddr::V4(a) => (u32::from(a) >> (31 - index)) & 1 == 1,
+        IpAddr::V6(a) => (u128::from(a) >> (127 - index)) & 1 == 1,
     }
 }
 

@@ -43,6 +43,12 @@ pub fn pod_chain(ingress: bool, pod_key: &str) -> String {
     format!("{PREFIX}{tag}{}", digest(&[tag, pod_key]))
 }
 
+/// A branch of a dispatch chain: the jumps for the isolated local addresses within `prefix`.
+pub fn dispatch_branch_chain(ingress: bool, prefix: &IpNet) -> String {
+    let tag = if ingress { "DISPI-" } else { "DISPE-" };
+    format!("{PREFIX}{tag}{}", digest(&[tag, &prefix.to_string()]))
+}
+
 /// The chain that marks traffic one policy allows in one direction.
 pub fn policy_chain(ingress: bool, policy_key: &str) -> String {
     let tag = if ingress { "POLI-" } else { "POLE-" };
@@ -185,7 +191,9 @@ pub fn is_generated_set(name: &str) -> bool {
 pub fn is_generated_chain(name: &str) -> bool {
     has_generated_shape(
         name,
-        &["PODI-", "PODE-", "POLI-", "POLE-", "CNPI-", "CNPE-"],
+        &[
+            "PODI-", "PODE-", "POLI-", "POLE-", "CNPI-", "CNPE-", "DISPI-", "DISPE-",
+        ],
     ) || name == EGRESS_DISPATCH_CHAIN
         || name == INGRESS_DISPATCH_CHAIN
 }

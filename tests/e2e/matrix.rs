@@ -80,6 +80,22 @@ pub(crate) fn cases() -> Vec<Case> {
             |_, p| ns(&p.from) != "x" && ns(&p.to) != "x",
         ),
         case(
+            // Nine isolated pods per direction on one node: the dispatch chains branch by address
+            // prefix, and every flow must still meet exactly its own pods' chains.
+            "every pod isolated both ways, each namespace reachable from pod a of y only",
+            ["x", "y", "z"]
+                .iter()
+                .map(|n| {
+                    policy(
+                        n,
+                        "from-y-a",
+                        "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: a}}}]}]\n  egress: [{to: [{podSelector: {}, namespaceSelector: {}}]}]",
+                    )
+                })
+                .collect(),
+            |_, p| p.from == "y/a",
+        ),
+        case(
             "allow-all rules under isolation",
             vec![policy(
                 "x",
@@ -342,11 +358,16 @@ fn run_cases(test: &str, backend: &str, nodes: usize) {
         if nodes == 2 && pod == "c" { 1 } else { 0 }
     });
     let mut failures = Vec::new();
+    // Whether some case isolated enough pods on one node for the dispatch chains to branch by
+    // address prefix, so that the matrix's packets also walk branch chains.
+    let mut walked_branches = false;
     for c in cases() {
         let mut docs: Vec<&str> = c.policies.iter().map(String::as_str).collect();
         docs.extend(c.extra.iter().map(String::as_str));
         lab.write_cluster_manifests_labelled(&docs, &c.labels);
         lab.sync_all(backend);
+        let save = lab.node_cmd(0, &[&format!("iptables-{backend}-save"), "-t", "filter"]);
+        walked_branches |= save.contains("-j KNI-DISPI-");
         let wrong = check_matrix(&lab, &|p| (c.expect)(&lab, p));
         eprintln!(
             "{test}: {}: {}",
@@ -365,6 +386,10 @@ fn run_cases(test: &str, backend: &str, nodes: usize) {
         failures.is_empty(),
         "{test} ({backend}, {nodes} node(s)):\n{}",
         failures.join("\n")
+    );
+    assert!(
+        nodes > 1 || walked_branches,
+        "{test}: no case made a branch of a dispatch chain (more than 4 isolated pods)"
     );
 }
 

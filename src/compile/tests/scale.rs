@@ -59,3 +59,122 @@ fn tens_of_thousands_of_objects_compile() {
         "no IPv6 addresses"
     );
 }
+
+/// Walks the dispatch chains as the kernel would for a packet whose subject address is `ip`:
+/// the pod chains it jumps to, in order, and how many rules it evaluated on the way.
+fn dispatch_walk(
+    state: &DesiredState,
+    chain: &str,
+    ingress: bool,
+    ip: IpAddr,
+) -> (Vec<String>, usize) {
+    use crate::compile::ir::{Match, Target};
+    let (mut reached, mut evaluated) = (Vec::new(), 0);
+    for rule in &state.chains[chain] {
+        evaluated += 1;
+        let hit = rule.matches.iter().all(|m| match (m, ingress) {
+            (Match::Destination(net), true) | (Match::Source(net), false) => net.contains(&ip),
+            _ => panic!("a dispatch rule matches the subject's address only: {m:?}"),
+        });
+        match &rule.target {
+            Target::Jump(next) if hit && next.starts_with("KNI-DISP") => {
+                let (more, n) = dispatch_walk(state, next, ingress, ip);
+                reached.extend(more);
+                evaluated += n;
+            }
+            Target::Jump(next) if hit => reached.push(next.clone()),
+            _ => {}
+        }
+    }
+    (reached, evaluated)
+}
+
+#[test]
+fn a_new_flow_reaches_its_pod_chain_through_a_logarithmic_dispatch() {
+    // 250 isolated local pods (a kubelet's --max-pods), addresses as a node's pod CIDR gives them,
+    // plus IPv6 addresses spread one bit apart (the depth limit), one address shared by two pods
+    // and one pod with two addresses of a family.
+    let mut s = ClusterSnapshot::default();
+    s.namespaces.insert(
+        "ns".into(),
+        convert::implicit_namespace("ns", Default::default()),
+    );
+    let mut pods: Vec<(String, Vec<IpAddr>)> = (0..250u32)
+        .map(|i| {
+            let v4 = IpAddr::from(std::net::Ipv4Addr::from(0x0af4_0100 + i + 2));
+            let v6 = if i < 40 {
+                IpAddr::from(std::net::Ipv6Addr::from(
+                    0xfd00u128 << 112 | 1u128 << (i * 3),
+                ))
+            } else {
+                IpAddr::from(std::net::Ipv6Addr::from(
+                    0xfd00u128 << 112 | 0x1_0000 | u128::from(i),
+                ))
+            };
+            (format!("p{i}"), vec![v4, v6])
+        })
+        .collect();
+    pods.push(("twin".into(), pods[7].1.clone()));
+    pods.push((
+        "two-addresses".into(),
+        vec!["10.244.9.1".parse().unwrap(), "10.244.9.2".parse().unwrap()],
+    ));
+    for (name, ips) in &pods {
+        s.pods.push(Pod {
+            namespace: "ns".into(),
+            name: name.clone(),
+            labels: Default::default(),
+            node_name: Some("n1".into()),
+            ips: ips.clone(),
+            host_network: false,
+            phase: PodPhase::Running,
+            ports: vec![],
+        });
+    }
+    let s = with_policies(
+        s,
+        &[
+            "metadata: {name: all, namespace: ns}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]",
+        ],
+    );
+    for family in [Family::V4, Family::V6] {
+        let state = compile(&s, "n1", family);
+        for ingress in [true, false] {
+            let root = if ingress {
+                crate::compile::names::INGRESS_DISPATCH_CHAIN
+            } else {
+                crate::compile::names::EGRESS_DISPATCH_CHAIN
+            };
+            let mut longest = 0;
+            for (name, ips) in &pods {
+                for ip in ips.iter().filter(|ip| Family::of(ip) == family) {
+                    let (reached, evaluated) = dispatch_walk(&state, root, ingress, *ip);
+                    let mut want = vec![crate::compile::names::pod_chain(
+                        ingress,
+                        &format!("ns/{name}"),
+                    )];
+                    let owners: Vec<_> = pods.iter().filter(|(_, o)| o.contains(ip)).collect();
+                    if owners.len() > 1 {
+                        // Both claimants of the shared address, in the order a list would meet them.
+                        want = owners
+                            .iter()
+                            .map(|(n, _)| {
+                                crate::compile::names::pod_chain(ingress, &format!("ns/{n}"))
+                            })
+                            .collect();
+                        want.sort_by_key(|c| reached.iter().position(|r| r == c));
+                    }
+                    assert_eq!(reached, want, "{family:?} {ip} ingress={ingress}");
+                    longest = longest.max(evaluated);
+                }
+            }
+            // One rule per address would be up to 253; the sequential IPv4 addresses split evenly
+            // (two rules a level, then a leaf), the spread IPv6 ones stop at the depth limit.
+            let bound = if family == Family::V4 { 24 } else { 60 };
+            assert!(
+                longest <= bound,
+                "{family:?} ingress={ingress}: {longest} rules walked"
+            );
+        }
+    }
+}
