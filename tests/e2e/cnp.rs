@@ -672,8 +672,8 @@ fn run_cases(test: &str, backend: &str) {
         if c.name.contains("SCTP") {
             let state = lab.our_state(backend);
             assert!(
-                state.contains("-p sctp -m comment --comment \"cnp Admin ingress-sctp rule 0 Accept\" -m mark --mark 0x0/0x1000")
-                    && state.contains("-m multiport --dports 9003 -j MARK --set-xmark 0x401000/0x401000"),
+                state.contains("-p sctp -m comment --comment \"cnp Admin ingress-sctp rule 0 Accept\" -m mark --mark 0x0/0x1000 -m multiport --dports 9003 -m set --match-set ")
+                    && state.contains(" src -j MARK --set-xmark 0x401000/0x401000"),
                 "{test}: the SCTP rule is not rendered as expected:\n{state}"
             );
         }

@@ -115,6 +115,11 @@ fn drift_is_repaired_on_resync() {
             "comment",
             "--comment",
             "kube-netpol-iptables",
+            "-m",
+            "conntrack",
+            "!",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
             "-j",
             "KNI-FORWARD",
         ],
@@ -339,4 +344,47 @@ fn a_set_with_other_parameters_is_replaced_by_swap() {
     lab.forget_flows();
     assert!(lab.tcp("y/a", "x/a", 80));
     assert!(!lab.tcp("z/a", "x/a", 80));
+}
+
+/// Packets counted by the rule of `save` (iptables-save -c) whose text ends with `rule`.
+fn packets_of(save: &str, rule: &str) -> u64 {
+    save.lines()
+        .find(|l| l.ends_with(rule))
+        .and_then(|l| l.strip_prefix('['))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no rule ending with {rule:?} in\n{save}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn replies_of_allowed_flows_never_enter_our_chains() {
+    if skip_unless_root("replies_of_allowed_flows_never_enter_our_chains") {
+        return;
+    }
+    for backend in ["legacy", "nft"] {
+        let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
+        lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+        lab.sync_all(backend);
+        for _ in 0..3 {
+            assert!(lab.tcp("y/b", "x/a", 80), "{backend}: allowed");
+        }
+        assert!(!lab.tcp("z/b", "x/a", 80), "{backend}: denied");
+        let save = lab.node_cmd(0, &[&format!("iptables-{backend}-save"), "-c"]);
+        // Every probe's first packet went through our hook; its replies and the rest of the
+        // connection matched the hook's conntrack test and stayed out.
+        let new_flows = packets_of(&save, "! --ctstate RELATED,ESTABLISHED -j KNI-FORWARD");
+        assert!(
+            new_flows >= 4,
+            "{backend}: {new_flows} packets jumped\n{save}"
+        );
+        assert_eq!(
+            packets_of(
+                &save,
+                "-A KNI-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+            ),
+            0,
+            "{backend}: a reply entered our chains\n{save}"
+        );
+    }
 }

@@ -174,3 +174,28 @@ fn a_command_without_its_set_name_is_refused() {
         assert!(check_batch(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn set_lookups_come_after_the_native_matches() {
+    use crate::compile::ir::{Match, Rule, SetDirection, Target};
+    let rule = Rule::new(
+        vec![
+            Match::Set {
+                name: "KNI-4S-0123456789abcdef".into(),
+                direction: SetDirection::Src,
+            },
+            Match::TierUndecided,
+            Match::Protocol(crate::model::Protocol::Tcp),
+            Match::DestinationPorts {
+                first: 80,
+                last: 90,
+            },
+        ],
+        Target::SetAllowMark,
+    );
+    // As iptables-save prints it back (both backends keep the order given).
+    assert_eq!(
+        render_rule(Family::V4, &rule),
+        "-p tcp -m mark --mark 0x0/0x1000 -m multiport --dports 80:90 -m set --match-set KNI-4S-0123456789abcdef src -j MARK --set-xmark 0x400000/0x400000"
+    );
+}

@@ -9,7 +9,7 @@ use crate::dataplane::{Backend, DataplaneError, cleanup_backend};
 use std::sync::Arc;
 
 const POD: &str = "KNI-PODI-00000000000000aa";
-const HOOK: &str = "-m comment --comment kube-netpol-iptables -j KNI-FORWARD";
+const HOOK: &str = "-m comment --comment kube-netpol-iptables -m conntrack ! --ctstate RELATED,ESTABLISHED -j KNI-FORWARD";
 
 fn policy_chain(n: u8) -> String {
     format!("KNI-POLI-{n:016x}")
