@@ -12,6 +12,7 @@
 //!   isolation, see [`new_pod_isolation`]; denied-packet logging, see [`log_denied`]); [`strict`]: which established flows a state denies.
 
 mod chains;
+mod dispatch;
 pub mod enforcement;
 pub mod evaluate;
 pub mod explain;
