@@ -75,7 +75,8 @@ pub enum Command {
         #[arg(long, env = "KNI_POLL_INTERVAL", default_value = "200ms",
               value_parser = |s: &str| parse_duration_at_most(s, MAX_POLL_INTERVAL))]
         poll_interval: Duration,
-        /// A burst of changes becomes one sync once the source has been quiet this long (at most 1h).
+        /// A change after a quiet spell this long is synced at once; the changes behind it become
+        /// one sync once the source has been quiet this long (at most 1h).
         #[arg(long, env = "KNI_SYNC_DEBOUNCE", default_value = "100ms",
               value_parser = |s: &str| parse_duration_at_most(s, MAX_SYNC_DEBOUNCE))]
         sync_debounce: Duration,

@@ -12,7 +12,8 @@ const LOG_TARGET: &str = "kube_netpol_iptables::agent";
 /// The loop's timing, from the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
-    /// A burst of changes becomes one sync once the source has been quiet this long...
+    /// A change that follows a quiet spell this long (no change and no sync) is synced at once;
+    /// the burst that may follow it becomes one sync once the source has been quiet this long...
     pub debounce: Duration,
     /// ...but a sync is never put off longer than this after the first change.
     pub max_delay: Duration,
@@ -30,6 +31,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct Schedule {
     /// (first change, latest change) while changes wait for the source to settle.
     pending: Option<(Instant, Instant)>,
+    /// When the last sync ended: a change long enough after it starts a sync at once (the
+    /// leading edge, as kube-proxy's bounded-frequency runner does), so one change on a quiet
+    /// cluster costs no debounce.
+    last_sync_end: Option<Instant>,
     last_full: Option<Instant>,
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -40,6 +45,7 @@ impl Schedule {
     pub fn new(now: Instant) -> Schedule {
         Schedule {
             pending: None,
+            last_sync_end: None,
             last_full: None,
             retry_at: None,
             backoff: INITIAL_BACKOFF,
@@ -69,11 +75,20 @@ impl Schedule {
         self.pending = Some(self.pending.map_or((now, now), |(first, _)| (first, now)));
     }
 
+    /// Whether the pending changes began after a quiet spell of a debounce since the last sync.
+    fn leading(&self, t: &Timing) -> bool {
+        self.pending.is_some_and(|(first, _)| {
+            self.last_sync_end
+                .is_none_or(|end| first.saturating_duration_since(end) >= t.debounce)
+        })
+    }
+
     /// The sync to run now, if any.
     pub fn due(&self, now: Instant, t: &Timing) -> Option<SyncMode> {
-        let settled = self.pending.is_some_and(|(first, latest)| {
-            now - latest >= t.debounce || now - first >= t.max_delay
-        });
+        let settled = self.leading(t)
+            || self.pending.is_some_and(|(first, latest)| {
+                now - latest >= t.debounce || now - first >= t.max_delay
+            });
         let full_due = self.last_full.is_none_or(|at| now - at >= t.resync_period);
         let retry_due = self.retry_at.is_some_and(|at| now >= at);
         if full_due || retry_due {
@@ -87,9 +102,13 @@ impl Schedule {
 
     /// When `due` will next have something to do, unless another change comes first.
     pub fn next_due(&self, now: Instant, t: &Timing) -> Instant {
-        let settle = self
-            .pending
-            .map(|(first, latest)| (latest + t.debounce).min(first + t.max_delay));
+        let settle = self.pending.map(|(first, latest)| {
+            if self.leading(t) {
+                first
+            } else {
+                (latest + t.debounce).min(first + t.max_delay)
+            }
+        });
         let full = self.last_full.map_or(now, |at| at + t.resync_period);
         [settle, Some(full), self.retry_at]
             .into_iter()
@@ -107,6 +126,7 @@ impl Schedule {
         result: &anyhow::Result<()>,
     ) {
         self.pending = None;
+        self.last_sync_end = Some(now);
         match result {
             Ok(()) => {
                 self.retry_at = None;

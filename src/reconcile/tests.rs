@@ -208,6 +208,44 @@ async fn starts_with_a_full_sync_and_a_burst_of_changes_becomes_one_sync() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_change_on_a_quiet_source_is_synced_at_once_and_the_burst_behind_it_coalesces() {
+    let source = FakeSource::ready();
+    let target = FakeTarget::new();
+    let (stop, handle) = start(&source, &target, timing());
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(target.modes(), [(SyncMode::Full, 0)]);
+    // Quiet for longer than the debounce: the next change is synced without waiting for it.
+    source.bump();
+    sleep(MS).await;
+    assert_eq!(
+        target.modes(),
+        [(SyncMode::Full, 0), (SyncMode::Incremental, 1)]
+    );
+    // Changes right behind it wait for the source to settle, and become one sync.
+    for _ in 0..4 {
+        source.bump();
+        sleep(20 * MS).await;
+    }
+    assert_eq!(target.log().len(), 2, "{:?}", target.log());
+    sleep(150 * MS).await;
+    assert_eq!(
+        target.modes(),
+        [
+            (SyncMode::Full, 0),
+            (SyncMode::Incremental, 1),
+            (SyncMode::Incremental, 5)
+        ]
+    );
+    // And after another quiet spell, at once again.
+    sleep(Duration::from_secs(1)).await;
+    source.bump();
+    sleep(MS).await;
+    assert_eq!(target.log().len(), 4, "{:?}", target.log());
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_steady_stream_of_changes_still_syncs_within_the_max_delay() {
     let source = FakeSource::ready();
     let target = FakeTarget::new();

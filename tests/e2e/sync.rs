@@ -388,3 +388,42 @@ fn replies_of_allowed_flows_never_enter_our_chains() {
         );
     }
 }
+
+#[test]
+fn a_change_after_a_quiet_spell_is_synced_without_waiting_out_the_debounce() {
+    if skip_unless_root("a_change_after_a_quiet_spell_is_synced_without_waiting_out_the_debounce") {
+        return;
+    }
+    let backend = "nft";
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
+    lab.write_cluster_manifests(&[]);
+    // A debounce long enough that waiting it out cannot pass for syncing at once.
+    let mut agent = lab.spawn_agent(
+        backend,
+        &[
+            "--sync-debounce",
+            "3s",
+            "--sync-max-delay",
+            "10s",
+            "--poll-interval",
+            "100ms",
+            "--deny-action",
+            "reject",
+        ],
+    );
+    wait_until("first sync", Duration::from_secs(10), || {
+        lab.our_state(backend).contains("KNI-FORWARD")
+    });
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(lab.tcp("z/a", "x/a", 80), "no policy yet");
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+    let took = wait_until("the policy enforced", Duration::from_secs(10), || {
+        !lab.tcp("z/a", "x/a", 80)
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        took < Duration::from_secs(2),
+        "a change after a quiet spell waited {took:?} (the debounce is 3 s)"
+    );
+}
