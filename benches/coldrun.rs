@@ -285,9 +285,172 @@ fn main() {
             format!("{} (peak {})", ms(kube.0), mib(kube.1)),
         );
     }
+    kube_changes(&api, &runtime, kubeconfig_arg, &snapshot, &params, &mut row);
     drop(api);
     drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = Command::new("ip").args(["netns", "del", &netns]).output();
     kni_testlab::table::record(rows.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+}
+
+/// The agent running in Kubernetes mode on the nft backend: single changes through the API
+/// (namespace relabelled, remote pod relabelled, a local pod's policy changed), each after a quiet
+/// spell longer than the debounce, timed by the agent itself: `kni_programming_latency_seconds`,
+/// from the watch event received to the kernel holding it.
+fn kube_changes(
+    api: &FakeApi,
+    runtime: &tokio::runtime::Runtime,
+    kubeconfig: &str,
+    snapshot: &kube_netpol_iptables::model::ClusterSnapshot,
+    params: &Params,
+    row: &mut dyn FnMut(&str, String),
+) {
+    use kube_netpol_iptables::model::ClusterSnapshot;
+    clean();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_kube-netpol-iptables"))
+        .args([
+            "run",
+            "--kubeconfig",
+            kubeconfig,
+            "--node-name",
+            LOCAL_NODE,
+            "--backend",
+            "nft",
+            "--metrics-bind-address",
+            METRICS,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let histogram = || -> Option<(f64, Vec<(f64, f64)>)> {
+        let text = metrics_text()?;
+        let value = |l: &str| l.rsplit(' ').next()?.parse::<f64>().ok();
+        let count = text
+            .lines()
+            .find(|l| l.starts_with("kni_programming_latency_seconds_count"))
+            .and_then(value)?;
+        let buckets = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("kni_programming_latency_seconds_bucket{le=\""))
+            .filter_map(|l| {
+                let (le, rest) = l.split_once('"')?;
+                Some((le.parse::<f64>().unwrap_or(f64::INFINITY), value(rest)?))
+            })
+            .collect();
+        Some((count, buckets))
+    };
+    while histogram().is_none_or(|(count, _)| count < 1.0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the agent did not sync in Kubernetes mode"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (count_before, buckets_before) = histogram().unwrap();
+    let sum = |name: &str| -> f64 {
+        metrics_text()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap()
+    };
+    let sum_before = sum("kni_programming_latency_seconds_sum");
+    let one = |s: ClusterSnapshot| synthetic::to_manifests(&s);
+    let mut namespace = snapshot.namespaces["ns-3"].clone();
+    let mut remote = snapshot.pods[params.local_pods + 7].clone();
+    let idx = snapshot
+        .policies
+        .iter()
+        .position(|p| p.namespace == snapshot.pods[0].namespace)
+        .expect("a local policy");
+    let mut policy = snapshot.policies[idx].clone();
+    let full_ingress = policy.ingress.clone();
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        let flip = round % 2 == 0;
+        namespace
+            .labels
+            .insert("env".into(), if flip { "staging" } else { "prod" }.into());
+        remote
+            .labels
+            .insert("tier".into(), if flip { "db" } else { "web" }.into());
+        policy.ingress = if flip {
+            full_ingress[..1].to_vec()
+        } else {
+            full_ingress.clone()
+        };
+        let docs = [
+            (
+                Kind::Namespace,
+                one(ClusterSnapshot {
+                    namespaces: [(namespace.name.clone(), namespace.clone())].into(),
+                    ..Default::default()
+                }),
+            ),
+            (
+                Kind::Pod,
+                one(ClusterSnapshot {
+                    pods: vec![remote.clone()],
+                    ..Default::default()
+                }),
+            ),
+            (
+                Kind::NetworkPolicy,
+                one(ClusterSnapshot {
+                    policies: vec![policy.clone()],
+                    ..Default::default()
+                }),
+            ),
+        ];
+        for (kind, doc) in docs {
+            runtime.block_on(async { api.apply(kind, &doc) });
+            // Quiet for longer than the debounce (100 ms): each change is a sync of its own.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let (count, buckets) = histogram().unwrap();
+    let changes = count - count_before;
+    let mean = (sum("kni_programming_latency_seconds_sum") - sum_before) / changes;
+    // The bucket bound under which half (95%) of this run's changes were programmed.
+    let bound = |q: f64| -> String {
+        buckets
+            .iter()
+            .zip(&buckets_before)
+            .find(|((_, n), (_, before))| n - before >= q * changes)
+            .map_or("?".into(), |((le, _), _)| format!("{:.0} ms", le * 1000.0))
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    clean();
+    row(
+        &format!(
+            "[nft] Kubernetes mode: single changes through the API ({changes:.0} synced; {} sent, namespace/pod/policy), watch event → kernel (the agent's histogram)",
+            3 * ROUNDS
+        ),
+        format!(
+            "mean {:.1} ms; p50 ≤ {}, p95 ≤ {}",
+            mean * 1000.0,
+            bound(0.5),
+            bound(0.95)
+        ),
+    );
+}
+
+const METRICS: &str = "127.0.0.1:9847";
+
+/// The agent's /metrics, or `None` while it does not answer.
+fn metrics_text() -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&METRICS.parse().unwrap(), Duration::from_secs(1))
+            .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
 }

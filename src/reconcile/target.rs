@@ -25,6 +25,11 @@ pub trait Target: Send + 'static {
     fn sync(&mut self, snapshot: &ClusterSnapshot, mode: SyncMode) -> Result<()>;
     /// Whether someone changed what we wrote, and how (a cheap check between full syncs).
     fn damage(&mut self) -> Option<String>;
+    /// When the last successful `sync` had written everything, if it did more afterwards (strict
+    /// mode's flow cut, the denied-log and counter bookkeeping); `None`: when it returned.
+    fn written_at(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// The desired state of `node` for both families, compiled from scratch.
@@ -55,6 +60,8 @@ pub struct NodeTarget {
     denied_log: Option<Arc<DeniedLog>>,
     /// Told the policy chains of each state written, for their counters.
     policy_counters: Option<Arc<PolicyCounters>>,
+    /// When the last successful sync's writes were complete.
+    written_at: Option<std::time::Instant>,
 }
 
 impl NodeTarget {
@@ -71,6 +78,7 @@ impl NodeTarget {
             metrics,
             enforcement,
             flow_cutter: FlowCutter::default(),
+            written_at: None,
             denied_log: None,
             policy_counters: None,
         }
@@ -96,6 +104,7 @@ impl NodeTarget {
         enforcement::apply(&mut desired, snapshot, node, &self.enforcement);
         let compiled = started.elapsed();
         report_failed_closed(&desired, metrics);
+        self.written_at = None;
         let report = match self.dataplane.sync(&desired, mode) {
             Ok(r) => r,
             Err(e) => {
@@ -105,6 +114,7 @@ impl NodeTarget {
                 return Err(e.into());
             }
         };
+        self.written_at = Some(std::time::Instant::now());
         for repair in &report.repairs {
             tracing::warn!(target: LOG_TARGET,
                 repair = %repair,
@@ -147,6 +157,10 @@ impl NodeTarget {
 impl Target for NodeTarget {
     fn sync(&mut self, snapshot: &ClusterSnapshot, mode: SyncMode) -> Result<()> {
         self.sync_snapshot(snapshot, mode).map(drop)
+    }
+
+    fn written_at(&self) -> Option<std::time::Instant> {
+        self.written_at
     }
 
     fn damage(&mut self) -> Option<String> {

@@ -108,6 +108,9 @@ struct FakeTarget {
     gate: Option<Gate>,
     /// Called with the generation being synced, inside the sync.
     during_sync: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// Work each sync does after its writes (real time), like strict mode's flow cut.
+    after_write: Duration,
+    written_at: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl FakeTarget {
@@ -119,6 +122,8 @@ impl FakeTarget {
             damage: Default::default(),
             gate: None,
             during_sync: None,
+            after_write: Duration::ZERO,
+            written_at: Default::default(),
         }
     }
 
@@ -153,6 +158,8 @@ impl Target for FakeTarget {
             generation,
             ok,
         });
+        *self.written_at.lock().unwrap() = Some(std::time::Instant::now());
+        std::thread::sleep(self.after_write);
         if ok {
             Ok(())
         } else {
@@ -162,6 +169,10 @@ impl Target for FakeTarget {
 
     fn damage(&mut self) -> Option<String> {
         self.damage.lock().unwrap().take()
+    }
+
+    fn written_at(&self) -> Option<std::time::Instant> {
+        *self.written_at.lock().unwrap()
     }
 }
 
@@ -539,6 +550,48 @@ async fn each_successful_sync_of_changes_gives_one_latency_sample() {
     assert_eq!(samples(&metrics), 2, "retried: {:?}", target.log());
     sleep(Duration::from_secs(400)).await;
     assert_eq!(samples(&metrics), 2, "resyncs see no change");
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_latency_ends_when_the_writes_do_not_after_the_work_that_follows_them() {
+    let metrics = crate::metrics::Metrics::new(Duration::from_secs(600));
+    let source = FakeSource::ready();
+    let mut target = FakeTarget::new();
+    // Strict mode's flow cut, say: 300 ms of real time after the rules are in the kernel.
+    target.after_write = Duration::from_millis(300);
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(run(
+        source.clone(),
+        target.clone(),
+        timing(),
+        Some(metrics.clone()),
+        stop.clone(),
+    ));
+    while target.log().is_empty() {
+        sleep(MS).await;
+    }
+    source.bump();
+    while !target.log().iter().any(|s| s.generation == 1) {
+        sleep(MS).await;
+    }
+    let read = |name: &str| -> f64 {
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    // The sample is taken when the sync returns.
+    while read("kni_programming_latency_seconds_count") < 1.0 {
+        sleep(MS).await;
+    }
+    let took = read("kni_programming_latency_seconds_sum");
+    assert!(
+        (0.0..0.2).contains(&took),
+        "{took} s: the work after the writes was counted"
+    );
     stop.cancel();
     handle.await.unwrap().unwrap();
 }
