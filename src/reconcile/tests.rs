@@ -181,12 +181,21 @@ fn start(
     target: &FakeTarget,
     timing: Timing,
 ) -> (CancellationToken, tokio::task::JoinHandle<Result<()>>) {
+    start_with(source, target, timing, None)
+}
+
+fn start_with(
+    source: &Arc<FakeSource>,
+    target: &FakeTarget,
+    timing: Timing,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> (CancellationToken, tokio::task::JoinHandle<Result<()>>) {
     let stop = CancellationToken::new();
     let handle = tokio::spawn(run(
         source.clone(),
         target.clone(),
         timing,
-        None,
+        metrics,
         stop.clone(),
     ));
     (stop, handle)
@@ -526,14 +535,7 @@ async fn each_successful_sync_of_changes_gives_one_latency_sample() {
     let metrics = crate::metrics::Metrics::new(Duration::from_secs(600));
     let source = FakeSource::ready();
     let target = FakeTarget::new();
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(run(
-        source.clone(),
-        target.clone(),
-        timing(),
-        Some(metrics.clone()),
-        stop.clone(),
-    ));
+    let (stop, handle) = start_with(&source, &target, timing(), Some(metrics.clone()));
     sleep(10 * MS).await;
     assert_eq!(samples(&metrics), 0, "start-up sync");
     for _ in 0..3 {
@@ -561,14 +563,7 @@ async fn the_latency_ends_when_the_writes_do_not_after_the_work_that_follows_the
     let mut target = FakeTarget::new();
     // Strict mode's flow cut, say: 300 ms of real time after the rules are in the kernel.
     target.after_write = Duration::from_millis(300);
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn(run(
-        source.clone(),
-        target.clone(),
-        timing(),
-        Some(metrics.clone()),
-        stop.clone(),
-    ));
+    let (stop, handle) = start_with(&source, &target, timing(), Some(metrics.clone()));
     while target.log().is_empty() {
         sleep(MS).await;
     }
