@@ -132,13 +132,7 @@ fn a_pod_claiming_the_loopback_address_is_reported_and_loopback_keeps_working() 
     let api = FakeApi::start(lab.loopback_listener(0));
     api.apply_namespaces(&lab::NAMESPACES, true);
     for p in &lab.pods {
-        api.apply(
-            Kind::Pod,
-            &format!(
-                "metadata: {{name: {}, namespace: {}, labels: {{pod: {}}}}}\nspec: {{nodeName: node1}}\nstatus: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: '{}'}}]}}",
-                p.name, p.namespace, p.name, p.v4, p.v6
-            ),
-        );
+        api.apply(Kind::Pod, &p.api_manifest(""));
     }
     // A pod on this node claiming the loopback addresses, isolated for egress.
     api.apply(

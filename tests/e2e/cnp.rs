@@ -540,34 +540,6 @@ fn cases(lab: &Lab) -> Vec<Case> {
     c
 }
 
-/// `explain --output json` of a TCP flow, from the lab's manifests.
-fn explain(lab: &Lab, from: &str, to: &str, port: u16, v6: bool) -> serde_json::Value {
-    let port = port.to_string();
-    let out = std::process::Command::new(crate::AGENT)
-        .arg("explain")
-        .arg("--manifests")
-        .arg(&lab.manifests)
-        .args([
-            "--from",
-            from,
-            "--to",
-            to,
-            "--port",
-            &port,
-            "--protocol",
-            "TCP",
-        ])
-        .args(["--family", if v6 { "6" } else { "4" }, "--output", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// Flows whose ingress decision `explain` must name, per case: (from, to, port, IPv6, stage,
 /// policy, action).
 #[allow(clippy::type_complexity)]
@@ -649,7 +621,7 @@ fn run_cases(test: &str, backend: &str) {
             failures.push(format!("case {:?}:\n  {}", c.name, wrong.join("\n  ")));
         }
         for (from, to, port, v6, stage, policy, action) in explained_cases(c.name) {
-            let json = explain(&lab, &from, &to, port, v6);
+            let json = lab.explain_json(&from, &to, port, "TCP", v6);
             let d = &json["ingress"]["decided_by"];
             let want = (c.expect)(&Probe {
                 from: from.clone(),

@@ -5,7 +5,6 @@
 use crate::matrix::cases;
 use kni_testlab::lab::{self, Lab, Probe, Proto, run_probes, skip_unless_root};
 use std::collections::BTreeMap;
-use std::process::Command;
 
 /// Matrix cases covering ingress and egress, ports and named ports, namespace and pod
 /// selectors, ipBlocks with `except`, two policies on one pod, and pods that are never peers.
@@ -25,31 +24,8 @@ const CASES: [&str; 11] = [
 
 /// `explain`'s verdict for one probe, from the lab's manifests.
 fn explained(lab: &Lab, p: &Probe) -> bool {
-    let out = Command::new(crate::AGENT)
-        .arg("explain")
-        .arg("--manifests")
-        .arg(&lab.manifests)
-        .args([
-            "--from",
-            &p.from,
-            "--to",
-            &p.to,
-            "--port",
-            &p.port.to_string(),
-        ])
-        .args([
-            "--protocol",
-            if p.proto == Proto::Tcp { "TCP" } else { "UDP" },
-        ])
-        .args(["--family", if p.v6 { "6" } else { "4" }, "--output", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "explain {p:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let protocol = if p.proto == Proto::Tcp { "TCP" } else { "UDP" };
+    let json = lab.explain_json(&p.from, &p.to, p.port, protocol, p.v6);
     json["allowed"].as_bool().expect("\"allowed\" is a boolean")
 }
 

@@ -28,10 +28,7 @@ fn a_policy_created_through_the_api_changes_real_reachability() {
     for p in &lab.pods {
         api.apply(
             Kind::Pod,
-            &format!(
-                "metadata: {{name: {}, namespace: {}, labels: {{pod: {}}}}}\nspec: {{nodeName: node1, containers: [{{name: c, ports: [{{name: http, containerPort: 80}}]}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: '{}'}}]}}",
-                p.name, p.namespace, p.name, p.v4, p.v6
-            ),
+            &p.api_manifest("containers: [{name: c, ports: [{name: http, containerPort: 80}]}]"),
         );
     }
     // Kubernetes mode wakes on watch events: a slow poll must not slow anything down.

@@ -28,13 +28,7 @@ fn cluster_policies_are_enforced_once_their_crd_is_installed_and_dropped_with_it
     let api = FakeApi::start(lab.loopback_listener(0));
     api.apply_namespaces(&lab::NAMESPACES, true);
     for p in &lab.pods {
-        api.apply(
-            Kind::Pod,
-            &format!(
-                "metadata: {{name: {}, namespace: {}, labels: {{pod: {}}}}}\nspec: {{nodeName: node1, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: '{}'}}]}}",
-                p.name, p.namespace, p.name, p.v4, p.v6
-            ),
-        );
+        api.apply(Kind::Pod, &p.api_manifest("containers: [{name: c}]"));
     }
     // x/a admits y only (NetworkPolicy).
     api.apply(

@@ -10,10 +10,7 @@ use lab::{Lab, Proto, http_get, probe, skip_unless_root, wait_until};
 use std::time::Duration;
 
 fn pod_doc(p: &lab::LabPod) -> String {
-    format!(
-        "metadata: {{name: {}, namespace: {}, labels: {{pod: {}}}}}\nspec: {{nodeName: node1, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: '{}'}}]}}",
-        p.name, p.namespace, p.name, p.v4, p.v6
-    )
+    p.api_manifest("containers: [{name: c}]")
 }
 
 #[test]

@@ -183,6 +183,20 @@ impl LabPod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// This pod as the (fake) API server holds it: running on node1, labelled `pod: NAME`, with
+    /// both addresses; `spec_extra` is added to its spec (e.g. `containers: [{name: c}]`).
+    pub fn api_manifest(&self, spec_extra: &str) -> String {
+        let spec_extra = if spec_extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {spec_extra}")
+        };
+        format!(
+            "metadata: {{name: {}, namespace: {}, labels: {{pod: {}}}}}\nspec: {{nodeName: node1{spec_extra}}}\nstatus: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: '{}'}}]}}",
+            self.name, self.namespace, self.name, self.v4, self.v6
+        )
+    }
     pub fn ip(&self, v6: bool) -> IpAddr {
         if v6 { self.v6.into() } else { self.v4.into() }
     }
@@ -677,6 +691,33 @@ impl Lab {
     }
 
     /// What `render` prints for node 1 and the current manifests.
+    /// `explain --output json` of one flow (`protocol` "TCP" or "UDP"), from the lab's manifests.
+    pub fn explain_json(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: &str,
+        v6: bool,
+    ) -> serde_json::Value {
+        let port = port.to_string();
+        let out = Command::new(&self.agent_bin)
+            .arg("explain")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--from", from, "--to", to, "--port", &port])
+            .args(["--protocol", protocol])
+            .args(["--family", if v6 { "6" } else { "4" }, "--output", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "explain {from} -> {to} {protocol}/{port} v6={v6} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     pub fn render(&self) -> String {
         let out = self.agent(
             0,
