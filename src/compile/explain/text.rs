@@ -1,6 +1,6 @@
 //! The text form of an [`Explanation`] (`--output text`).
 
-use super::{End, Explanation};
+use super::{End, Explanation, Part};
 use std::fmt;
 
 impl fmt::Display for Explanation {
@@ -52,13 +52,7 @@ impl fmt::Display for Explanation {
                     "    {} {} {name} rule {} ({:?}): {}",
                     h.tier, h.policy, h.rule, h.name, h.action
                 )?;
-                for p in &h.peers {
-                    write!(f, ", peer {} ({})", p.index, p.what)?;
-                }
-                match &h.port {
-                    None => writeln!(f, ", any protocol")?,
-                    Some(p) => writeln!(f, ", port {} ({})", p.index, p.what)?,
-                }
+                write_matched(f, &h.peers, "", h.port.as_ref(), ", any protocol")?;
             }
             let d = &v.decided_by;
             match (&d.policy, d.rule) {
@@ -76,18 +70,7 @@ impl fmt::Display for Explanation {
             }
             for a in &v.allowed_by {
                 write!(f, "    allowed by {} {name} rule {}", a.policy, a.rule)?;
-                match a.peers.as_slice() {
-                    [] => write!(f, ", any peer")?,
-                    peers => {
-                        for p in peers {
-                            write!(f, ", peer {} ({})", p.index, p.what)?;
-                        }
-                    }
-                }
-                match &a.port {
-                    None => writeln!(f, ", any port")?,
-                    Some(p) => writeln!(f, ", port {} ({})", p.index, p.what)?,
-                }
+                write_matched(f, &a.peers, ", any peer", a.port.as_ref(), ", any port")?;
             }
             if d.stage == "NetworkPolicy" && !v.allowed {
                 writeln!(f, "    no rule of these policies matches")?;
@@ -104,5 +87,26 @@ impl fmt::Display for Explanation {
             }
         }
         Ok(())
+    }
+}
+
+/// The peers and the port of a rule that matched, ending the line: `no_peers` when it has no
+/// peers, `no_port` when it has no port.
+fn write_matched(
+    f: &mut fmt::Formatter<'_>,
+    peers: &[Part],
+    no_peers: &str,
+    port: Option<&Part>,
+    no_port: &str,
+) -> fmt::Result {
+    if peers.is_empty() {
+        write!(f, "{no_peers}")?;
+    }
+    for p in peers {
+        write!(f, ", peer {} ({})", p.index, p.what)?;
+    }
+    match port {
+        None => writeln!(f, "{no_port}"),
+        Some(p) => writeln!(f, ", port {} ({})", p.index, p.what),
     }
 }
