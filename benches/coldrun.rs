@@ -325,13 +325,12 @@ fn kube_changes(
         .spawn()
         .unwrap();
     let start = Instant::now();
-    let histogram = || -> Option<(f64, Vec<(f64, f64)>)> {
+    let histogram = || -> Option<Histogram> {
         let text = metrics_text()?;
         let value = |l: &str| l.rsplit(' ').next()?.parse::<f64>().ok();
-        let count = text
-            .lines()
-            .find(|l| l.starts_with("kni_programming_latency_seconds_count"))
-            .and_then(value)?;
+        let series = |name: &str| text.lines().find(|l| l.starts_with(name)).and_then(value);
+        let count = series("kni_programming_latency_seconds_count")?;
+        let sum = series("kni_programming_latency_seconds_sum")?;
         let buckets = text
             .lines()
             .filter_map(|l| l.strip_prefix("kni_programming_latency_seconds_bucket{le=\""))
@@ -340,9 +339,9 @@ fn kube_changes(
                 Some((le.parse::<f64>().unwrap_or(f64::INFINITY), value(rest)?))
             })
             .collect();
-        Some((count, buckets))
+        Some((count, sum, buckets))
     };
-    while histogram().is_none_or(|(count, _)| count < 1.0) {
+    while histogram().is_none_or(|(count, _, _)| count < 1.0) {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "the agent did not sync in Kubernetes mode"
@@ -350,15 +349,7 @@ fn kube_changes(
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (count_before, buckets_before) = histogram().unwrap();
-    let sum = |name: &str| -> f64 {
-        metrics_text()
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap()
-    };
-    let sum_before = sum("kni_programming_latency_seconds_sum");
+    let (count_before, sum_before, buckets_before) = histogram().unwrap();
     let one = |s: ClusterSnapshot| synthetic::to_manifests(&s);
     let mut namespace = snapshot.namespaces["ns-3"].clone();
     let mut remote = snapshot.pods[params.local_pods + 7].clone();
@@ -412,9 +403,9 @@ fn kube_changes(
             std::thread::sleep(Duration::from_millis(300));
         }
     }
-    let (count, buckets) = histogram().unwrap();
+    let (count, sum, buckets) = histogram().unwrap();
     let changes = count - count_before;
-    let mean = (sum("kni_programming_latency_seconds_sum") - sum_before) / changes;
+    let mean = (sum - sum_before) / changes;
     // The bucket bound under which half (95%) of this run's changes were programmed.
     let bound = |q: f64| -> String {
         buckets
@@ -439,6 +430,10 @@ fn kube_changes(
         ),
     );
 }
+
+/// (count, sum, cumulative (bound, count) buckets) of the agent's programming latency, from one
+/// read of its metrics.
+type Histogram = (f64, f64, Vec<(f64, f64)>);
 
 const METRICS: &str = "127.0.0.1:9847";
 

@@ -432,18 +432,11 @@ fn main() {
             timed(&snapshot, &mut kinds[4].1);
         }
     }
-    for (what, mut times) in kinds {
-        times.sort_unstable();
-        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-        let ((p50, compile), (p95, _)) = (at(0.5), at(0.95));
-        row(
+    for (what, times) in kinds {
+        percentiles_row(
+            &mut row,
             &format!("[nft] incremental p50 / p95 ({} runs): {what}", times.len()),
-            format!(
-                "{} / {} (compile {} of the p50)",
-                ms(p50),
-                ms(p95),
-                ms(compile)
-            ),
+            times,
         );
     }
     // The policy change again on the legacy backend. Every nf_tables commit leaves the freeing
@@ -466,20 +459,13 @@ fn main() {
                 times.push((start.elapsed(), compiled));
             }
         }
-        times.sort_unstable();
-        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-        let ((p50, compile), (p95, _)) = (at(0.5), at(0.95));
-        row(
+        percentiles_row(
+            &mut row,
             &format!(
                 "[legacy] incremental p50 / p95 ({} runs): policy changed",
                 times.len()
             ),
-            format!(
-                "{} / {} (compile {} of the p50)",
-                ms(p50),
-                ms(p95),
-                ms(compile)
-            ),
+            times,
         );
         // Back to the nft backend for what follows (a full sync removes the legacy rules).
         dp.sync(
@@ -523,6 +509,26 @@ fn main() {
     clean();
     let _ = Command::new("ip").args(["netns", "del", &node_ns]).output();
     kni_testlab::table::record(rows.iter().map(|Row(k, v)| (k.as_str(), v.as_str())));
+}
+
+/// One row of p50 / p95 of `times` (whole, compile), with the compile part of the p50.
+fn percentiles_row(
+    row: &mut dyn FnMut(&str, String),
+    label: &str,
+    mut times: Vec<(Duration, Duration)>,
+) {
+    times.sort_unstable();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let ((p50, compile), (p95, _)) = (at(0.5), at(0.95));
+    row(
+        label,
+        format!(
+            "{} / {} (compile {} of the p50)",
+            ms(p50),
+            ms(p95),
+            ms(compile)
+        ),
+    );
 }
 
 /// What the rules cost the traffic between two local pods, with the large case programmed and

@@ -81,14 +81,8 @@ pub(super) fn dispatch_branch(
 /// The longest prefix every address of one family shares.
 fn shared_prefix(mut ips: impl Iterator<Item = IpAddr>) -> IpNet {
     let first = ips.next().expect("a dispatch branch has addresses");
-    let bits = |ip: IpAddr| -> u128 {
-        match ip {
-            IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
-            IpAddr::V6(a) => u128::from(a),
-        }
-    };
-    let base = bits(first);
-    let differ = ips.fold(0u128, |acc, ip| acc | (bits(ip) ^ base));
+    let base = left_aligned(first);
+    let differ = ips.fold(0u128, |acc, ip| acc | (left_aligned(ip) ^ base));
     let width = if first.is_ipv4() { 32 } else { 128 };
     let len = (differ.leading_zeros() as u8).min(width);
     IpNet::new(first, len)
@@ -98,8 +92,13 @@ fn shared_prefix(mut ips: impl Iterator<Item = IpAddr>) -> IpNet {
 
 /// Bit `index` (0 = most significant) of `ip`.
 fn address_bit(ip: IpAddr, index: u8) -> bool {
+    (left_aligned(ip) >> (127 - index)) & 1 == 1
+}
+
+/// The address's bits from the most significant one of a `u128`, whatever its family.
+fn left_aligned(ip: IpAddr) -> u128 {
     match ip {
-        IpAddr::V4(a) => (u32::from(a) >> (31 - index)) & 1 == 1,
-        IpAddr::V6(a) => (u128::from(a) >> (127 - index)) & 1 == 1,
+        IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+        IpAddr::V6(a) => u128::from(a),
     }
 }

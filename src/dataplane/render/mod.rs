@@ -166,11 +166,9 @@ pub fn render_rule(family: Family, rule: &Rule) -> String {
     // Set lookups last: iptables-nft runs `-m set` as an xtables compatibility expression, the
     // other matches as native ones, and a packet stops at the first match that fails, so a rule
     // for another port or a marked packet never pays for the lookup.
-    let (sets, others): (Vec<&Match>, Vec<&Match>) = rule
-        .matches
-        .iter()
-        .partition(|m| matches!(m, Match::Set { .. }));
-    for m in others.into_iter().chain(sets) {
+    let is_set = |m: &&Match| matches!(m, Match::Set { .. });
+    let sets = rule.matches.iter().filter(is_set);
+    for m in rule.matches.iter().filter(|m| !is_set(m)).chain(sets) {
         match m {
             Match::Source(_) | Match::Destination(_) | Match::Protocol(_) => {}
             Match::Icmp6Type(t) => parts.push(format!("-m icmp6 --icmpv6-type {t}")),
