@@ -385,7 +385,7 @@ fn kube_changes(
             (
                 Kind::Pod,
                 one(ClusterSnapshot {
-                    pods: vec![remote.clone()],
+                    pods: vec![remote.clone()].into(),
                     ..Default::default()
                 }),
             ),

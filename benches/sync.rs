@@ -355,15 +355,15 @@ fn main() {
     new_pod.node_name = Some(LOCAL_NODE.into());
     let (v4, v6) = synthetic::pod_ips(params.pods + 1);
     new_pod.ips = vec![v4, v6];
-    snapshot.pods.push(new_pod);
+    snapshot.pods_mut().push(new_pod);
     change("local pod added", &snapshot);
-    snapshot.pods.pop();
+    snapshot.pods_mut().pop();
     change("local pod deleted", &snapshot);
     let remote = params.local_pods + 7;
-    snapshot.pods[remote]
+    snapshot.pods_mut()[remote]
         .labels
         .insert("tier".into(), "db".into());
-    snapshot.pods[remote]
+    snapshot.pods_mut()[remote]
         .labels
         .insert("version".into(), "v2".into());
     change("remote pod label changed", &snapshot);
@@ -413,12 +413,12 @@ fn main() {
     };
     let full_ingress = synthetic::generate(&params).policies[idx].ingress.clone();
     for _ in 0..runs {
-        snapshot.pods.push(added.clone());
+        snapshot.pods_mut().push(added.clone());
         timed(&snapshot, &mut kinds[0].1);
-        snapshot.pods.pop();
+        snapshot.pods_mut().pop();
         timed(&snapshot, &mut kinds[1].1);
         for (tier, version) in [("web", "v1"), ("db", "v2")] {
-            let labels = &mut snapshot.pods[remote].labels;
+            let labels = &mut snapshot.pods_mut()[remote].labels;
             labels.insert("tier".into(), tier.into());
             labels.insert("version".into(), version.into());
             timed(&snapshot, &mut kinds[2].1);
@@ -570,7 +570,7 @@ fn pod_to_pod(
         .collect();
     let mut with_bench = snapshot.clone();
     for &j in chosen {
-        with_bench.pods[j]
+        with_bench.pods_mut()[j]
             .labels
             .insert("bench".into(), "pod-to-pod".into());
     }

@@ -22,13 +22,17 @@ fn main() {
     new_pod.node_name = Some(synthetic::LOCAL_NODE.into());
     let (v4, v6) = synthetic::pod_ips(p.pods + 1);
     new_pod.ips = vec![v4, v6];
-    s.pods.push(new_pod);
+    s.pods_mut().push(new_pod);
     step("pod added", &s);
-    s.pods.pop();
+    s.pods_mut().pop();
     step("pod deleted", &s);
     let remote = p.local_pods + 7;
-    s.pods[remote].labels.insert("tier".into(), "db".into());
-    s.pods[remote].labels.insert("version".into(), "v2".into());
+    s.pods_mut()[remote]
+        .labels
+        .insert("tier".into(), "db".into());
+    s.pods_mut()[remote]
+        .labels
+        .insert("version".into(), "v2".into());
     step("remote label", &s);
     s.namespaces
         .get_mut("ns-3")

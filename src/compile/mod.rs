@@ -31,12 +31,18 @@ mod tiers;
 
 pub use ir::DesiredState;
 
-use crate::model::{ClusterSnapshot, Family, PerFamily};
+use crate::model::{ClusterSnapshot, Family, PerFamily, Pod};
+use std::sync::{Arc, Weak};
 
 /// Compiles snapshots for one node, remembering peer selections between calls.
 #[derive(Default)]
 pub struct Compiler {
     selections: peers::Selections,
+    /// The pod list the selections were last brought up to date with. A weak reference keeps
+    /// its allocation's address from being reused, and a shared list cannot change in place
+    /// (`Arc::make_mut` moves it away from weak references too), so the same address means the
+    /// same pods: a policy or namespace change then skips comparing every pod.
+    pods_seen: Weak<Vec<Pod>>,
 }
 
 impl Compiler {
@@ -47,7 +53,9 @@ impl Compiler {
     /// The desired state of both families on `node`. Equal to what a fresh `Compiler` gives for
     /// the same snapshot, at a cost proportional to what changed since the previous call.
     pub fn compile(&mut self, snapshot: &ClusterSnapshot, node: &str) -> PerFamily<DesiredState> {
-        self.selections.update(snapshot);
+        let pods_unchanged = std::ptr::eq(self.pods_seen.as_ptr(), Arc::as_ptr(&snapshot.pods));
+        self.selections.update(snapshot, pods_unchanged);
+        self.pods_seen = Arc::downgrade(&snapshot.pods);
         let states = PerFamily::from_fn(|family| {
             chains::build(snapshot, node, family, &mut self.selections)
         });

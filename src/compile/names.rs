@@ -31,10 +31,8 @@ fn digest(parts: &[&str]) -> String {
         // A separator that cannot occur in Kubernetes names keeps ("ab","c") apart from ("a","bc").
         h.update([0u8]);
     }
-    h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let first: [u8; 8] = h.finalize()[..8].try_into().expect("SHA-256 has 32 bytes");
+    format!("{:016x}", u64::from_be_bytes(first))
 }
 
 /// The chain that judges traffic to (ingress) or from (egress) one local pod.

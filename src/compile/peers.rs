@@ -87,15 +87,21 @@ fn split_by_family(members: impl IntoIterator<Item = SetMember>) -> PerFamily<Me
 }
 
 impl Selections {
-    /// Brings every entry up to date with `snapshot`.
-    pub fn update(&mut self, snapshot: &ClusterSnapshot) {
+    /// Brings every entry up to date with `snapshot`. `pods_unchanged`: its pods are the very
+    /// list of the previous update, so only namespaces are compared.
+    pub fn update(&mut self, snapshot: &ClusterSnapshot, pods_unchanged: bool) {
         // Compare in place: one reusable key buffer, no map of the whole snapshot. A key seen
         // twice keeps its last pod, as a map built from the list would.
+        let compared = if pods_unchanged {
+            &[][..]
+        } else {
+            &snapshot.pods[..]
+        };
         let mut key_buf = String::new();
-        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(snapshot.pods.len());
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(compared.len());
         let mut new_pods: HashMap<Key, &Pod> = HashMap::new();
         let mut known_seen = 0;
-        for p in snapshot.pods.iter().filter(|p| p.is_policy_relevant()) {
+        for p in compared.iter().filter(|p| p.is_policy_relevant()) {
             key_buf.clear();
             key_buf.push_str(&p.namespace);
             key_buf.push('/');
@@ -118,7 +124,7 @@ impl Selections {
             }
         }
         let mut changed_pods: BTreeSet<Key> = new_pods.keys().cloned().collect();
-        if known_seen < self.pods.len() {
+        if !pods_unchanged && known_seen < self.pods.len() {
             changed_pods.extend(
                 self.pods
                     .keys()

@@ -18,6 +18,7 @@ pub use selector::{LabelSelector, Requirement};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -25,7 +26,10 @@ pub type Labels = BTreeMap<String, String>;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterSnapshot {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: Vec<Pod>,
+    /// Shared, not copied: a source hands out the same list while no pod changed, and the
+    /// compiler then skips comparing pods (see `Compiler::compile`). Change it with
+    /// [`ClusterSnapshot::pods_mut`].
+    pub pods: Arc<Vec<Pod>>,
     pub policies: Vec<Policy>,
     /// `spec.podCIDRs` of the Node objects seen (only this node's in Kubernetes mode), by node
     /// name: new-pod isolation uses them.
@@ -35,6 +39,13 @@ pub struct ClusterSnapshot {
     /// Nodes by name with labels and addresses; filled only when some ClusterNetworkPolicy has
     /// a `nodes` peer (manifests mode: every `kind: Node` given).
     pub nodes: BTreeMap<String, NodeInfo>,
+}
+
+impl ClusterSnapshot {
+    /// The pods to change; copied first if another snapshot (or a source's cache) shares them.
+    pub fn pods_mut(&mut self) -> &mut Vec<Pod> {
+        Arc::make_mut(&mut self.pods)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -90,7 +90,7 @@ pub fn generate(p: &Params) -> ClusterSnapshot {
     }
     for j in 0..p.pods {
         let (v4, v6) = pod_ips(j);
-        s.pods.push(Pod {
+        s.pods_mut().push(Pod {
             namespace: format!("ns-{}", j % p.namespaces),
             name: format!("pod-{j}"),
             labels: labels(&[
@@ -259,7 +259,7 @@ pub fn to_manifests(s: &ClusterSnapshot) -> String {
             map(&ns.labels)
         ));
     }
-    for p in &s.pods {
+    for p in s.pods.iter() {
         let ips: Vec<String> = p.ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
         let ports: Vec<String> = p
             .ports

@@ -64,7 +64,7 @@ fn a_long_lived_compiler_always_equals_a_fresh_one() {
                 0 | 1 if !s.pods.is_empty() => {
                     let i = rng.below(s.pods.len());
                     let name = s.pods[i].name.clone();
-                    s.pods[i].labels = random_labels(&mut rng, &name);
+                    s.pods_mut()[i].labels = random_labels(&mut rng, &name);
                 }
                 2 => {
                     next_pod += 1;
@@ -78,7 +78,7 @@ fn a_long_lived_compiler_always_equals_a_fresh_one() {
                         vec![]
                     };
                     let name = format!("n{next_pod}");
-                    s.pods.push(Pod {
+                    s.pods_mut().push(Pod {
                         namespace: ["x", "y", "z", "w"][rng.below(4)].into(),
                         labels: random_labels(&mut rng, &name),
                         name,
@@ -91,11 +91,11 @@ fn a_long_lived_compiler_always_equals_a_fresh_one() {
                 }
                 3 if !s.pods.is_empty() => {
                     let i = rng.below(s.pods.len());
-                    s.pods.remove(i);
+                    s.pods_mut().remove(i);
                 }
                 4 if !s.pods.is_empty() => {
                     let i = rng.below(s.pods.len());
-                    s.pods[i].ips = if rng.below(5) == 0 {
+                    s.pods_mut()[i].ips = if rng.below(5) == 0 {
                         vec![]
                     } else {
                         random_ips(&mut rng)
@@ -105,11 +105,11 @@ fn a_long_lived_compiler_always_equals_a_fresh_one() {
                     let i = rng.below(s.pods.len());
                     match rng.below(3) {
                         0 => {
-                            s.pods[i].phase =
+                            s.pods_mut()[i].phase =
                                 [PodPhase::Running, PodPhase::Succeeded, PodPhase::Pending]
                                     [rng.below(3)]
                         }
-                        1 => s.pods[i].host_network = !s.pods[i].host_network,
+                        1 => s.pods_mut()[i].host_network = !s.pods[i].host_network,
                         _ => {
                             let web = ContainerPort {
                                 name: Some("web".into()),
@@ -121,9 +121,11 @@ fn a_long_lived_compiler_always_equals_a_fresh_one() {
                                 .iter()
                                 .any(|p| p.name.as_deref() == Some("web"))
                             {
-                                s.pods[i].ports.retain(|p| p.name.as_deref() != Some("web"));
+                                s.pods_mut()[i]
+                                    .ports
+                                    .retain(|p| p.name.as_deref() != Some("web"));
                             } else {
-                                s.pods[i].ports.push(web);
+                                s.pods_mut()[i].ports.push(web);
                             }
                         }
                     }

@@ -38,7 +38,7 @@ fn incremental_rendering_writes_only_the_difference() {
     // A remote pod's label: one member per family, no rules.
     let mut after = before.clone();
     after
-        .pods
+        .pods_mut()
         .iter_mut()
         .find(|p| p.key() == "y/c")
         .unwrap()

@@ -48,7 +48,7 @@ pub(super) fn cluster() -> ClusterSnapshot {
                 port,
                 protocol,
             };
-            s.pods.push(Pod {
+            s.pods_mut().push(Pod {
                 namespace: ns.into(),
                 name: pod.into(),
                 labels: [("pod".to_string(), pod.to_string())].into(),

@@ -17,7 +17,7 @@ fn tens_of_thousands_of_objects_compile() {
         );
     }
     for i in 0..30_000u32 {
-        s.pods.push(Pod {
+        s.pods_mut().push(Pod {
             namespace: format!("ns{}", i % 1000),
             name: format!("p{i}"),
             labels: [("app".to_string(), format!("a{}", i % 7))].into(),
@@ -120,7 +120,7 @@ fn a_new_flow_reaches_its_pod_chain_through_a_logarithmic_dispatch() {
         vec!["10.244.9.1".parse().unwrap(), "10.244.9.2".parse().unwrap()],
     ));
     for (name, ips) in &pods {
-        s.pods.push(Pod {
+        s.pods_mut().push(Pod {
             namespace: "ns".into(),
             name: name.clone(),
             labels: Default::default(),

@@ -109,7 +109,7 @@ fn generate(seed: u64) -> Generated {
         if !i.is_multiple_of(7) {
             ips.push(format!("fd00::1:{i:x}").parse().unwrap());
         }
-        s.pods.push(Pod {
+        s.pods_mut().push(Pod {
             namespace: namespaces[rng.below(namespaces.len())].clone(),
             name: format!("p{i}"),
             labels,

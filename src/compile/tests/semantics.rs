@@ -124,7 +124,7 @@ fn protocol_only_and_sctp_only_rules_isolate_other_protocols() {
 fn named_ports_resolve_on_the_destination_pod() {
     // x/a and x/b serve "web" on different ports; y/a has no such port.
     let mut s = cluster();
-    for p in s.pods.iter_mut() {
+    for p in s.pods_mut().iter_mut() {
         match p.key().as_str() {
             "x/a" => p.ports.push(ContainerPort {
                 name: Some("web".into()),
@@ -371,7 +371,7 @@ fn host_network_and_finished_pods_are_neither_subjects_nor_peers() {
     let mut s = cluster();
     let (xa, _) = pod_ips("x", "a");
     // A finished pod that once had x/a's address, labelled as the only allowed peer.
-    s.pods.push(Pod {
+    s.pods_mut().push(Pod {
         namespace: "y".into(),
         name: "done".into(),
         labels: [("role".to_string(), "client".to_string())].into(),
@@ -381,7 +381,7 @@ fn host_network_and_finished_pods_are_neither_subjects_nor_peers() {
         phase: PodPhase::Succeeded,
         ports: vec![],
     });
-    s.pods.push(Pod {
+    s.pods_mut().push(Pod {
         namespace: "y".into(),
         name: "host".into(),
         labels: [("role".to_string(), "client".to_string())].into(),
@@ -430,7 +430,7 @@ fn label_changes_move_pods_in_and_out_of_peer_sets_on_every_node() {
     let policy2 = "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: db}}}]}]";
     let mut s = with_policies(cluster(), &[policy2]);
     assert!(!tcp80(&s, "y/c", "x/a"));
-    s.pods
+    s.pods_mut()
         .iter_mut()
         .find(|p| p.key() == "y/c")
         .unwrap()
@@ -452,7 +452,7 @@ fn unchanged_input_compiles_to_identical_state_and_names() {
     );
     let a = compile(&s, "n1", Family::V4);
     let mut reversed = s.clone();
-    reversed.pods.reverse();
+    reversed.pods_mut().reverse();
     assert_eq!(
         a,
         compile(&reversed, "n1", Family::V4),

@@ -430,7 +430,7 @@ fn only_subjects_are_isolated_and_host_network_pods_never_are() {
     let mut p = cnp("x-only", Tier::Baseline, 1, "x");
     p.ingress = vec![rule(Deny, vec![from_ns("z")], None)];
     let mut s = with(cluster(), vec![p]);
-    let host = s.pods.iter_mut().find(|p| p.key() == "x/b").unwrap();
+    let host = s.pods_mut().iter_mut().find(|p| p.key() == "x/b").unwrap();
     host.host_network = true;
     let state = compile(&s, "n1", Family::V4);
     let isolated = &state.sets[&crate::compile::names::isolated_set(Family::V4, true)];
@@ -656,7 +656,7 @@ fn a_long_lived_compiler_gives_a_fresh_compilers_state_with_cluster_policies() {
         .labels
         .insert("ns".into(), "y".into());
     steps.push(s.clone());
-    s.pods[0]
+    s.pods_mut()[0]
         .ports
         .retain(|p| p.name.as_deref() != Some("serve-80-udp"));
     steps.push(s.clone());

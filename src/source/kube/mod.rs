@@ -23,3 +23,5 @@ pub use cluster_policy::CRD_RECHECK;
 pub use start::{start, start_with};
 pub use store::ClusterStore;
 pub use watch::WATCH_TIMEOUT;
+#[cfg(test)]
+mod store_tests;

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, watch};
 
 /// The log target from before the module layout of issue 10, kept so users' log filters still
@@ -22,6 +22,11 @@ const LOG_TARGET: &str = "kube_netpol_iptables::kube_source";
 pub(super) struct Store {
     namespaces: BTreeMap<String, Namespace>,
     pods: BTreeMap<String, Pod>,
+    /// `pods` as the snapshots hand them out, made on the first snapshot after a pod changed
+    /// and shared until the next: a change of any other kind copies no pod, and the compiler
+    /// sees the same list and skips comparing pods. Cleared by every mutable access to `pods`
+    /// (`Kind::map`).
+    pods_list: Option<Arc<Vec<Pod>>>,
     policies: BTreeMap<String, Policy>,
     /// Objects that failed conversion, by kind and key, with the reason.
     invalid: BTreeMap<(&'static str, String), String>,
@@ -101,25 +106,28 @@ impl ClusterStore {
 
     /// The cluster as last seen, once every kind has listed; `None` before.
     pub fn snapshot(&self) -> Option<(u64, ClusterSnapshot)> {
-        let s = self.inner.lock().unwrap();
+        let mut guard = self.inner.lock().unwrap();
+        let s = &mut *guard;
         if !s.complete() {
             return None;
         }
-        let mut snapshot = ClusterSnapshot {
+        let pods = s.pods_list.get_or_insert_with(|| {
+            let mut pods: Vec<Pod> = s.pods.values().cloned().collect();
+            pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            Arc::new(pods)
+        });
+        let snapshot = ClusterSnapshot {
             namespaces: s
                 .namespaces
                 .values()
                 .map(|n| (n.name.clone(), n.clone()))
                 .collect(),
-            pods: s.pods.values().cloned().collect(),
+            pods: Arc::clone(pods),
             policies: s.policies.values().cloned().collect(),
             node_pod_cidrs: s.node_pod_cidrs.clone(),
             cluster_policies: s.cluster_policies.values().cloned().collect(),
             nodes: s.nodes.clone(),
         };
-        snapshot
-            .pods
-            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Some((s.generation, snapshot))
     }
 
@@ -206,8 +214,10 @@ pub(super) trait Kind:
 {
     const NAME: &'static str;
     const INDEX: usize;
-    type Model: Clone + Send;
+    type Model: Clone + Send + PartialEq;
     fn convert(&self) -> Result<Self::Model, InvalidField>;
+    fn objects(store: &Store) -> &BTreeMap<String, Self::Model>;
+    /// The only way objects of this kind change.
     fn map(store: &mut Store) -> &mut BTreeMap<String, Self::Model>;
 }
 
@@ -217,6 +227,9 @@ impl Kind for core::Namespace {
     type Model = Namespace;
     fn convert(&self) -> Result<Namespace, InvalidField> {
         convert::namespace(self)
+    }
+    fn objects(store: &Store) -> &BTreeMap<String, Namespace> {
+        &store.namespaces
     }
     fn map(store: &mut Store) -> &mut BTreeMap<String, Namespace> {
         &mut store.namespaces
@@ -230,7 +243,11 @@ impl Kind for core::Pod {
     fn convert(&self) -> Result<Pod, InvalidField> {
         convert::pod(self)
     }
+    fn objects(store: &Store) -> &BTreeMap<String, Pod> {
+        &store.pods
+    }
     fn map(store: &mut Store) -> &mut BTreeMap<String, Pod> {
+        store.pods_list = None;
         &mut store.pods
     }
 }
@@ -241,6 +258,9 @@ impl Kind for net::NetworkPolicy {
     type Model = Policy;
     fn convert(&self) -> Result<Policy, InvalidField> {
         convert::policy(self)
+    }
+    fn objects(store: &Store) -> &BTreeMap<String, Policy> {
+        &store.policies
     }
     fn map(store: &mut Store) -> &mut BTreeMap<String, Policy> {
         &mut store.policies
@@ -256,6 +276,9 @@ impl Kind for ClusterNetworkPolicy {
         convert::warn_domain_names_once(&policy);
         Ok(policy)
     }
+    fn objects(store: &Store) -> &BTreeMap<String, ClusterPolicy> {
+        &store.cluster_policies
+    }
     fn map(store: &mut Store) -> &mut BTreeMap<String, ClusterPolicy> {
         &mut store.cluster_policies
     }
@@ -267,6 +290,9 @@ impl Kind for core::Node {
     type Model = NodeInfo;
     fn convert(&self) -> Result<NodeInfo, InvalidField> {
         convert::node_info(self)
+    }
+    fn objects(store: &Store) -> &BTreeMap<String, NodeInfo> {
+        &store.nodes
     }
     fn map(store: &mut Store) -> &mut BTreeMap<String, NodeInfo> {
         &mut store.nodes
@@ -345,6 +371,9 @@ pub(super) fn apply_event<K: Kind>(
         Event::Apply(obj) => store.update(|s| {
             let key = key_of(&obj);
             match convert_recorded(s, &obj) {
+                // A pod's status moving on without changing what we use of it changes nothing
+                // (and keeps the shared pod list).
+                Some((key, model)) if K::objects(s).get(&key) == Some(&model) => {}
                 Some((key, model)) => {
                     K::map(s).insert(key, model);
                 }

@@ -92,7 +92,7 @@ impl Loader {
                 }
                 Object::Pod(pod) => {
                     self.remember("Pod", &pod.key(), &at)?;
-                    self.snapshot.pods.push(pod);
+                    self.snapshot.pods_mut().push(pod);
                 }
                 Object::Policy(pol) => {
                     self.remember("NetworkPolicy", &pol.key(), &at)?;

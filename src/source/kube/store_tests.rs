@@ -1,0 +1,99 @@
+//! The store's snapshots share the pod list until a pod changes.
+
+use super::store::{ClusterStore, apply_event};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use kube::runtime::watcher::Event;
+use std::sync::Arc;
+
+fn pod(name: &str, app: &str, phase: &str) -> core::Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "x", "labels": {"app": app}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+        "status": {"phase": phase, "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
+                   "conditions": [{"type": "Ready", "status": if phase == "Running" {"True"} else {"False"}}]}
+    }))
+    .unwrap()
+}
+
+fn policy(name: &str) -> net::NetworkPolicy {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "x"},
+        "spec": {"podSelector": {}}
+    }))
+    .unwrap()
+}
+
+fn namespace(team: &str) -> core::Namespace {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "x", "labels": {"team": team}}
+    }))
+    .unwrap()
+}
+
+/// Lists every kind the first snapshot waits for.
+fn listed_store() -> ClusterStore {
+    let store = ClusterStore::default();
+    fn list<K: super::store::Kind>(store: &ClusterStore, objects: Vec<K>) {
+        let mut relist = None;
+        apply_event::<K>(store, &mut relist, Event::Init);
+        for o in objects {
+            apply_event(store, &mut relist, Event::InitApply(o));
+        }
+        apply_event::<K>(store, &mut relist, Event::InitDone);
+    }
+    list(&store, vec![namespace("blue")]);
+    list(&store, vec![pod("a", "web", "Running"), pod("b", "db", "Running")]);
+    list::<net::NetworkPolicy>(&store, vec![]);
+    list::<crate::source::convert::ClusterNetworkPolicy>(&store, vec![]);
+    store
+}
+
+#[test]
+fn snapshots_share_the_pod_list_until_a_pod_changes() {
+    let store = listed_store();
+    let (_, first) = store.snapshot().expect("every kind listed");
+    assert_eq!(first.pods.len(), 2);
+
+    // Other kinds change: the same list, not a copy.
+    apply_event(&store, &mut None, Event::Apply(policy("p")));
+    apply_event(&store, &mut None, Event::Apply(namespace("red")));
+    let (_, second) = store.snapshot().unwrap();
+    assert_eq!(second.policies.len(), 1);
+    assert!(Arc::ptr_eq(&first.pods, &second.pods));
+
+    // A pod's status moving on without changing what we use of it: still the same list.
+    let mut unchanged = pod("a", "web", "Running");
+    unchanged.status.as_mut().unwrap().conditions = None;
+    apply_event(&store, &mut None, Event::Apply(unchanged));
+    let (_, third) = store.snapshot().unwrap();
+    assert!(Arc::ptr_eq(&first.pods, &third.pods));
+
+    // A pod relabelled, deleted, or its phase changed: a new list with the change.
+    apply_event(&store, &mut None, Event::Apply(pod("a", "db", "Running")));
+    let (_, relabelled) = store.snapshot().unwrap();
+    assert!(!Arc::ptr_eq(&first.pods, &relabelled.pods));
+    assert_eq!(relabelled.pods[0].labels["app"], "db");
+    assert_eq!(first.pods[0].labels["app"], "web", "an earlier snapshot is never changed");
+
+    apply_event(&store, &mut None, Event::Apply(pod("b", "db", "Succeeded")));
+    let (_, finished) = store.snapshot().unwrap();
+    assert!(!Arc::ptr_eq(&relabelled.pods, &finished.pods));
+    assert_ne!(relabelled.pods[1].phase, finished.pods[1].phase);
+
+    apply_event(&store, &mut None, Event::Delete(pod("b", "db", "Succeeded")));
+    let (_, deleted) = store.snapshot().unwrap();
+    assert_eq!(deleted.pods.len(), 1);
+
+    // A relist swaps the whole kind in: a new list.
+    let mut relist = None;
+    apply_event::<core::Pod>(&store, &mut relist, Event::Init);
+    apply_event(&store, &mut relist, Event::InitApply(pod("c", "web", "Running")));
+    apply_event::<core::Pod>(&store, &mut relist, Event::InitDone);
+    let (_, relisted) = store.snapshot().unwrap();
+    assert_eq!(relisted.pods.len(), 1);
+    assert_eq!(relisted.pods[0].name, "c");
+}
