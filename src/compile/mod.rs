@@ -26,7 +26,7 @@ mod rules;
 pub mod selection;
 pub mod strict;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tiers;
 
 pub use ir::DesiredState;

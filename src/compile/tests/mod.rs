@@ -6,7 +6,7 @@
 //! run on n1, pods c on n2, so same-node and cross-node flows both occur.
 
 mod budgets;
-mod cache;
+pub(crate) mod cache;
 mod dataplane_rendering;
 mod explain;
 mod scale;

@@ -22,10 +22,11 @@ const LOG_TARGET: &str = "kube_netpol_iptables::kube_source";
 pub(super) struct Store {
     namespaces: BTreeMap<String, Namespace>,
     pods: BTreeMap<String, Pod>,
-    /// `pods` as the snapshots hand them out, made on the first snapshot after a pod changed
-    /// and shared until the next: a change of any other kind copies no pod, and the compiler
-    /// sees the same list and skips comparing pods. Cleared by every mutable access to `pods`
-    /// (`Kind::map`).
+    /// `pods` as the snapshots hand them out, sorted by namespace and name, shared until a pod
+    /// changes: a change of any other kind copies no pod, and the compiler sees the same list
+    /// and skips comparing pods. A single pod's change edits it in place (`Kind::put`; no copy
+    /// once the previous snapshot is dropped); any other mutable access to `pods`
+    /// (`Kind::map`) clears it, to be rebuilt by the next snapshot.
     pods_list: Option<Arc<Vec<Pod>>>,
     policies: BTreeMap<String, Policy>,
     /// Objects that failed conversion, by kind and key, with the reason.
@@ -217,8 +218,19 @@ pub(super) trait Kind:
     type Model: Clone + Send + PartialEq;
     fn convert(&self) -> Result<Self::Model, InvalidField>;
     fn objects(store: &Store) -> &BTreeMap<String, Self::Model>;
-    /// The only way objects of this kind change.
+    /// The only way objects of this kind change, besides `put`.
     fn map(store: &mut Store) -> &mut BTreeMap<String, Self::Model>;
+    /// Sets (`Some`) or removes (`None`) one object.
+    fn put(store: &mut Store, key: String, model: Option<Self::Model>) {
+        match model {
+            Some(model) => {
+                Self::map(store).insert(key, model);
+            }
+            None => {
+                Self::map(store).remove(&key);
+            }
+        }
+    }
 }
 
 impl Kind for core::Namespace {
@@ -249,6 +261,30 @@ impl Kind for core::Pod {
     fn map(store: &mut Store) -> &mut BTreeMap<String, Pod> {
         store.pods_list = None;
         &mut store.pods
+    }
+    fn put(store: &mut Store, key: String, model: Option<Pod>) {
+        let old = match &model {
+            Some(pod) => store.pods.insert(key, pod.clone()),
+            None => store.pods.remove(&key),
+        };
+        let Some(list) = &mut store.pods_list else {
+            return;
+        };
+        let Some(at) = model.as_ref().or(old.as_ref()) else {
+            return;
+        };
+        let list = Arc::make_mut(list);
+        let found = list.binary_search_by(|p| {
+            (p.namespace.as_str(), p.name.as_str()).cmp(&(at.namespace.as_str(), at.name.as_str()))
+        });
+        match (found, model) {
+            (Ok(i), Some(pod)) => list[i] = pod,
+            (Err(i), Some(pod)) => list.insert(i, pod),
+            (Ok(i), None) => {
+                list.remove(i);
+            }
+            (Err(_), None) => {}
+        }
     }
 }
 
@@ -374,18 +410,14 @@ pub(super) fn apply_event<K: Kind>(
                 // A pod's status moving on without changing what we use of it changes nothing
                 // (and keeps the shared pod list).
                 Some((key, model)) if K::objects(s).get(&key) == Some(&model) => {}
-                Some((key, model)) => {
-                    K::map(s).insert(key, model);
-                }
-                None => {
-                    K::map(s).remove(&key);
-                }
+                Some((key, model)) => K::put(s, key, Some(model)),
+                None => K::put(s, key, None),
             }
         }),
         Event::Delete(obj) => store.update(|s| {
             let key = key_of(&obj);
-            K::map(s).remove(&key);
-            s.invalid.remove(&(K::NAME, key));
+            s.invalid.remove(&(K::NAME, key.clone()));
+            K::put(s, key, None);
         }),
     }
     false

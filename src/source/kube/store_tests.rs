@@ -46,7 +46,10 @@ fn listed_store() -> ClusterStore {
         apply_event::<K>(store, &mut relist, Event::InitDone);
     }
     list(&store, vec![namespace("blue")]);
-    list(&store, vec![pod("a", "web", "Running"), pod("b", "db", "Running")]);
+    list(
+        &store,
+        vec![pod("a", "web", "Running"), pod("b", "db", "Running")],
+    );
     list::<net::NetworkPolicy>(&store, vec![]);
     list::<crate::source::convert::ClusterNetworkPolicy>(&store, vec![]);
     store
@@ -77,23 +80,110 @@ fn snapshots_share_the_pod_list_until_a_pod_changes() {
     let (_, relabelled) = store.snapshot().unwrap();
     assert!(!Arc::ptr_eq(&first.pods, &relabelled.pods));
     assert_eq!(relabelled.pods[0].labels["app"], "db");
-    assert_eq!(first.pods[0].labels["app"], "web", "an earlier snapshot is never changed");
+    assert_eq!(
+        first.pods[0].labels["app"], "web",
+        "an earlier snapshot is never changed"
+    );
 
     apply_event(&store, &mut None, Event::Apply(pod("b", "db", "Succeeded")));
     let (_, finished) = store.snapshot().unwrap();
     assert!(!Arc::ptr_eq(&relabelled.pods, &finished.pods));
     assert_ne!(relabelled.pods[1].phase, finished.pods[1].phase);
 
-    apply_event(&store, &mut None, Event::Delete(pod("b", "db", "Succeeded")));
+    apply_event(
+        &store,
+        &mut None,
+        Event::Delete(pod("b", "db", "Succeeded")),
+    );
     let (_, deleted) = store.snapshot().unwrap();
     assert_eq!(deleted.pods.len(), 1);
 
     // A relist swaps the whole kind in: a new list.
     let mut relist = None;
     apply_event::<core::Pod>(&store, &mut relist, Event::Init);
-    apply_event(&store, &mut relist, Event::InitApply(pod("c", "web", "Running")));
+    apply_event(
+        &store,
+        &mut relist,
+        Event::InitApply(pod("c", "web", "Running")),
+    );
     apply_event::<core::Pod>(&store, &mut relist, Event::InitDone);
     let (_, relisted) = store.snapshot().unwrap();
     assert_eq!(relisted.pods.len(), 1);
     assert_eq!(relisted.pods[0].name, "c");
+}
+
+fn pod_in(namespace: &str, name: &str, app: &str) -> core::Pod {
+    let mut p = pod(name, app, "Running");
+    p.metadata.namespace = Some(namespace.into());
+    p
+}
+
+#[test]
+fn the_shared_pod_list_always_equals_the_pods_in_the_store() {
+    // Namespaces and names whose `namespace/name` keys sort differently from the pairs.
+    let namespaces = ["a", "a-x", "ab", "x"];
+    let names = ["b", "a-b", "c", "a"];
+    for seed in [1u64, 9, 77] {
+        let mut rng = crate::compile::tests::cache::Rng(seed);
+        let store = listed_store();
+        let mut expected: std::collections::BTreeMap<(String, String), crate::model::Pod> = store
+            .snapshot()
+            .unwrap()
+            .1
+            .pods
+            .iter()
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p.clone()))
+            .collect();
+        let mut held: Option<(Vec<crate::model::Pod>, Arc<Vec<crate::model::Pod>>)> = None;
+        for step in 0..400 {
+            let obj = pod_in(
+                namespaces[rng.below(namespaces.len())],
+                names[rng.below(names.len())],
+                ["web", "db"][rng.below(2)],
+            );
+            let key = (
+                obj.metadata.namespace.clone().unwrap(),
+                obj.metadata.name.clone().unwrap(),
+            );
+            match rng.below(10) {
+                0..=5 => {
+                    expected.insert(key, crate::source::convert::pod(&obj).unwrap());
+                    apply_event(&store, &mut None, Event::Apply(obj));
+                }
+                6..=8 => {
+                    expected.remove(&key);
+                    apply_event(&store, &mut None, Event::Delete(obj));
+                }
+                _ => {
+                    // A relist of the pods expected so far.
+                    let mut relist = None;
+                    apply_event::<core::Pod>(&store, &mut relist, Event::Init);
+                    for p in expected.values() {
+                        let mut o = pod_in(&p.namespace, &p.name, &p.labels["app"]);
+                        o.metadata.labels = Some(p.labels.clone());
+                        apply_event(&store, &mut relist, Event::InitApply(o));
+                    }
+                    apply_event::<core::Pod>(&store, &mut relist, Event::InitDone);
+                }
+            }
+            if rng.below(3) == 0 {
+                continue;
+            }
+            let (_, snapshot) = store.snapshot().unwrap();
+            let want: Vec<&crate::model::Pod> = expected.values().collect();
+            let got: Vec<&crate::model::Pod> = snapshot.pods.iter().collect();
+            assert_eq!(got, want, "seed {seed} step {step}");
+            // Sometimes the previous snapshot is still held while pods change (then the list
+            // is copied, never edited under it).
+            if let Some((before, pods)) = held.take() {
+                assert_eq!(
+                    before, *pods,
+                    "seed {seed} step {step}: a held snapshot changed"
+                );
+            }
+            if rng.below(2) == 0 {
+                held = Some(((*snapshot.pods).clone(), snapshot.pods));
+            }
+        }
+    }
 }
