@@ -1,11 +1,13 @@
 //! The sync: brings the kernel to the desired state and remembers what it wrote.
 //!
 //! Order: sets are created and filled first (so no rule ever points at a missing set), then each
-//! family's rules are replaced in one atomic restore, and sets no rule uses any more are
-//! destroyed last. Sets and chains that cannot be removed yet (someone else's rule uses them) are
+//! family's rules are replaced in one atomic restore (on nf_tables, when existing rules change,
+//! preceded by one that puts the new rules in force by additions only; see
+//! `render::render_iptables_ahead`), and sets no rule uses any more are destroyed last. Sets and chains that cannot be removed yet (someone else's rule uses them) are
 //! remembered and retried, and are not drift. After any failure the applied view is forgotten, so
 //! the next sync reads the kernel again.
 
+use super::Backend;
 use super::cleanup::{remove_rules, warn_foreign_chains};
 use super::drift::Drift;
 use super::error::Result;
@@ -43,6 +45,10 @@ pub struct SyncReport {
     pub repairs: Vec<Drift>,
     /// Chains of ours kept (emptied) because someone else's rule still jumps to them.
     pub retained_chains: usize,
+    /// When the rules written were in force, if that was before the sync ended: on nf_tables a
+    /// change of existing rules is first put in force by additions only (see
+    /// `render::render_iptables_ahead`), then cleaned up.
+    pub in_force_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,9 +153,10 @@ impl<K: Kernel> Dataplane<K> {
     }
 
     /// Brings the kernel to `desired` (one state per family). Sets are created and filled first,
-    /// then each family's rules are replaced in one atomic restore, then sets no rule uses any more
-    /// are destroyed. On failure the kernel keeps what it had (each restore is atomic per table)
-    /// and the next sync reads the kernel again.
+    /// then each family's rules are replaced in one atomic restore (on nft after the new rules were
+    /// put in force ahead of the old), then sets no rule uses any more are destroyed. On failure
+    /// the kernel keeps what it had, or the new rules ahead of the old (each restore is atomic per
+    /// table), and the next sync reads the kernel again.
     pub fn sync(
         &mut self,
         desired: &[(Family, DesiredState)],
@@ -200,6 +207,20 @@ impl<K: Kernel> Dataplane<K> {
         render::keep_kernel_set_sizes(&mut want.sets, &view.sets);
 
         let empty = KernelTable::default();
+        if self.tables.backend() == Backend::Nft {
+            let mut ahead = false;
+            for (family, _) in desired {
+                let have = view.tables.get(family).unwrap_or(&empty);
+                if let Some(text) = render::render_iptables_ahead(&want.tables[family], have) {
+                    self.tables.iptables_restore(*family, &text)?;
+                    report.iptables_lines += text.lines().count();
+                    ahead = true;
+                }
+            }
+            if ahead {
+                report.in_force_at = Some(std::time::Instant::now());
+            }
+        }
         let mut retained = BTreeSet::new();
         for (family, _) in desired {
             let have = view.tables.get(family).unwrap_or(&empty);

@@ -25,8 +25,9 @@ pub trait Target: Send + 'static {
     fn sync(&mut self, snapshot: &ClusterSnapshot, mode: SyncMode) -> Result<()>;
     /// Whether someone changed what we wrote, and how (a cheap check between full syncs).
     fn damage(&mut self) -> Option<String>;
-    /// When the last successful `sync` had written everything, if it did more afterwards (strict
-    /// mode's flow cut, the denied-log and counter bookkeeping); `None`: when it returned.
+    /// When what the last successful `sync` wrote was in force, if it did more afterwards (on nft
+    /// the removal of replaced rules, see `SyncReport::in_force_at`; strict mode's flow cut, the
+    /// denied-log and counter bookkeeping); `None`: when it returned.
     fn written_at(&self) -> Option<std::time::Instant> {
         None
     }
@@ -60,7 +61,7 @@ pub struct NodeTarget {
     denied_log: Option<Arc<DeniedLog>>,
     /// Told the policy chains of each state written, for their counters.
     policy_counters: Option<Arc<PolicyCounters>>,
-    /// When the last successful sync's writes were complete.
+    /// When the last successful sync's writes were in force.
     written_at: Option<std::time::Instant>,
 }
 
@@ -114,7 +115,7 @@ impl NodeTarget {
                 return Err(e.into());
             }
         };
-        self.written_at = Some(std::time::Instant::now());
+        self.written_at = Some(report.in_force_at.unwrap_or_else(std::time::Instant::now));
         for repair in &report.repairs {
             tracing::warn!(target: LOG_TARGET,
                 repair = %repair,

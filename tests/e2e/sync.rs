@@ -69,9 +69,11 @@ fn unchanged_input_writes_nothing_and_a_change_writes_only_what_it_touches() {
         );
         let (sets, rules) = once(&lab, backend);
         assert_eq!(sets, 0, "{backend}");
-        // Per family: *filter, one chain declaration, its one rule, COMMIT.
+        // Per family: *filter, one chain declaration, its one rule, COMMIT. On nft the new rule
+        // is first put in force ahead of the old one (*filter, the rule, a RETURN, COMMIT).
+        let expected = if backend == "nft" { 16 } else { 8 };
         assert_eq!(
-            rules, 8,
+            rules, expected,
             "{backend}: a policy change rewrites only its own chain"
         );
         lab.forget_flows();
@@ -426,4 +428,58 @@ fn a_change_after_a_quiet_spell_is_synced_without_waiting_out_the_debounce() {
         took < Duration::from_secs(2),
         "a change after a quiet spell waited {took:?} (the debounce is 3 s)"
     );
+}
+
+/// On nf_tables a change of existing rules is put in force by a restore that only adds (new rules
+/// ahead of the old, then a RETURN), before the restore that replaces them: removing rules makes
+/// a restore wait an RCU grace period. The clean-up restore is made to fail here, so what the
+/// probes see is the first restore alone.
+#[test]
+fn a_policy_change_is_in_force_before_the_old_rules_are_removed() {
+    if skip_unless_root("a_policy_change_is_in_force_before_the_old_rules_are_removed") {
+        return;
+    }
+    let lab = Lab::new(crate::AGENT, 1, |_, _| 0);
+    lab.write_cluster_manifests(&[ALLOW_X_FROM_Y]);
+    lab.sync_all("nft");
+    assert!(lab.tcp("y/a", "x/a", 80));
+    assert!(!lab.tcp("y/a", "x/a", 81));
+
+    let changed = ALLOW_X_FROM_Y.replace("port: 80", "port: 81");
+    lab.write_cluster_manifests(&[&changed]);
+    // Restores that add only (`-I`) pass; any other restore of a policy chain fails.
+    let (shim_dir, path) = lab.shims(&[(
+        "iptables-nft-restore",
+        "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *'-I KNI-'*) ;; *KNI-POLI*) echo 'iptables-restore: line 2 failed' >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | /usr/sbin/iptables-nft-restore \"$@\"\n",
+    )]);
+    let out = lab.once("nft", &[("PATH", path)], &[]);
+    assert!(
+        !out.status.success(),
+        "the clean-up restore was made to fail: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = lab.our_state("nft");
+    assert!(
+        state.contains("--dports 81") && state.contains("--dports 80"),
+        "the new rule sits ahead of the old one: {state}"
+    );
+    lab.forget_flows();
+    assert!(lab.tcp("y/a", "x/a", 81), "the new port is allowed");
+    assert!(
+        !lab.tcp("y/a", "x/a", 80),
+        "the old port is not, though its rule is still there"
+    );
+    assert!(!lab.tcp("z/a", "x/a", 81), "other peers still are not");
+
+    // Without the fault the next sync removes the old rules; verdicts stay.
+    let _ = std::fs::remove_dir_all(shim_dir);
+    lab.sync_all("nft");
+    let state = lab.our_state("nft");
+    assert!(
+        state.contains("--dports 81") && !state.contains("--dports 80"),
+        "{state}"
+    );
+    lab.forget_flows();
+    assert!(lab.tcp("y/a", "x/a", 81));
+    assert!(!lab.tcp("y/a", "x/a", 80));
 }

@@ -199,3 +199,56 @@ fn set_lookups_come_after_the_native_matches() {
         "-p tcp -m mark --mark 0x0/0x1000 -m multiport --dports 80:90 -m set --match-set KNI-4S-0123456789abcdef src -j MARK --set-xmark 0x400000/0x400000"
     );
 }
+
+fn table(chains: &[(&str, &[&str])]) -> KernelTable {
+    KernelTable {
+        chains: chains.iter().map(|(c, _)| c.to_string()).collect(),
+        rules: chains
+            .iter()
+            .map(|(c, rules)| (c.to_string(), rules.iter().map(|r| r.to_string()).collect()))
+            .collect(),
+        ..KernelTable::default()
+    }
+}
+
+#[test]
+fn rules_go_ahead_only_where_existing_rules_change() {
+    let old = table(&[("KNI-A", &["-s 10.0.0.1/32 -j RETURN"]), ("KNI-E", &[])]);
+    // Nothing there yet, only new chains, or an empty chain filled: nothing is removed, so no
+    // first step.
+    assert_eq!(render_iptables_ahead(&old, &KernelTable::default()), None);
+    let more = table(&[
+        ("KNI-A", &["-s 10.0.0.1/32 -j RETURN"]),
+        ("KNI-E", &["-j KNI-N"]),
+        ("KNI-N", &["-j RETURN"]),
+    ]);
+    assert_eq!(render_iptables_ahead(&more, &old), None);
+    assert_eq!(render_iptables_ahead(&old, &old), None);
+
+    // An existing rule changes: new rules ahead, in order, a RETURN, and the new chain made.
+    let changed = table(&[
+        (
+            "KNI-A",
+            &["-s 10.0.0.2/32 -j KNI-N", "-s 10.0.0.3/32 -j RETURN"],
+        ),
+        ("KNI-E", &["-j RETURN"]),
+        ("KNI-N", &["-j RETURN"]),
+    ]);
+    assert_eq!(
+        render_iptables_ahead(&changed, &old).unwrap(),
+        "*filter\n:KNI-N - [0:0]\n-I KNI-A 1 -j RETURN\n-I KNI-A 1 -s 10.0.0.3/32 -j RETURN\n-I KNI-A 1 -s 10.0.0.2/32 -j KNI-N\n-A KNI-E -j RETURN\n-A KNI-N -j RETURN\nCOMMIT\n"
+    );
+}
+
+#[test]
+fn a_large_change_is_written_once() {
+    let old = table(&[("KNI-A", &["-j RETURN"])]);
+    let many: Vec<String> = (0..=AHEAD_MAX_RULES)
+        .map(|i| format!("-s 10.0.{}.{}/32 -j RETURN", i / 256, i % 256))
+        .collect();
+    let mut big = old.clone();
+    big.rules.insert("KNI-A".into(), many.clone());
+    assert_eq!(render_iptables_ahead(&big, &old), None);
+    big.rules.get_mut("KNI-A").unwrap().pop();
+    assert!(render_iptables_ahead(&big, &old).is_some());
+}

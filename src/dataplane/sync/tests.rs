@@ -461,3 +461,57 @@ fn cleanup_removes_everything_of_ours_and_keeps_a_chain_someone_jumps_to() {
     assert_eq!(table.rules[&policy_chain(2)], [retired_rule()]);
     assert!(table.jumps.is_empty());
 }
+
+/// On nf_tables a change of existing rules goes in by additions first (new rules ahead of the old,
+/// then a RETURN), so no removal delays it; the usual replacement follows. Legacy replaces the
+/// table in one write either way.
+#[test]
+fn on_nft_changed_rules_are_in_force_before_the_old_ones_are_removed() {
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let (kernel, mut dp) = node(backend);
+        dp.sync(&desired(&[1, 2]), SyncMode::Full).unwrap();
+        let start = writes(&kernel).len();
+        // The pod chain loses its jump to policy 2 and gains one to new policy 3.
+        let want = desired(&[1, 3]);
+        let report = dp.sync(&want, SyncMode::Incremental).unwrap();
+        assert_eq!(differences(&kernel, &want), vec![], "{backend:?}");
+        let rules: Vec<String> = writes(&kernel)[start..]
+            .iter()
+            .filter_map(|w| match w {
+                Write::Iptables(_, Family::V4, text) => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        if backend == Backend::Legacy {
+            assert_eq!(rules.len(), 1, "{rules:#?}");
+            assert_eq!(report.in_force_at, None);
+            continue;
+        }
+        assert_eq!(rules.len(), 2, "ahead, then the replacement: {rules:#?}");
+        assert!(report.in_force_at.is_some());
+        let ahead = &rules[0];
+        for line in ahead.lines() {
+            assert!(
+                ["*filter", "COMMIT"].contains(&line)
+                    || line.starts_with("-I ")
+                    || line.starts_with(&format!(":{}", policy_chain(3)))
+                    || line.starts_with(&format!("-A {}", policy_chain(3))),
+                "only additions: {line:?} in\n{ahead}"
+            );
+        }
+        // In the kernel, as the first write left it: the new pod chain, a RETURN, the old one.
+        let pod_rules = |kernel: &MemoryKernel| {
+            let save = kernel.iptables_save(Family::V4).unwrap();
+            parse_iptables_save(&save).rules[POD].clone()
+        };
+        let (replayed, mut before) = node(Backend::Nft);
+        before.sync(&desired(&[1, 2]), SyncMode::Full).unwrap();
+        let old = pod_rules(&replayed);
+        replayed.foreign_ipset(&format!("create {} hash:net family inet\n", peer_set(3)));
+        replayed.iptables_restore(Family::V4, ahead).unwrap();
+        let mut expected = pod_rules(&kernel);
+        expected.push("-j RETURN".into());
+        expected.extend(old);
+        assert_eq!(pod_rules(&replayed), expected);
+    }
+}
