@@ -171,8 +171,9 @@ impl View {
         for (family, want) in &self.tables {
             let family = *family;
             let got = actual.tables.get(&family).unwrap_or(&empty);
+            let (got_chains, want_chains) = (got.chain_names(), want.chain_names());
             for chain in &want.chains {
-                if !got.chains.contains(chain) {
+                if !got_chains.contains(chain.as_str()) {
                     out.push(Drift::ChainMissing {
                         family,
                         chain: chain.clone(),
@@ -186,7 +187,11 @@ impl View {
                     });
                 }
             }
-            for chain in got.chains.iter().filter(|c| !want.chains.contains(c)) {
+            for chain in got
+                .chains
+                .iter()
+                .filter(|c| !want_chains.contains(c.as_str()))
+            {
                 out.push(Drift::ChainUnwanted {
                     family,
                     chain: chain.clone(),

@@ -224,10 +224,11 @@ impl<K: Kernel> Dataplane<K> {
         let mut retained = BTreeSet::new();
         for (family, _) in desired {
             let have = view.tables.get(family).unwrap_or(&empty);
+            let wanted = want.tables[family].chain_names();
             retained.extend(
                 have.chains
                     .iter()
-                    .filter(|c| !want.tables[family].chains.contains(c))
+                    .filter(|c| !wanted.contains(c.as_str()))
                     .filter(|c| have.referenced.contains(*c))
                     .map(|c| (*family, c.clone())),
             );

@@ -3,7 +3,7 @@
 //! (`render/`), so the two can be compared; both import this module, neither imports the other.
 
 use crate::compile::ir::{Family, Members, SetKind};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 /// The comment every hook of ours (a built-in chain's jump into our chains) carries: what makes a
 /// jump ours, across restarts and releases.
@@ -29,6 +29,14 @@ pub struct KernelTable {
     pub sets_used: BTreeSet<String>,
     /// Chains with our prefix that are not ours: never touched, warned about.
     pub foreign: Vec<String>,
+}
+
+impl KernelTable {
+    /// The names of `chains`, for lookups (tables hold hundreds of chains; a scan per lookup made
+    /// every diff quadratic).
+    pub fn chain_names(&self) -> HashSet<&str> {
+        self.chains.iter().map(String::as_str).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

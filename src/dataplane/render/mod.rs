@@ -28,18 +28,20 @@ use std::fmt::Write;
 /// Built-in chains are never flushed; only rules jumping to our chains are touched in them.
 pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String> {
     let empty = Vec::new();
+    let (want_chains, have_chains) = (want.chain_names(), have.chain_names());
     let changed: Vec<(&String, &Vec<String>)> = want
         .chains
         .iter()
         .map(|chain| (chain, want.rules.get(chain).unwrap_or(&empty)))
         .filter(|(chain, rules)| {
-            !have.chains.contains(chain) || have.rules.get(*chain).unwrap_or(&empty) != *rules
+            !have_chains.contains(chain.as_str())
+                || have.rules.get(*chain).unwrap_or(&empty) != *rules
         })
         .collect();
     let stale: Vec<&String> = have
         .chains
         .iter()
-        .filter(|c| !want.chains.contains(c))
+        .filter(|c| !want_chains.contains(c.as_str()))
         .collect();
     // A stale chain someone else's rule still jumps to cannot be deleted: it is emptied instead
     // (it then marks nothing, so allows nothing) and deleted by a later sync once released.
@@ -96,6 +98,7 @@ pub const AHEAD_MAX_RULES: usize = 1000;
 /// verdict.
 pub fn render_iptables_ahead(want: &KernelTable, have: &KernelTable) -> Option<String> {
     let empty = Vec::new();
+    let have_chains = have.chain_names();
     let changed: Vec<(&String, &Vec<String>, bool)> = want
         .chains
         .iter()
@@ -114,7 +117,7 @@ pub fn render_iptables_ahead(want: &KernelTable, have: &KernelTable) -> Option<S
     }
     let mut out = String::from("*filter\n");
     for (chain, _, _) in &changed {
-        if !have.chains.contains(*chain) {
+        if !have_chains.contains(chain.as_str()) {
             writeln!(out, ":{chain} - [0:0]").unwrap();
         }
     }
