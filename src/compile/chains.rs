@@ -37,9 +37,20 @@ use std::net::IpAddr;
 /// policy must not break.
 const NEIGHBOUR_DISCOVERY_TYPES: [u8; 5] = [133, 134, 135, 136, 137];
 
-/// The desired state of `family` on `node`; `selections` must be up to date with `snapshot`.
+/// The snapshot's policies in the order of their `namespace/name` keys (the order chains are
+/// built in, which the per-namespace ipBlock budget depends on), sorted once for both families.
+pub(super) fn sorted_policies(snapshot: &ClusterSnapshot) -> Vec<&Policy> {
+    let mut policies: Vec<&Policy> = snapshot.policies.iter().collect();
+    // Without building a key per comparison.
+    policies.sort_by(|a, b| key_order(&a.namespace, &a.name, &b.namespace, &b.name));
+    policies
+}
+
+/// The desired state of `family` on `node`; `selections` must be up to date with `snapshot`, and
+/// `policies` its [`sorted_policies`].
 pub(super) fn build(
     snapshot: &ClusterSnapshot,
+    policies: &[&Policy],
     node: &str,
     family: Family,
     selections: &mut Selections,
@@ -51,7 +62,7 @@ pub(super) fn build(
         state: DesiredState::default(),
         block_entries_by_namespace: HashMap::new(),
     }
-    .run(node)
+    .run(policies, node)
 }
 
 struct ChainBuilder<'a> {
@@ -82,14 +93,10 @@ fn key_order(a_namespace: &str, a_name: &str, b_namespace: &str, b_name: &str) -
 }
 
 impl<'a> ChainBuilder<'a> {
-    fn run(mut self, node: &str) -> DesiredState {
-        let mut policies: Vec<&Policy> = self.snapshot.policies.iter().collect();
-        // In the order of their `namespace/name` keys, without building a key per comparison.
-        policies.sort_by(|a, b| key_order(&a.namespace, &a.name, &b.namespace, &b.name));
-
+    fn run(mut self, policies: &[&'a Policy], node: &str) -> DesiredState {
         // A policy selects pods of its own namespace only.
         let mut policies_by_namespace: HashMap<&str, Vec<&Policy>> = HashMap::new();
-        for policy in &policies {
+        for policy in policies {
             policies_by_namespace
                 .entry(policy.namespace.as_str())
                 .or_default()

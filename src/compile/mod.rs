@@ -56,8 +56,9 @@ impl Compiler {
         let pods_unchanged = std::ptr::eq(self.pods_seen.as_ptr(), Arc::as_ptr(&snapshot.pods));
         self.selections.update(snapshot, pods_unchanged);
         self.pods_seen = Arc::downgrade(&snapshot.pods);
+        let policies = chains::sorted_policies(snapshot);
         let states = PerFamily::from_fn(|family| {
-            chains::build(snapshot, node, family, &mut self.selections)
+            chains::build(snapshot, &policies, node, family, &mut self.selections)
         });
         self.selections.evict_unused();
         states
