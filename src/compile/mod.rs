@@ -22,6 +22,7 @@ pub mod log_denied;
 pub mod names;
 pub mod new_pod_isolation;
 mod peers;
+mod pod_changes;
 mod rules;
 pub mod selection;
 pub mod strict;
@@ -32,17 +33,20 @@ mod tiers;
 pub use ir::DesiredState;
 
 use crate::model::{ClusterSnapshot, Family, PerFamily, Pod};
+use pod_changes::PodsSeen;
 use std::sync::{Arc, Weak};
 
 /// Compiles snapshots for one node, remembering peer selections between calls.
 #[derive(Default)]
 pub struct Compiler {
     selections: peers::Selections,
-    /// The pod list the selections were last brought up to date with. A weak reference keeps
-    /// its allocation's address from being reused, and a shared list cannot change in place
-    /// (`Arc::make_mut` moves it away from weak references too), so the same address means the
-    /// same pods: a policy or namespace change then skips comparing every pod.
-    pods_seen: Weak<Vec<Pod>>,
+    /// The pod list the selections were last brought up to date with (`None` before the first
+    /// compile). A weak reference keeps its allocation's address from being reused, and a
+    /// shared list cannot change in place (`Arc::make_mut` moves it away from weak references
+    /// too), so the same address means the same pods: a policy or namespace change then skips
+    /// comparing every pod, and a source's `PodsChanged` from this list names the only pods to
+    /// compare.
+    pods_seen: Option<Weak<Vec<Pod>>>,
 }
 
 impl Compiler {
@@ -53,9 +57,23 @@ impl Compiler {
     /// The desired state of both families on `node`. Equal to what a fresh `Compiler` gives for
     /// the same snapshot, at a cost proportional to what changed since the previous call.
     pub fn compile(&mut self, snapshot: &ClusterSnapshot, node: &str) -> PerFamily<DesiredState> {
-        let pods_unchanged = std::ptr::eq(self.pods_seen.as_ptr(), Arc::as_ptr(&snapshot.pods));
-        self.selections.update(snapshot, pods_unchanged);
-        self.pods_seen = Arc::downgrade(&snapshot.pods);
+        let pods = match &self.pods_seen {
+            Some(seen) if std::ptr::eq(seen.as_ptr(), Arc::as_ptr(&snapshot.pods)) => {
+                PodsSeen::Same
+            }
+            Some(seen)
+                if std::ptr::eq(seen.as_ptr(), snapshot.pods_changed.since.as_ptr())
+                    && std::ptr::eq(
+                        snapshot.pods_changed.to.as_ptr(),
+                        Arc::as_ptr(&snapshot.pods),
+                    ) =>
+            {
+                PodsSeen::Changed(&snapshot.pods_changed.keys)
+            }
+            _ => PodsSeen::Unknown,
+        };
+        self.selections.update(snapshot, pods);
+        self.pods_seen = Some(Arc::downgrade(&snapshot.pods));
         let policies = chains::sorted_policies(snapshot);
         let states = PerFamily::from_fn(|family| {
             chains::build(snapshot, &policies, node, family, &mut self.selections)

@@ -13,16 +13,14 @@
 use super::ir::{MAX_SET_MEMBERS, Members, SetMember};
 use super::known_pod::{KnownPod, pairs_of};
 use super::names;
+use super::pod_changes::{self, Key, PodsSeen};
 use super::selection::{NamespaceScope, PodSelection};
 use crate::model::{ClusterSnapshot, Family, Labels, PerFamily, Pod, Protocol, cidr};
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-
-/// A pod's key (`namespace/name`), allocated once and shared by every entry that chose the pod.
-type Key = Arc<str>;
 
 /// A set to program: its name and members.
 #[derive(Debug, Clone)]
@@ -87,55 +85,10 @@ fn split_by_family(members: impl IntoIterator<Item = SetMember>) -> PerFamily<Me
 }
 
 impl Selections {
-    /// Brings every entry up to date with `snapshot`. `pods_unchanged`: its pods are the very
-    /// list of the previous update, so only namespaces are compared.
-    pub fn update(&mut self, snapshot: &ClusterSnapshot, pods_unchanged: bool) {
-        // Compare in place: one reusable key buffer, no map of the whole snapshot. A key seen
-        // twice keeps its last pod, as a map built from the list would.
-        let compared = if pods_unchanged {
-            &[][..]
-        } else {
-            &snapshot.pods[..]
-        };
-        let mut key_buf = String::new();
-        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(compared.len());
-        let mut new_pods: HashMap<Key, &Pod> = HashMap::new();
-        let mut known_seen = 0;
-        for p in compared.iter().filter(|p| p.is_policy_relevant()) {
-            key_buf.clear();
-            key_buf.push_str(&p.namespace);
-            key_buf.push('/');
-            key_buf.push_str(&p.name);
-            let first = seen.insert((&p.namespace, &p.name));
-            match self.pods.get(key_buf.as_str()) {
-                Some(old) => {
-                    known_seen += usize::from(first);
-                    if old.same_as(p) {
-                        if !new_pods.is_empty() {
-                            new_pods.remove(key_buf.as_str());
-                        }
-                    } else {
-                        new_pods.insert(Key::from(key_buf.as_str()), p);
-                    }
-                }
-                None => {
-                    new_pods.insert(Key::from(key_buf.as_str()), p);
-                }
-            }
-        }
-        let mut changed_pods: BTreeSet<Key> = new_pods.keys().cloned().collect();
-        if !pods_unchanged && known_seen < self.pods.len() {
-            changed_pods.extend(
-                self.pods
-                    .keys()
-                    .filter(|k| {
-                        let (ns, name) = k.split_once('/').expect("a pod key has a slash");
-                        !seen.contains(&(ns, name))
-                    })
-                    .cloned(),
-            );
-        }
-        drop(seen);
+    /// Brings every entry up to date with `snapshot`; `pods` says how its pods relate to those
+    /// of the previous update.
+    pub fn update(&mut self, snapshot: &ClusterSnapshot, pods: PodsSeen) {
+        let (new_pods, changed_pods) = pod_changes::compare(&self.pods, snapshot, pods);
         let mut known_namespaces = 0;
         let mut changed_namespaces: BTreeSet<String> = BTreeSet::new();
         for (name, ns) in &snapshot.namespaces {

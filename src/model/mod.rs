@@ -18,7 +18,7 @@ pub use selector::{LabelSelector, Requirement};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -30,6 +30,10 @@ pub struct ClusterSnapshot {
     /// compiler then skips comparing pods (see `Compiler::compile`). Change it with
     /// [`ClusterSnapshot::pods_mut`].
     pub pods: Arc<Vec<Pod>>,
+    /// Which pods differ from an earlier list, when the source knows (the Kubernetes store
+    /// does): the compiler then compares only those. A hint, never part of what the snapshot
+    /// means (equal snapshots may carry different hints); the default is no hint.
+    pub pods_changed: PodsChanged,
     pub policies: Vec<Policy>,
     /// `spec.podCIDRs` of the Node objects seen (only this node's in Kubernetes mode), by node
     /// name: new-pod isolation uses them.
@@ -43,8 +47,30 @@ pub struct ClusterSnapshot {
 
 impl ClusterSnapshot {
     /// The pods to change; copied first if another snapshot (or a source's cache) shares them.
+    /// Drops any [`PodsChanged`] hint, which would no longer be true.
     pub fn pods_mut(&mut self) -> &mut Vec<Pod> {
+        self.pods_changed = PodsChanged::default();
         Arc::make_mut(&mut self.pods)
+    }
+}
+
+/// The list `to` is the list `since` (as some earlier snapshot held it) with only the pods of
+/// `keys` (`namespace/name`) added, changed or removed; both sorted by namespace and name. It
+/// speaks of a snapshot's pods only while they are `to` (so a list replaced or changed since,
+/// which moves it, is never described by it). The default, pointing at no list, is no hint.
+#[derive(Debug, Clone, Default)]
+pub struct PodsChanged {
+    /// Weak: the lists stay comparable by address (and their addresses unused by others)
+    /// without being kept alive.
+    pub since: Weak<Vec<Pod>>,
+    pub to: Weak<Vec<Pod>>,
+    pub keys: Vec<String>,
+}
+
+/// A hint, not state: it never makes two snapshots unequal.
+impl PartialEq for PodsChanged {
+    fn eq(&self, _: &PodsChanged) -> bool {
+        true
     }
 }
 

@@ -169,3 +169,57 @@ fn a_long_lived_compiler_always_equals_a_fresh_one() {
         }
     }
 }
+
+/// A source's `PodsChanged` is used only for the list it describes: the compiler compares just
+/// the named pods when the hint leads from the list it saw to the snapshot's, and every pod
+/// otherwise (a list replaced or changed after the hint was made).
+#[test]
+fn a_changed_pods_hint_counts_only_for_the_lists_it_names() {
+    use crate::model::PodsChanged;
+    use std::sync::Arc;
+    let s = with_policies(cluster(), &[POLICY_POOL[0]]);
+    let relabel = |s: &ClusterSnapshot, key: &str| {
+        let mut pods = (*s.pods).clone();
+        let pod = pods.iter_mut().find(|p| p.key() == key).unwrap();
+        pod.labels.insert("role".into(), "db".into());
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Arc::new(pods)
+    };
+    let mut sorted = s.clone();
+    sorted
+        .pods_mut()
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    // Told truthfully that x/b changed: the same as a fresh compile, and different from before.
+    let mut compiler = Compiler::new();
+    let before = compiler.compile(&sorted, "n1");
+    let mut next = sorted.clone();
+    next.pods = relabel(&sorted, "x/b");
+    next.pods_changed = PodsChanged {
+        since: Arc::downgrade(&sorted.pods),
+        to: Arc::downgrade(&next.pods),
+        keys: vec!["x/b".into()],
+    };
+    let after = compiler.compile(&next, "n1");
+    assert!(after == Compiler::new().compile(&next, "n1"));
+    assert!(after != before, "x/b joined the peers of p0");
+
+    // A hint naming the wrong pod is believed (so the hint is what the compiler went by)...
+    let mut compiler = Compiler::new();
+    compiler.compile(&sorted, "n1");
+    next.pods_changed.keys = vec!["y/a".into()];
+    assert!(compiler.compile(&next, "n1") == before);
+
+    // ...but not once the list is another than the one it describes.
+    let mut compiler = Compiler::new();
+    compiler.compile(&sorted, "n1");
+    let mut replaced = next.clone();
+    replaced.pods = relabel(&sorted, "x/b");
+    assert!(compiler.compile(&replaced, "n1") == Compiler::new().compile(&replaced, "n1"));
+    assert!(compiler.compile(&replaced, "n1") != before);
+
+    // Nor for a compiler that saw another list before.
+    let mut compiler = Compiler::new();
+    compiler.compile(&s, "n1");
+    assert!(compiler.compile(&next, "n1") == Compiler::new().compile(&next, "n1"));
+}

@@ -1,6 +1,8 @@
 //! The store of converted objects the watchers fill and the reconcile loop reads.
 
-use crate::model::{ClusterPeer, ClusterPolicy, ClusterSnapshot, Namespace, NodeInfo, Pod, Policy};
+use crate::model::{
+    ClusterPeer, ClusterPolicy, ClusterSnapshot, Namespace, NodeInfo, Pod, PodsChanged, Policy,
+};
 use crate::source::Source;
 use crate::source::change_times::ChangeTimes;
 use crate::source::convert::{self, ClusterNetworkPolicy, InvalidField};
@@ -9,9 +11,9 @@ use k8s_openapi::api::networking::v1 as net;
 use kube::runtime::watcher::Event;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::{Notify, watch};
 
 /// The log target from before the module layout of issue 10, kept so users' log filters still
@@ -28,6 +30,12 @@ pub(super) struct Store {
     /// once the previous snapshot is dropped); any other mutable access to `pods`
     /// (`Kind::map`) clears it, to be rebuilt by the next snapshot.
     pods_list: Option<Arc<Vec<Pod>>>,
+    /// The list the last snapshot handed out, and the keys `Kind::put` edited in `pods_list`
+    /// since: the next snapshot tells the compiler which pods to compare (`PodsChanged`).
+    /// Holding it weakly also makes the first edit after a snapshot move the list to a new
+    /// address (`Arc::make_mut`), so the compiler never mistakes it for the one it saw.
+    pods_handed_out: Weak<Vec<Pod>>,
+    pods_edited: BTreeSet<String>,
     policies: BTreeMap<String, Policy>,
     /// Objects that failed conversion, by kind and key, with the reason.
     invalid: BTreeMap<(&'static str, String), String>,
@@ -112,11 +120,22 @@ impl ClusterStore {
         if !s.complete() {
             return None;
         }
+        let rebuilt = s.pods_list.is_none();
         let pods = s.pods_list.get_or_insert_with(|| {
             let mut pods: Vec<Pod> = s.pods.values().cloned().collect();
             pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             Arc::new(pods)
         });
+        let edited = std::mem::take(&mut s.pods_edited);
+        let pods_changed = match rebuilt {
+            true => PodsChanged::default(),
+            false => PodsChanged {
+                since: s.pods_handed_out.clone(),
+                to: Arc::downgrade(pods),
+                keys: edited.into_iter().collect(),
+            },
+        };
+        s.pods_handed_out = Arc::downgrade(pods);
         let snapshot = ClusterSnapshot {
             namespaces: s
                 .namespaces
@@ -124,6 +143,7 @@ impl ClusterStore {
                 .map(|n| (n.name.clone(), n.clone()))
                 .collect(),
             pods: Arc::clone(pods),
+            pods_changed,
             policies: s.policies.values().cloned().collect(),
             node_pod_cidrs: s.node_pod_cidrs.clone(),
             cluster_policies: s.cluster_policies.values().cloned().collect(),
@@ -267,12 +287,14 @@ impl Kind for core::Pod {
             Some(pod) => store.pods.insert(key, pod.clone()),
             None => store.pods.remove(&key),
         };
-        let Some(list) = &mut store.pods_list else {
-            return;
-        };
+        // Neither before nor now: nothing changed.
         let Some(at) = model.as_ref().or(old.as_ref()) else {
             return;
         };
+        let Some(list) = &mut store.pods_list else {
+            return;
+        };
+        store.pods_edited.insert(at.key());
         let list = Arc::make_mut(list);
         let found = list.binary_search_by(|p| {
             (p.namespace.as_str(), p.name.as_str()).cmp(&(at.namespace.as_str(), at.name.as_str()))
