@@ -208,18 +208,27 @@ fn render_hooks(want: &[Jump], have: &KernelTable) -> String {
 
 /// One rule in iptables-save's canonical form (addresses and protocol first), without `-A CHAIN`.
 pub fn render_rule(family: Family, rule: &Rule) -> String {
-    let mut parts: Vec<String> = Vec::new();
+    // One string written in place: this runs for every rule of every sync.
+    let mut out = String::with_capacity(96);
+    macro_rules! part {
+        ($($arg:tt)*) => {{
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            write!(out, $($arg)*).unwrap();
+        }};
+    }
     for m in &rule.matches {
         match m {
-            Match::Source(net) => parts.push(format!("-s {net}")),
-            Match::Destination(net) => parts.push(format!("-d {net}")),
-            Match::Protocol(p) => parts.push(format!("-p {}", p.as_kernel_str())),
-            Match::Icmp6Type(_) => parts.push("-p ipv6-icmp".into()),
+            Match::Source(net) => part!("-s {net}"),
+            Match::Destination(net) => part!("-d {net}"),
+            Match::Protocol(p) => part!("-p {}", p.as_kernel_str()),
+            Match::Icmp6Type(_) => part!("-p ipv6-icmp"),
             _ => {}
         }
     }
     if let Some(c) = &rule.comment {
-        parts.push(format!("-m comment --comment \"{}\"", sanitize_comment(c)));
+        part!("-m comment --comment \"{}\"", sanitize_comment(c));
     }
     // Set lookups last: iptables-nft runs `-m set` as an xtables compatibility expression, the
     // other matches as native ones, and a packet stops at the first match that fails, so a rule
@@ -229,16 +238,16 @@ pub fn render_rule(family: Family, rule: &Rule) -> String {
     for m in rule.matches.iter().filter(|m| !is_set(m)).chain(sets) {
         match m {
             Match::Source(_) | Match::Destination(_) | Match::Protocol(_) => {}
-            Match::Icmp6Type(t) => parts.push(format!("-m icmp6 --icmpv6-type {t}")),
+            Match::Icmp6Type(t) => part!("-m icmp6 --icmpv6-type {t}"),
             Match::EstablishedOrRelated => {
-                parts.push("-m conntrack --ctstate RELATED,ESTABLISHED".into())
+                part!("-m conntrack --ctstate RELATED,ESTABLISHED")
             }
-            Match::SourceIsLocal => parts.push("-m addrtype --src-type LOCAL".into()),
+            Match::SourceIsLocal => part!("-m addrtype --src-type LOCAL"),
             Match::DestinationPorts { first, last } => {
                 if first == last {
-                    parts.push(format!("-m multiport --dports {first}"))
+                    part!("-m multiport --dports {first}")
                 } else {
-                    parts.push(format!("-m multiport --dports {first}:{last}"))
+                    part!("-m multiport --dports {first}:{last}")
                 }
             }
             Match::Set { name, direction } => {
@@ -247,36 +256,36 @@ pub fn render_rule(family: Family, rule: &Rule) -> String {
                     SetDirection::Dst => "dst",
                     SetDirection::DstDstPort => "dst,dst",
                 };
-                parts.push(format!("-m set --match-set {name} {flags}"))
+                part!("-m set --match-set {name} {flags}")
             }
             Match::AllowMarkSet => {
-                parts.push(format!("-m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"))
+                part!("-m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}")
             }
-            Match::TierUndecided => parts.push(format!("-m mark --mark 0x0/{TIER_MARK:#x}")),
+            Match::TierUndecided => part!("-m mark --mark 0x0/{TIER_MARK:#x}"),
         }
     }
-    parts.push(match &rule.target {
-        Target::Jump(chain) => format!("-j {chain}"),
-        Target::Return => "-j RETURN".into(),
-        Target::SetAllowMark => format!("-j MARK --set-xmark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"),
-        Target::ClearAllowMark => format!("-j MARK --set-xmark 0x0/{ALLOW_MARK:#x}"),
+    match &rule.target {
+        Target::Jump(chain) => part!("-j {chain}"),
+        Target::Return => part!("-j RETURN"),
+        Target::SetAllowMark => part!("-j MARK --set-xmark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"),
+        Target::ClearAllowMark => part!("-j MARK --set-xmark 0x0/{ALLOW_MARK:#x}"),
         Target::SetTierMark { accept } => {
             let bits = TIER_MARK | if *accept { ALLOW_MARK } else { 0 };
-            format!("-j MARK --set-xmark {bits:#x}/{bits:#x}")
+            part!("-j MARK --set-xmark {bits:#x}/{bits:#x}")
         }
         Target::ClearMarks => {
             let bits = ALLOW_MARK | TIER_MARK;
-            format!("-j MARK --set-xmark 0x0/{bits:#x}")
+            part!("-j MARK --set-xmark 0x0/{bits:#x}")
         }
-        Target::RejectWithTcpReset => "-j REJECT --reject-with tcp-reset".into(),
+        Target::RejectWithTcpReset => part!("-j REJECT --reject-with tcp-reset"),
         Target::Reject => match family {
-            Family::V4 => "-j REJECT --reject-with icmp-port-unreachable".into(),
-            Family::V6 => "-j REJECT --reject-with icmp6-port-unreachable".into(),
+            Family::V4 => part!("-j REJECT --reject-with icmp-port-unreachable"),
+            Family::V6 => part!("-j REJECT --reject-with icmp6-port-unreachable"),
         },
-        Target::Drop => "-j DROP".into(),
-        Target::LogDenied(log) => render_log(log),
-    });
-    parts.join(" ")
+        Target::Drop => part!("-j DROP"),
+        Target::LogDenied(log) => part!("{}", render_log(log)),
+    }
+    out
 }
 
 /// `-m limit … -j NFLOG …` exactly as iptables-save prints it back (both backends), so that an
