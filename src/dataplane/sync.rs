@@ -3,8 +3,9 @@
 //! Order: sets are created and filled first (so no rule ever points at a missing set), then each
 //! family's rules are replaced in one atomic restore (on nf_tables, when existing rules change,
 //! preceded by one that puts the new rules in force by additions only; see
-//! `render::render_iptables_ahead`), and sets no rule uses any more are destroyed last. Sets and chains that cannot be removed yet (someone else's rule uses them) are
-//! remembered and retried, and are not drift. After any failure the applied view is forgotten, so
+//! `render::render_iptables_ahead`), and sets no rule uses any more are destroyed last. Sets and
+//! chains that cannot be removed yet (someone else's rule uses them) are remembered and retried,
+//! and are not drift. After any failure the applied view is forgotten, so
 //! the next sync reads the kernel again.
 
 use super::Backend;

@@ -21,23 +21,36 @@ use crate::compile::ir::{
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+/// A chain of ours whose rules change: its name, its wanted rules, and the rules it has now
+/// (`None`: the chain is not there yet).
+type ChangedChain<'a> = (&'a String, &'a [String], Option<&'a [String]>);
+
+/// Our chains whose rules `want` changes.
+fn changed_chains<'a>(want: &'a KernelTable, have: &'a KernelTable) -> Vec<ChangedChain<'a>> {
+    let have_chains = have.chain_names();
+    let rules_of = |table: &'a KernelTable, chain: &String| -> &'a [String] {
+        table.rules.get(chain).map_or(&[], Vec::as_slice)
+    };
+    want.chains
+        .iter()
+        .filter_map(|chain| {
+            let rules = rules_of(want, chain);
+            let old = have_chains
+                .contains(chain.as_str())
+                .then(|| rules_of(have, chain));
+            (old != Some(rules)).then_some((chain, rules, old))
+        })
+        .collect()
+}
+
 /// `iptables-restore --noflush` text that turns one family's filter table from `have` into `want`
 /// (our part of it, as `View` describes it), or `None` when they already agree. Only chains whose
 /// rules differ are declared (which creates or flushes them) and refilled; stale chains of ours
 /// are flushed and deleted; each hook is made the single first rule of its built-in chain.
 /// Built-in chains are never flushed; only rules jumping to our chains are touched in them.
 pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String> {
-    let empty = Vec::new();
-    let (want_chains, have_chains) = (want.chain_names(), have.chain_names());
-    let changed: Vec<(&String, &Vec<String>)> = want
-        .chains
-        .iter()
-        .map(|chain| (chain, want.rules.get(chain).unwrap_or(&empty)))
-        .filter(|(chain, rules)| {
-            !have_chains.contains(chain.as_str())
-                || have.rules.get(*chain).unwrap_or(&empty) != *rules
-        })
-        .collect();
+    let changed = changed_chains(want, have);
+    let want_chains = want.chain_names();
     let stale: Vec<&String> = have
         .chains
         .iter()
@@ -60,13 +73,13 @@ pub fn render_iptables(want: &KernelTable, have: &KernelTable) -> Option<String>
     let mut out = String::from("*filter\n");
     for chain in changed
         .iter()
-        .map(|(c, _)| *c)
+        .map(|(c, ..)| *c)
         .chain(retained.iter().copied())
         .chain(deleted.iter().copied())
     {
         writeln!(out, ":{chain} - [0:0]").unwrap();
     }
-    for (chain, rules) in &changed {
+    for (chain, rules, _) in &changed {
         for rule in *rules {
             writeln!(out, "-A {chain} {rule}").unwrap();
         }
@@ -97,32 +110,21 @@ pub const AHEAD_MAX_RULES: usize = 1000;
 /// costs none, so a change is in force that much sooner; the clean-up that follows changes no
 /// verdict.
 pub fn render_iptables_ahead(want: &KernelTable, have: &KernelTable) -> Option<String> {
-    let empty = Vec::new();
-    let have_chains = have.chain_names();
-    let changed: Vec<(&String, &Vec<String>, bool)> = want
-        .chains
-        .iter()
-        .map(|chain| (chain, want.rules.get(chain).unwrap_or(&empty)))
-        .filter_map(|(chain, rules)| {
-            let old = have
-                .chains
-                .contains(chain)
-                .then(|| have.rules.get(chain).unwrap_or(&empty));
-            (old != Some(rules)).then_some((chain, rules, old.is_some_and(|o| !o.is_empty())))
-        })
-        .collect();
+    let changed = changed_chains(want, have);
+    // Whether the chain has rules now, which the new ones go ahead of.
+    let replaces = |old: &Option<&[String]>| old.is_some_and(|o| !o.is_empty());
     let lines: usize = changed.iter().map(|(_, rules, _)| rules.len()).sum();
-    if !changed.iter().any(|(_, _, replaces)| *replaces) || lines > AHEAD_MAX_RULES {
+    if !changed.iter().any(|(_, _, old)| replaces(old)) || lines > AHEAD_MAX_RULES {
         return None;
     }
     let mut out = String::from("*filter\n");
-    for (chain, _, _) in &changed {
-        if !have_chains.contains(chain.as_str()) {
+    for (chain, _, old) in &changed {
+        if old.is_none() {
             writeln!(out, ":{chain} - [0:0]").unwrap();
         }
     }
-    for (chain, rules, replaces) in &changed {
-        if *replaces {
+    for (chain, rules, old) in &changed {
+        if replaces(old) {
             // Inserted at the head in reverse: the rules, then the RETURN, before the old rules.
             writeln!(out, "-I {chain} 1 -j RETURN").unwrap();
             for rule in rules.iter().rev() {
