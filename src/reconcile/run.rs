@@ -45,13 +45,13 @@ fn load_and_sync<S: Source, T: Target>(
     match source.snapshot() {
         Ok(Some((generation, snapshot))) => {
             let result = target.sync(&snapshot, mode);
-            // From the earliest change this sync covers to the kernel holding it (not counting
-            // what the sync does after writing, such as strict mode's flow cut).
+            // From the earliest change this sync covers to the kernel enforcing it (not counting
+            // what the sync does after that, such as strict mode's flow cut).
             if let (Ok(()), Some(m)) = (&result, metrics)
                 && let Some(seen) = source.change_seen(generation)
             {
-                let written = target.written_at().unwrap_or_else(std::time::Instant::now);
-                m.programmed(written.saturating_duration_since(seen));
+                let in_force = target.in_force_at().unwrap_or_else(std::time::Instant::now);
+                m.programmed(in_force.saturating_duration_since(seen));
             }
             Some((Some(generation), result))
         }

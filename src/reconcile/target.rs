@@ -28,7 +28,7 @@ pub trait Target: Send + 'static {
     /// When what the last successful `sync` wrote was in force, if it did more afterwards (on nft
     /// the removal of replaced rules, see `SyncReport::in_force_at`; strict mode's flow cut, the
     /// denied-log and counter bookkeeping); `None`: when it returned.
-    fn written_at(&self) -> Option<std::time::Instant> {
+    fn in_force_at(&self) -> Option<std::time::Instant> {
         None
     }
 }
@@ -62,7 +62,7 @@ pub struct NodeTarget {
     /// Told the policy chains of each state written, for their counters.
     policy_counters: Option<Arc<PolicyCounters>>,
     /// When the last successful sync's writes were in force.
-    written_at: Option<std::time::Instant>,
+    in_force_at: Option<std::time::Instant>,
 }
 
 impl NodeTarget {
@@ -79,7 +79,7 @@ impl NodeTarget {
             metrics,
             enforcement,
             flow_cutter: FlowCutter::default(),
-            written_at: None,
+            in_force_at: None,
             denied_log: None,
             policy_counters: None,
         }
@@ -105,7 +105,7 @@ impl NodeTarget {
         enforcement::apply(&mut desired, snapshot, node, &self.enforcement);
         let compiled = started.elapsed();
         report_failed_closed(&desired, metrics);
-        self.written_at = None;
+        self.in_force_at = None;
         let report = match self.dataplane.sync(&desired, mode) {
             Ok(r) => r,
             Err(e) => {
@@ -115,7 +115,7 @@ impl NodeTarget {
                 return Err(e.into());
             }
         };
-        self.written_at = Some(report.in_force_at.unwrap_or_else(std::time::Instant::now));
+        self.in_force_at = Some(report.in_force_at.unwrap_or_else(std::time::Instant::now));
         for repair in &report.repairs {
             tracing::warn!(target: LOG_TARGET,
                 repair = %repair,
@@ -160,8 +160,8 @@ impl Target for NodeTarget {
         self.sync_snapshot(snapshot, mode).map(drop)
     }
 
-    fn written_at(&self) -> Option<std::time::Instant> {
-        self.written_at
+    fn in_force_at(&self) -> Option<std::time::Instant> {
+        self.in_force_at
     }
 
     fn damage(&mut self) -> Option<String> {

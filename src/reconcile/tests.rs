@@ -110,7 +110,7 @@ struct FakeTarget {
     during_sync: Option<Arc<dyn Fn(u64) + Send + Sync>>,
     /// Work each sync does after its writes (real time), like strict mode's flow cut.
     after_write: Duration,
-    written_at: Arc<Mutex<Option<std::time::Instant>>>,
+    in_force_at: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl FakeTarget {
@@ -123,7 +123,7 @@ impl FakeTarget {
             gate: None,
             during_sync: None,
             after_write: Duration::ZERO,
-            written_at: Default::default(),
+            in_force_at: Default::default(),
         }
     }
 
@@ -158,7 +158,7 @@ impl Target for FakeTarget {
             generation,
             ok,
         });
-        *self.written_at.lock().unwrap() = Some(std::time::Instant::now());
+        *self.in_force_at.lock().unwrap() = Some(std::time::Instant::now());
         std::thread::sleep(self.after_write);
         if ok {
             Ok(())
@@ -171,8 +171,8 @@ impl Target for FakeTarget {
         self.damage.lock().unwrap().take()
     }
 
-    fn written_at(&self) -> Option<std::time::Instant> {
-        *self.written_at.lock().unwrap()
+    fn in_force_at(&self) -> Option<std::time::Instant> {
+        *self.in_force_at.lock().unwrap()
     }
 }
 
