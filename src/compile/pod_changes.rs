@@ -24,10 +24,7 @@ pub(crate) enum PodsSeen<'k> {
 
 /// Whether `pods` is strictly sorted by namespace and name (no key twice).
 fn sorted_by_key(pods: &[Pod]) -> bool {
-    pods.windows(2).all(|w| {
-        (w[0].namespace.as_str(), w[0].name.as_str())
-            < (w[1].namespace.as_str(), w[1].name.as_str())
-    })
+    pods.windows(2).all(|w| w[0].sort_key() < w[1].sort_key())
 }
 
 /// The pods of `snapshot` that are new or differ from `known` (by key), and the keys of every
@@ -51,9 +48,7 @@ pub(super) fn compare<'s>(
                 let (namespace, name) = key.split_once('/')?;
                 let at = snapshot
                     .pods
-                    .binary_search_by(|p| {
-                        (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name))
-                    })
+                    .binary_search_by(|p| p.sort_key().cmp(&(namespace, name)))
                     .ok()?;
                 Some(&snapshot.pods[at])
             })

@@ -125,6 +125,12 @@ impl Pod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The order of a snapshot's pod list when its source names changed pods (`PodsChanged`):
+    /// by namespace, then name. The store sorts and edits by it, the compiler searches by it.
+    pub fn sort_key(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -182,13 +182,13 @@ fn a_changed_pods_hint_counts_only_for_the_lists_it_names() {
         let mut pods = (*s.pods).clone();
         let pod = pods.iter_mut().find(|p| p.key() == key).unwrap();
         pod.labels.insert("role".into(), "db".into());
-        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        pods.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
         Arc::new(pods)
     };
     let mut sorted = s.clone();
     sorted
         .pods_mut()
-        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        .sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
 
     // Told truthfully that x/b changed: the same as a fresh compile, and different from before.
     let mut compiler = Compiler::new();

@@ -123,7 +123,7 @@ impl ClusterStore {
         let rebuilt = s.pods_list.is_none();
         let pods = s.pods_list.get_or_insert_with(|| {
             let mut pods: Vec<Pod> = s.pods.values().cloned().collect();
-            pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            pods.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
             Arc::new(pods)
         });
         let edited = std::mem::take(&mut s.pods_edited);
@@ -296,9 +296,7 @@ impl Kind for core::Pod {
         };
         store.pods_edited.insert(at.key());
         let list = Arc::make_mut(list);
-        let found = list.binary_search_by(|p| {
-            (p.namespace.as_str(), p.name.as_str()).cmp(&(at.namespace.as_str(), at.name.as_str()))
-        });
+        let found = list.binary_search_by(|p| p.sort_key().cmp(&at.sort_key()));
         match (found, model) {
             (Ok(i), Some(pod)) => list[i] = pod,
             (Err(i), Some(pod)) => list.insert(i, pod),
