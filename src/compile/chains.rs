@@ -23,7 +23,7 @@ use super::ir::{
     SetDirection, SetKind, SetMember, Target,
 };
 use super::names;
-use super::peers::Selections;
+use super::peers::SharedSelections;
 use super::rules::{Direction, RuleBuilder};
 use super::tiers::{self, PodTiers};
 use crate::model::{ClusterPolicy, ClusterSnapshot, Family, Pod, Policy, Protocol};
@@ -53,7 +53,7 @@ pub(super) fn build(
     policies: &[&Policy],
     node: &str,
     family: Family,
-    selections: &mut Selections,
+    selections: SharedSelections<'_>,
 ) -> DesiredState {
     ChainBuilder {
         snapshot,
@@ -68,7 +68,7 @@ pub(super) fn build(
 struct ChainBuilder<'a> {
     snapshot: &'a ClusterSnapshot,
     family: Family,
-    selections: &'a mut Selections,
+    selections: SharedSelections<'a>,
     state: DesiredState,
     /// Per namespace: the ipBlock sets its policies use so far and their entries in all.
     block_entries_by_namespace: HashMap<String, (usize, BTreeSet<String>)>,
@@ -430,7 +430,7 @@ impl<'a> ChainBuilder<'a> {
         for (index, rule) in rules.iter().enumerate() {
             let builder = RuleBuilder {
                 family: self.family,
-                selections: &mut *self.selections,
+                selections: self.selections,
                 block_entries_by_namespace: &self.block_entries_by_namespace,
             };
             match builder.rule(policy, direction, rule, &local_pods) {

@@ -34,7 +34,7 @@ pub use ir::DesiredState;
 
 use crate::model::{ClusterSnapshot, Family, PerFamily, Pod};
 use pod_changes::PodsSeen;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Compiles snapshots for one node, remembering peer selections between calls.
 #[derive(Default)]
@@ -75,9 +75,22 @@ impl Compiler {
         self.selections.update(snapshot, pods);
         self.pods_seen = Some(Arc::downgrade(&snapshot.pods));
         let policies = chains::sorted_policies(snapshot);
-        let states = PerFamily::from_fn(|family| {
-            chains::build(snapshot, &policies, node, family, &mut self.selections)
+        // The two families are built at once (the agent's change latency is mostly this build):
+        // they share only the selections, whose sets serve both.
+        let selections = Mutex::new(std::mem::take(&mut self.selections));
+        let shared = peers::SharedSelections(&selections);
+        let build = |family| chains::build(snapshot, &policies, node, family, shared);
+        let states = std::thread::scope(|scope| {
+            let v6 = scope.spawn(|| build(Family::V6));
+            let v4 = build(Family::V4);
+            PerFamily {
+                v4,
+                v6: v6
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            }
         });
+        self.selections = selections.into_inner().unwrap_or_else(|e| e.into_inner());
         self.selections.evict_unused();
         states
     }

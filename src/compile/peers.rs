@@ -20,7 +20,7 @@ use foldhash::{HashMap, HashMapExt, HashSet};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A set to program: its name and members.
 #[derive(Debug, Clone)]
@@ -397,6 +397,37 @@ impl Selections {
             .retain(|_, entry| std::mem::take(&mut entry.used));
         let used = std::mem::take(&mut self.used_blocks);
         self.blocks.retain(|k, _| used.contains(k));
+    }
+}
+
+/// The selections the two families' chain builds share while they run at once (each asks for the
+/// sets its rules match; an entry serves both families, so whichever asks first computes it).
+#[derive(Clone, Copy)]
+pub struct SharedSelections<'s>(pub &'s Mutex<Selections>);
+
+impl SharedSelections<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Selections> {
+        // A panic in the other build ends the compile anyway (the scope re-raises it).
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn pod_set(&self, selection: &PodSelection, family: Family) -> SetRef {
+        self.lock().pod_set(selection, family)
+    }
+
+    pub fn named_port_set(
+        &self,
+        selection: &PodSelection,
+        port_name: &str,
+        protocol: Protocol,
+        family: Family,
+    ) -> SetRef {
+        self.lock()
+            .named_port_set(selection, port_name, protocol, family)
+    }
+
+    pub fn block_set(&self, blocks: &Blocks, family: Family) -> Result<Option<SetRef>, usize> {
+        self.lock().block_set(blocks, family)
     }
 }
 

@@ -7,7 +7,7 @@ use super::ir::{
     SetDirection, SetKind, SetMember, Target,
 };
 use super::names;
-use super::peers::{self, Blocks, Selections, SetRef};
+use super::peers::{self, Blocks, SetRef, SharedSelections};
 use super::selection::PodSelection;
 use crate::model::{Family, Peer, Pod, Policy, PolicyRule, PortRef, Protocol};
 use std::collections::{BTreeSet, HashMap};
@@ -52,7 +52,7 @@ pub(super) struct RuleParts {
 
 pub(super) struct RuleBuilder<'s> {
     pub family: Family,
-    pub selections: &'s mut Selections,
+    pub selections: SharedSelections<'s>,
     /// Per namespace: the ipBlock sets its policies use so far and their entries in all.
     pub block_entries_by_namespace: &'s HashMap<String, (usize, BTreeSet<String>)>,
 }

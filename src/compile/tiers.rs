@@ -22,7 +22,7 @@
 use super::ir::{
     FailedClosed, IpSet, MAX_SET_MEMBERS, Match, Rule, RuleOrigin, SetDirection, SetKind, Target,
 };
-use super::peers::{Blocks, Selections, SetRef};
+use super::peers::{Blocks, SetRef, SharedSelections};
 use super::rules::Direction;
 use super::selection::{NamespaceScope, PodSelection};
 use crate::model::{
@@ -183,7 +183,7 @@ pub(super) struct PolicyChain {
 
 pub(super) fn policy_chain(
     snapshot: &ClusterSnapshot,
-    selections: &mut Selections,
+    selections: SharedSelections<'_>,
     family: Family,
     policy: &ClusterPolicy,
     direction: Direction,
@@ -201,7 +201,7 @@ pub(super) fn policy_chain(
     for (index, rule) in rules.iter().enumerate() {
         let mut builder = RuleBuilder {
             snapshot,
-            selections: &mut *selections,
+            selections,
             family,
             direction,
             sets: &mut chain.sets,
@@ -269,7 +269,7 @@ type PeerAlternative = (Option<Match>, Option<Vec<usize>>);
 
 struct RuleBuilder<'b> {
     snapshot: &'b ClusterSnapshot,
-    selections: &'b mut Selections,
+    selections: SharedSelections<'b>,
     family: Family,
     direction: Direction,
     sets: &'b mut Vec<(String, IpSet)>,
