@@ -79,29 +79,10 @@ fn without_initval(line: &str) -> String {
     out.join(" ")
 }
 
-/// A save of node 1's tables (`args`: the save tool and its options). The legacy tools look a
-/// rule's set up by index after reading the table, so a rule and set removed meanwhile (the
-/// agent's start-up probe, while it restarts) fail the save: it is read again.
-fn save_tables(lab: &Lab, args: &[&str]) -> String {
-    for _ in 0..10 {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &lab.nodes[0].netns])
-            .args(args)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Once more, failing the test with the tool's message.
-    lab.node_cmd(0, args)
-}
-
 /// Our part of one family's filter table, restorable with `--noflush`: our chains and every rule
 /// in them or leading to them (the hooks), counters zeroed.
 fn saved_rules(lab: &Lab, tool: &str, backend: &str) -> String {
-    let save = save_tables(lab, &[&format!("{tool}-{backend}-save"), "-t", "filter"]);
+    let save = lab.node_cmd(0, &[&format!("{tool}-{backend}-save"), "-t", "filter"]);
     let mut out = String::from("*filter\n");
     for line in save.lines() {
         if line.starts_with(":KNI-") {
@@ -162,7 +143,7 @@ fn names(sets: &str, rules: &[String]) -> BTreeSet<String> {
 fn whole_kernel(lab: &Lab, backend: &str) -> String {
     let mut out = lab.node_cmd(0, &["ipset", "list", "-n"]);
     for tool in TOOLS {
-        out += &save_tables(lab, &[&format!("{tool}-{backend}-save")]);
+        out += &lab.node_cmd(0, &[&format!("{tool}-{backend}-save")]);
     }
     out
 }

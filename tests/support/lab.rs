@@ -546,9 +546,27 @@ impl Lab {
     }
 
     /// Runs a command inside a node's namespace and returns stdout.
+    /// Runs `args` in a node's namespace and returns its output; panics if it fails.
+    ///
+    /// An `*-save` that fails is tried again for a while first: the legacy tools read a table,
+    /// then resolve each rule's set by its index, and fail ("Set with index N in kernel doesn't
+    /// exist") when an agent syncing at that moment destroyed the set in between.
     pub fn node_cmd(&self, node: usize, args: &[&str]) -> String {
         let mut full = vec!["ip", "netns", "exec", &self.nodes[node].netns];
         full.extend_from_slice(args);
+        if args.first().is_some_and(|tool| tool.ends_with("-save")) {
+            for _ in 0..10 {
+                let out = Command::new(full[0])
+                    .args(&full[1..])
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap_or_else(|e| panic!("cannot run {full:?}: {e}"));
+                if out.status.success() {
+                    return String::from_utf8_lossy(&out.stdout).into_owned();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         String::from_utf8_lossy(&sh(&full).stdout).into_owned()
     }
 
