@@ -73,10 +73,11 @@ impl Compiler {
             _ => PodsSeen::Unknown,
         };
         self.selections.update(snapshot, pods);
-        self.pods_seen = Some(Arc::downgrade(&snapshot.pods));
         let policies = chains::sorted_policies(snapshot);
         // The two families are built at once (the agent's change latency is mostly this build):
-        // they share only the selections, whose sets serve both.
+        // they share only the selections, whose sets serve both. Until they are back, this
+        // compiler is a fresh one (no selections, no list seen), should a build panic.
+        self.pods_seen = None;
         let selections = Mutex::new(std::mem::take(&mut self.selections));
         let shared = peers::SharedSelections(&selections);
         let build = |family| chains::build(snapshot, &policies, node, family, shared);
@@ -92,6 +93,7 @@ impl Compiler {
         });
         self.selections = selections.into_inner().unwrap_or_else(|e| e.into_inner());
         self.selections.evict_unused();
+        self.pods_seen = Some(Arc::downgrade(&snapshot.pods));
         states
     }
 
