@@ -45,12 +45,18 @@ pub fn skip_unless_root(test: &str) -> bool {
     true
 }
 
-pub fn sh(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
+/// Runs a command (stdin empty) and returns its output, whether it succeeded or not.
+fn run(args: &[&str]) -> Output {
+    Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+}
+
+/// Runs a command; panics with its output if it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = run(args);
     if !out.status.success() {
         panic!(
             "{args:?} failed: {}{}",
@@ -545,7 +551,6 @@ impl Lab {
         );
     }
 
-    /// Runs a command inside a node's namespace and returns stdout.
     /// Runs `args` in a node's namespace and returns its output; panics if it fails.
     ///
     /// An `*-save` that fails is tried again for a while first: the legacy tools read a table,
@@ -556,11 +561,7 @@ impl Lab {
         full.extend_from_slice(args);
         if args.first().is_some_and(|tool| tool.ends_with("-save")) {
             for _ in 0..10 {
-                let out = Command::new(full[0])
-                    .args(&full[1..])
-                    .stdin(Stdio::null())
-                    .output()
-                    .unwrap_or_else(|e| panic!("cannot run {full:?}: {e}"));
+                let out = run(&full);
                 if out.status.success() {
                     return String::from_utf8_lossy(&out.stdout).into_owned();
                 }
