@@ -425,3 +425,24 @@ fn write_fixture() {
     assert_eq!(sets[0], sets[1], "both backends write the same sets");
     std::fs::write(dir.join("ipset.save"), &sets[0]).unwrap();
 }
+
+/// The saves above run while agents start and sync. A legacy save that meets a set destroyed
+/// between reading the table and resolving the set's index fails ("Set with index N in kernel
+/// doesn't exist"); the lab reads again instead of failing the test (a shim fails once).
+#[test]
+fn a_save_failing_once_is_read_again() {
+    if skip_unless_root("a_save_failing_once_is_read_again") {
+        return;
+    }
+    let lab = Lab::with_layout(crate::AGENT, 1, &[], &[], |_, _| 0);
+    let script = "#!/bin/sh\nif [ ! -e \"$0.failed\" ]; then : > \"$0.failed\"; \
+                  echo \"Set with index 12 in kernel doesn't exist\" >&2; exit 1; fi\necho saved\n";
+    let (dir, _) = lab.shims(&[("kni-flaky-save", script)]);
+    let save = dir.join("kni-flaky-save");
+    assert_eq!(lab.node_cmd(0, &[save.to_str().unwrap()]), "saved\n");
+    assert!(
+        dir.join("kni-flaky-save.failed").exists(),
+        "the first read failed"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
